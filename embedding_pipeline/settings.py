@@ -1,0 +1,209 @@
+"""The one settings model: defaults < YAML file < environment variables.
+
+The YAML file is ``$EMBEDDING_PIPELINE_CONFIG`` if set, else ``embedding_pipeline.yaml`` in the working directory
+if present. Environment variables use the seed's names (``TRITON_URL``, ``MILVUS_URI``/``MILVUS_HOST`` +
+``MILVUS_PORT``, ...; the full table is in the README). Every consumer — Dagster resources, the CLI, the Python
+search API, the service launcher — reads settings from here.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from embedding_pipeline.state import StatePaths, state_home
+
+CONFIG_ENV = "EMBEDDING_PIPELINE_CONFIG"
+DEFAULT_CONFIG_FILE = "embedding_pipeline.yaml"
+
+
+class ConfigError(ValueError):
+    """The configuration (YAML file or environment) is invalid; the message says which key and why."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TritonSettings(_Section):
+    url: str = Field("127.0.0.1:18000", description="Triton HTTP endpoint, host:port (TRITON_URL).")
+    model_name: str = Field("image_embedder", description="Model to call (TRITON_MODEL_NAME).")
+    model_version: str = Field("", description="Model version; empty means the server's latest.")
+    timeout_s: float = Field(60.0, gt=0, description="Network timeout per request, seconds.")
+    ready_timeout_s: float = Field(60.0, gt=0, description="How long to wait for server + model readiness.")
+    grpc_port: int = Field(18001, description="gRPC port of the locally started server.")
+    metrics_port: int = Field(18002, description="Metrics port of the locally started server.")
+    max_batch_size: int = Field(32, ge=1, le=1024, description="max_batch_size of the generated model.")
+
+    @property
+    def host(self) -> str:
+        return _host_port(self.url)[0]
+
+    @property
+    def port(self) -> int:
+        return _host_port(self.url)[1]
+
+    @property
+    def is_local(self) -> bool:
+        """A loopback URL means the pipeline starts and stops the bundled server itself."""
+        return self.host in _LOOPBACK
+
+
+class MilvusSettings(_Section):
+    uri: str = Field("http://127.0.0.1:19540", description="Milvus URI (MILVUS_URI, or MILVUS_HOST + MILVUS_PORT).")
+    token: str = Field("", description="Token or user:password (MILVUS_TOKEN).")
+    db_name: str = Field("", description="Database name; empty means the server's default.")
+    collection: str = Field("image_embeddings", description="Collection name (MILVUS_COLLECTION).")
+    embedding_dim: int | None = Field(
+        None, description="Expected vector dimension (MILVUS_EMBEDDING_DIM); checked against the model's."
+    )
+    index_type: Literal["FLAT", "IVF_FLAT", "HNSW"] = "HNSW"
+    metric_type: Literal["COSINE", "IP", "L2"] = "COSINE"
+    index_params: dict[str, Any] = Field(default_factory=lambda: {"M": 16, "efConstruction": 256})
+    search_params: dict[str, Any] = Field(default_factory=lambda: {"ef": 64})
+    insert_batch_size: int = Field(1000, ge=1, description="Rows per upsert call.")
+
+    @property
+    def host(self) -> str:
+        return _host_port(self.uri)[0]
+
+    @property
+    def port(self) -> int:
+        return _host_port(self.uri)[1]
+
+    @property
+    def is_local(self) -> bool:
+        return self.host in _LOOPBACK
+
+
+class PreprocessSettings(_Section):
+    image_size: int = Field(224, ge=8, le=4096, description="Side of the square model input, pixels.")
+    resize_size: int = Field(256, ge=8, description="Short side before the centre crop, pixels.")
+    batch_size: int = Field(32, ge=1, le=1024, description="Images per tensor batch (fixed: JAX compiles once).")
+
+    @field_validator("resize_size")
+    @classmethod
+    def _not_smaller_than_crop(cls, value: int, info: Any) -> int:
+        if value < info.data.get("image_size", 0):
+            raise ValueError("resize_size must be >= image_size")
+        return value
+
+
+class DagsterSettings(_Section):
+    webserver_host: str = "127.0.0.1"
+    webserver_port: int = 13000
+    sensor_interval_s: int = Field(5, ge=1, description="How often the drop sensor looks for new drops.")
+    drop_settle_s: float = Field(
+        10.0, ge=0, description="A folder drop without a _READY marker counts as complete after this long unchanged."
+    )
+
+
+class Settings(_Section):
+    home: Path = Field(default_factory=state_home, description="State directory (EMBEDDING_PIPELINE_HOME).")
+    drops_dir: Path | None = Field(None, description="Drop folder; default <home>/drops (EMBEDDING_PIPELINE_DROPS).")
+    triton: TritonSettings = Field(default_factory=TritonSettings)
+    milvus: MilvusSettings = Field(default_factory=MilvusSettings)
+    preprocess: PreprocessSettings = Field(default_factory=PreprocessSettings)
+    dagster: DagsterSettings = Field(default_factory=DagsterSettings)
+
+    @property
+    def paths(self) -> StatePaths:
+        return StatePaths(self.home.expanduser().resolve())
+
+    @property
+    def drops(self) -> Path:
+        return (self.drops_dir or self.paths.drops).expanduser().resolve()
+
+
+_LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+# Environment variable -> (section, key). Values are parsed by the model's field types.
+ENV_VARS: dict[str, tuple[str | None, str]] = {
+    "EMBEDDING_PIPELINE_HOME": (None, "home"),
+    "EMBEDDING_PIPELINE_DROPS": (None, "drops_dir"),
+    "TRITON_URL": ("triton", "url"),
+    "TRITON_MODEL_NAME": ("triton", "model_name"),
+    "TRITON_MODEL_VERSION": ("triton", "model_version"),
+    "TRITON_TIMEOUT_S": ("triton", "timeout_s"),
+    "MILVUS_URI": ("milvus", "uri"),
+    "MILVUS_TOKEN": ("milvus", "token"),
+    "MILVUS_DB_NAME": ("milvus", "db_name"),
+    "MILVUS_COLLECTION": ("milvus", "collection"),
+    "MILVUS_EMBEDDING_DIM": ("milvus", "embedding_dim"),
+    "MILVUS_INDEX_TYPE": ("milvus", "index_type"),
+    "MILVUS_METRIC_TYPE": ("milvus", "metric_type"),
+    "PREPROCESS_IMAGE_SIZE": ("preprocess", "image_size"),
+    "PREPROCESS_BATCH_SIZE": ("preprocess", "batch_size"),
+    "DAGSTER_WEBSERVER_PORT": ("dagster", "webserver_port"),
+}
+
+
+def _host_port(url: str) -> tuple[str, int]:
+    parts = urlsplit(url if "://" in url else f"//{url}")
+    try:
+        port = parts.port
+    except ValueError as exc:
+        raise ConfigError(f"invalid port in {url!r}") from exc
+    if not parts.hostname:
+        raise ConfigError(f"no host in {url!r}")
+    default = 443 if parts.scheme == "https" else 80
+    return parts.hostname, port or default
+
+
+def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
+    data: dict[str, Any] = {}
+    for var, (section, key) in ENV_VARS.items():
+        value = environ.get(var)
+        if value is None or value == "":
+            continue
+        target = data if section is None else data.setdefault(section, {})
+        target[key] = value
+    # The seed's host + port form; MILVUS_URI wins when both are given.
+    if "uri" not in data.get("milvus", {}) and environ.get("MILVUS_HOST"):
+        port = environ.get("MILVUS_PORT") or "19530"
+        data.setdefault("milvus", {})["uri"] = f"http://{environ['MILVUS_HOST']}:{port}"
+    return data
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_settings(config_file: str | Path | None = None, environ: dict[str, str] | None = None) -> Settings:
+    """Read the settings; raises :class:`ConfigError` naming the bad key on invalid input."""
+    environ = dict(os.environ if environ is None else environ)
+    path = config_file or environ.get(CONFIG_ENV)
+    if path is None and Path(DEFAULT_CONFIG_FILE).is_file():
+        path = DEFAULT_CONFIG_FILE
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text()) or {}
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        data = loaded
+    data = _merge(data, _env_overrides(environ))
+    try:
+        settings = Settings.model_validate(data)
+        # Parse the URLs now so a typo fails here, not deep inside a run.
+        _host_port(settings.triton.url)
+        _host_port(settings.milvus.uri)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"invalid configuration: {problems}") from None
+    return settings
