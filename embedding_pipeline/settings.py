@@ -81,6 +81,19 @@ class MilvusSettings(_Section):
         return self.host in _LOOPBACK
 
 
+class SourceSettings(_Section):
+    allowed_roots: list[Path] = Field(
+        default_factory=list, description="Folders manifests may point into, besides the drop itself."
+    )
+    max_image_bytes: int = Field(50 * 1024 * 1024, ge=1024, description="Larger files and downloads are refused.")
+    fetch_timeout_s: float = Field(20.0, gt=0, description="Connect/read timeout for URL downloads.")
+    fetch_retries: int = Field(3, ge=0, description="Retries on connection errors, 429 and 5xx.")
+    fetch_workers: int = Field(4, ge=1, le=64, description="Downloads in flight.")
+    allow_private_urls: bool = Field(
+        False, description="Allow URLs that resolve to loopback/private/link-local addresses (intranet sources)."
+    )
+
+
 class PreprocessSettings(_Section):
     image_size: int = Field(224, ge=8, le=4096, description="Side of the square model input, pixels.")
     resize_size: int = Field(256, ge=8, description="Short side before the centre crop, pixels.")
@@ -108,6 +121,7 @@ class Settings(_Section):
     drops_dir: Path | None = Field(None, description="Drop folder; default <home>/drops (EMBEDDING_PIPELINE_DROPS).")
     triton: TritonSettings = Field(default_factory=TritonSettings)
     milvus: MilvusSettings = Field(default_factory=MilvusSettings)
+    sources: SourceSettings = Field(default_factory=SourceSettings)
     preprocess: PreprocessSettings = Field(default_factory=PreprocessSettings)
     dagster: DagsterSettings = Field(default_factory=DagsterSettings)
 

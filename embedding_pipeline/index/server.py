@@ -1,0 +1,73 @@
+"""The embedded Milvus: one milvus-lite server process shared by every pipeline process.
+
+milvus-lite opened as a file allows one process per data directory, while Dagster runs steps, sensors and ad hoc
+searches in different processes; so the pipeline runs milvus-lite in server mode on loopback and everyone connects
+by URI — exactly as they would to a remote Milvus.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from embedding_pipeline import processes
+from embedding_pipeline.settings import Settings
+
+NAME = "milvus"
+
+
+def milvus_ready(settings: Settings) -> bool:
+    """True if a Milvus server answers at the configured URI."""
+    from pymilvus import MilvusClient
+
+    if settings.milvus.is_local and not processes.port_open(settings.milvus.host, settings.milvus.port):
+        return False
+    try:
+        client = MilvusClient(uri=settings.milvus.uri, token=settings.milvus.token, timeout=5)
+    except Exception:  # noqa: BLE001 - any failure to connect means "not ready"
+        return False
+    try:
+        client.list_collections()
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+    finally:
+        client.close()
+
+
+def start_milvus(settings: Settings, timeout_s: float = 60.0) -> None:
+    """Start the local milvus-lite server unless a Milvus already answers at ``settings.milvus.uri``."""
+    if milvus_ready(settings):
+        return
+    if not settings.milvus.is_local:
+        raise processes.ServiceError(
+            f"Milvus at {settings.milvus.uri} is not reachable; the pipeline only starts servers on loopback URIs"
+        )
+    paths = settings.paths
+    paths.milvus_data.mkdir(parents=True, exist_ok=True)
+    argv = [
+        sys.executable,
+        "-c",
+        "import sys; from milvus_lite.cmdline import main; sys.exit(main())",
+        "server",
+        "--data-dir",
+        str(paths.milvus_data),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(settings.milvus.port),
+    ]
+    proc = processes.start(paths.run, paths.logs, NAME, argv)
+    processes.wait_until(lambda: milvus_ready(settings), timeout_s, f"Milvus at {settings.milvus.uri}", proc)
+
+
+def stop_milvus(settings: Settings) -> bool:
+    return processes.stop(settings.paths.run, NAME)
+
+
+def milvus_status(settings: Settings) -> dict:
+    proc = processes.read(settings.paths.run, NAME)
+    return {
+        "uri": settings.milvus.uri,
+        "managed_pid": proc.pid if proc else None,
+        "ready": milvus_ready(settings),
+    }

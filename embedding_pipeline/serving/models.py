@@ -1,0 +1,91 @@
+"""The default embedding model as a cached ONNX file, exported once in the ``model-build`` environment.
+
+The export (torch, a few hundred MB of environment) happens only when the cached file is missing, its sidecar
+does not match it, or the export script's version changed; afterwards only ``model.onnx`` + its JSON sidecar are
+used, by ONNX Runtime inside Triton.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from embedding_pipeline.serving import build_model
+from embedding_pipeline.serving.environments import ensure_env, file_lock, progress
+from embedding_pipeline.state import StatePaths
+
+DEFAULT_MODEL_DIR = "efficientnet_lite0_uint8"
+BUILD_SCRIPT = Path(build_model.__file__)
+
+
+class ModelBuildError(RuntimeError):
+    """The model export failed; the message carries the tail of its log."""
+
+
+def default_model_path(paths: StatePaths) -> Path:
+    return paths.models / DEFAULT_MODEL_DIR / "model.onnx"
+
+
+def sidecar_path(onnx_path: Path) -> Path:
+    return onnx_path.with_name(onnx_path.name + ".json")
+
+
+def read_sidecar(onnx_path: Path) -> dict[str, Any] | None:
+    """The JSON description written next to an exported model (name, version, tensor specs, sha256), or None."""
+    try:
+        data = json.loads(sidecar_path(onnx_path).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def is_current(onnx_path: Path) -> bool:
+    """True if the cached export exists, is intact, and was made by the current export script version."""
+    info = read_sidecar(onnx_path)
+    if info is None or info.get("version") != build_model.MODEL_VERSION or not onnx_path.is_file():
+        return False
+    return info.get("sha256") == file_sha256(onnx_path)
+
+
+def ensure_default_model(paths: StatePaths) -> Path:
+    """Path of the default model's ONNX file, exporting it first if the cache does not hold a current one."""
+    target = default_model_path(paths)
+    if is_current(target):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(target.parent / ".build.lock"):
+        if not is_current(target):
+            _export(paths, target)
+    return target
+
+
+def _export(paths: StatePaths, target: Path) -> None:
+    python = ensure_env(paths, "model-build")
+    paths.logs.mkdir(parents=True, exist_ok=True)
+    log_file = paths.logs / "model-build.log"
+    started = time.monotonic()
+    progress(f"exporting the default model to {target} (log: {log_file})")
+    with open(log_file, "w") as out:
+        # -I keeps the caller's PYTHONPATH and current directory (this package) out of the build environment.
+        code = subprocess.call(
+            [str(python), "-I", str(BUILD_SCRIPT), "--output", str(target)],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    if code != 0 or not is_current(target):
+        tail = "\n".join(log_file.read_text(errors="replace").splitlines()[-25:])
+        raise ModelBuildError(f"exporting the default model failed (exit code {code}). Last lines of {log_file}:\n{tail}")
+    progress(f"model exported in {time.monotonic() - started:.0f} s")

@@ -1,0 +1,91 @@
+"""What a drop is, and when it counts as complete.
+
+A drop is either a sub-folder of the drop directory (images and/or manifest files inside) or a manifest file
+(``.jsonl`` / ``.csv``) placed directly in the drop directory. Its name (the folder or file name) is its Dagster
+partition key.
+
+A drop counts as complete when
+
+* it is a folder holding a ``_READY`` file (write it last), or
+* nothing in it has been modified for ``settle_s`` seconds (for writers that cannot write a marker).
+
+Hidden names (``.*``) and in-flight names (``*.tmp``, ``*.part``) are ignored, so copying with a temporary name
+and renaming at the end is always safe.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+READY_MARKER = "_READY"
+MANIFEST_SUFFIXES = (".jsonl", ".csv")
+_IN_FLIGHT_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload")
+# Partition keys appear in paths and expressions: keep them plain.
+DROP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+@dataclass(frozen=True)
+class Drop:
+    name: str
+    path: Path
+
+    @property
+    def is_manifest(self) -> bool:
+        return self.path.is_file()
+
+
+def ignored(path: Path) -> bool:
+    return path.name.startswith(".") or path.name.lower().endswith(_IN_FLIGHT_SUFFIXES)
+
+
+def _newest_mtime(path: Path) -> float:
+    if path.is_file():
+        return path.stat().st_mtime
+    newest = path.stat().st_mtime
+    for child in path.rglob("*"):
+        try:
+            newest = max(newest, child.stat().st_mtime)
+        except OSError:  # removed while we looked: the drop is still changing
+            return time.time()
+    return newest
+
+
+def is_complete(drop: Drop, settle_s: float, now: float | None = None) -> bool:
+    if drop.path.is_dir() and (drop.path / READY_MARKER).exists():
+        return True
+    now = time.time() if now is None else now
+    return now - _newest_mtime(drop.path) >= settle_s
+
+
+def scan(drops_dir: Path) -> tuple[list[Drop], list[str]]:
+    """All drops in ``drops_dir`` (complete or not), and the names skipped as invalid."""
+    drops: list[Drop] = []
+    invalid: list[str] = []
+    if not drops_dir.is_dir():
+        return drops, invalid
+    for path in sorted(drops_dir.iterdir()):
+        if ignored(path):
+            continue
+        if not (path.is_dir() or path.suffix.lower() in MANIFEST_SUFFIXES):
+            invalid.append(path.name)
+            continue
+        if not DROP_NAME.match(path.name):
+            invalid.append(path.name)
+            continue
+        drops.append(Drop(path.name, path))
+    return drops, invalid
+
+
+def complete_drops(drops_dir: Path, settle_s: float) -> list[Drop]:
+    now = time.time()
+    return [d for d in scan(drops_dir)[0] if is_complete(d, settle_s, now)]
+
+
+def find_drop(drops_dir: Path, name: str) -> Drop:
+    path = drops_dir / name
+    if not DROP_NAME.match(name) or not path.exists():
+        raise FileNotFoundError(f"no drop named {name!r} in {drops_dir}")
+    return Drop(name, path)
