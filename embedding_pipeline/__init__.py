@@ -1,0 +1,32 @@
+"""embedding_pipeline: image drops → JAX preprocessing → Triton embeddings → Milvus, as a Dagster code location.
+
+Importing the package is cheap; the Dagster definitions (``defs``) and heavy modules load on first use, so the
+kernels and clients stay importable without Dagster and ``dagster ... -m embedding_pipeline`` still finds ``defs``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["search", "ImageSearcher", "Settings", "load_settings", "defs"]
+
+_LAZY = {
+    "search": ("embedding_pipeline.search", "search"),
+    "ImageSearcher": ("embedding_pipeline.search", "ImageSearcher"),
+    "Settings": ("embedding_pipeline.settings", "Settings"),
+    "load_settings": ("embedding_pipeline.settings", "load_settings"),
+    "defs": ("embedding_pipeline.definitions", "defs"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'embedding_pipeline' has no attribute {name!r}")
+    import importlib
+
+    module, attr = _LAZY[name]
+    return getattr(importlib.import_module(module), attr)
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

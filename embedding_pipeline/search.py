@@ -1,0 +1,99 @@
+"""Search the collection by image: the same decode + kernels + Triton model as ingest, then Milvus top-k.
+
+Usable without Dagster::
+
+    from embedding_pipeline import search
+    for hit in search("query.jpg", top_k=5, filter='metadata["category"] == "nature"'):
+        print(hit["id"], hit["score"], hit["uri"])
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+
+from embedding_pipeline.index.client import Hit, ImageIndex
+from embedding_pipeline.preprocess.preprocessor import Preprocessor
+from embedding_pipeline.preprocess.spec import TensorSpec
+from embedding_pipeline.settings import Settings, load_settings
+from embedding_pipeline.sources.fetch import FetchError, UrlFetcher
+from embedding_pipeline.sources.manifest import is_url
+
+ImageInput = Union[str, Path, bytes, np.ndarray, Any]  # Any: a PIL image
+
+
+def image_bytes(image: ImageInput, settings: Settings) -> bytes:
+    """Encoded bytes of a query image given as a path, URL, bytes, HxWx3 uint8 array or PIL image."""
+    if isinstance(image, bytes):
+        return image
+    if isinstance(image, (str, Path)):
+        text = str(image)
+        if is_url(text):
+            fetcher = UrlFetcher(settings.sources)
+            try:
+                return fetcher.get(text)
+            finally:
+                fetcher.close()
+        try:
+            return Path(text).read_bytes()
+        except OSError as exc:
+            raise FetchError(f"cannot read query image {text}: {exc.strerror}") from None
+    from PIL import Image
+
+    pil = Image.fromarray(np.asarray(image, dtype=np.uint8)) if isinstance(image, np.ndarray) else image
+    buf = io.BytesIO()
+    pil.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class ImageSearcher:
+    """Holds a Triton client, a compiled preprocessor and a Milvus client; reuse it for many queries."""
+
+    def __init__(self, settings: Settings | None = None, embedder=None, index: ImageIndex | None = None):
+        from embedding_pipeline.serving.client import TritonEmbedder
+
+        self.settings = settings or load_settings()
+        t = self.settings.triton
+        self.embedder = embedder or TritonEmbedder(t.url, t.model_name, t.model_version, t.timeout_s)
+        self.index = index or ImageIndex(self.settings.milvus)
+        self._preprocessor: Preprocessor | None = None
+
+    @property
+    def preprocessor(self) -> Preprocessor:
+        if self._preprocessor is None:
+            model_input = self.embedder.input_spec()
+            spec = TensorSpec.from_model_input(model_input.datatype, tuple(model_input.shape))
+            self._preprocessor = Preprocessor(
+                spec, self.settings.preprocess.resize_size, batch_size=1, cache_dir=self.settings.paths.jax_cache
+            )
+        return self._preprocessor
+
+    def embed(self, image: ImageInput) -> np.ndarray:
+        prepared = self.preprocessor.prepare([image_bytes(image, self.settings)])
+        if prepared.errors[0] is not None:
+            raise ValueError(f"query image: {prepared.errors[0]}")
+        return self.embedder.embed(prepared.tensors)[0]
+
+    def search(self, image: ImageInput, top_k: int = 10, filter: str | None = None) -> list[Hit]:
+        return self.index.search(self.embed(image), top_k=top_k, filter=filter)[0]
+
+    def close(self) -> None:
+        self.embedder.close()
+        self.index.close()
+
+    def __enter__(self) -> "ImageSearcher":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def search(
+    image: ImageInput, top_k: int = 10, filter: str | None = None, settings: Settings | None = None
+) -> list[dict[str, Any]]:
+    """Top-k most similar indexed images: dicts with id, score, uri, drop, sha256, model and metadata."""
+    with ImageSearcher(settings) as searcher:
+        return [hit.as_dict() for hit in searcher.search(image, top_k=top_k, filter=filter)]

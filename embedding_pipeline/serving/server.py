@@ -1,0 +1,187 @@
+"""The bundled Triton Inference Server (from the ``nvidia-pytriton`` wheel) as a managed local process.
+
+``start_triton`` is idempotent: a server that already serves the model at ``settings.triton.url`` (ours or anyone
+else's) is used as is. Only loopback URLs are ever started locally; for a remote URL the model must already be
+ready. The server runs from the ``serving`` environment (numpy < 2, onnxruntime), the way a Triton container
+would run beside the pipeline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from embedding_pipeline import processes
+from embedding_pipeline.processes import ServiceError
+from embedding_pipeline.serving.environments import env_dir, ensure_env, file_lock
+from embedding_pipeline.serving.models import ensure_default_model, read_sidecar
+from embedding_pipeline.serving.repository import ModelSpec, inspect_onnx, write_model_repository
+from embedding_pipeline.settings import Settings, TritonSettings
+from embedding_pipeline.state import StatePaths
+
+PROCESS_NAME = "triton"
+MODEL_VERSION = "1"
+# A client that forgets to close its connection holds the server's shutdown for this long (default 30 s).
+EXIT_TIMEOUT_S = 10
+
+
+def base_url(triton: TritonSettings) -> str:
+    return triton.url.rstrip("/") if "://" in triton.url else f"http://{triton.url.rstrip('/')}"
+
+
+def model_ready_url(triton: TritonSettings) -> str:
+    version = f"/versions/{triton.model_version}" if triton.model_version else ""
+    return f"{base_url(triton)}/v2/models/{triton.model_name}{version}/ready"
+
+
+def server_ready(triton: TritonSettings) -> bool:
+    return processes.http_ok(f"{base_url(triton)}/v2/health/ready")
+
+
+def model_ready(triton: TritonSettings) -> bool:
+    return processes.http_ok(model_ready_url(triton))
+
+
+def start_triton(settings: Settings) -> None:
+    """Make sure the model at ``settings.triton.url`` is ready, starting the bundled server if needed."""
+    triton = settings.triton
+    if model_ready(triton):
+        return
+    what = f"model {triton.model_name!r} at {base_url(triton)}"
+    if not triton.is_local:
+        raise ServiceError(
+            f"{what} is not ready, and the pipeline starts Triton itself only for loopback URLs; "
+            "start that server (with the model loaded) or point TRITON_URL at 127.0.0.1"
+        )
+    if triton.model_version not in ("", MODEL_VERSION):
+        raise ServiceError(f"the local Triton serves version {MODEL_VERSION} only, not {triton.model_version!r}")
+    paths = settings.paths
+    paths.run.mkdir(parents=True, exist_ok=True)
+    # Several Dagster steps may call this at once: one starts the server, the others wait for it.
+    with file_lock(paths.run / f"{PROCESS_NAME}.lock"):
+        if model_ready(triton):
+            return
+        proc = processes.read(paths.run, PROCESS_NAME)
+        if proc is None:
+            if processes.port_open(_bind_address(triton), triton.port):
+                raise ServiceError(
+                    f"{what} is not ready, and port {triton.port} is taken by another process; "
+                    "stop it or choose another TRITON_URL"
+                )
+            proc = processes.start(paths.run, paths.logs, PROCESS_NAME, *_prepare(settings))
+        try:
+            processes.wait_until(lambda: server_ready(triton), triton.ready_timeout_s, "Triton server", proc)
+            processes.wait_until(lambda: model_ready(triton), triton.ready_timeout_s, f"Triton {what}", proc)
+        except ServiceError:
+            processes.stop(paths.run, PROCESS_NAME)
+            raise
+
+
+def stop_triton(settings: Settings) -> bool:
+    """Stop the server this pipeline started (True if it was running); a server started elsewhere is left alone."""
+    return processes.stop(settings.paths.run, PROCESS_NAME)
+
+
+def triton_status(settings: Settings) -> dict[str, Any]:
+    triton = settings.triton
+    proc = processes.read(settings.paths.run, PROCESS_NAME)
+    return {
+        "url": base_url(triton),
+        "model": triton.model_name,
+        "managed_pid": proc.pid if proc else None,
+        "log": str(proc.log) if proc else None,
+        "server_ready": server_ready(triton),
+        "model_ready": model_ready(triton),
+    }
+
+
+def _bind_address(triton: TritonSettings) -> str:
+    return "127.0.0.1" if triton.host == "localhost" else triton.host
+
+
+def _prepare(settings: Settings) -> tuple[list[str], dict[str, str]]:
+    """Environments, model, repository and backend directory; returns the server's argv and environment."""
+    paths = settings.paths
+    triton = settings.triton
+    python = ensure_env(paths, "serving")
+    onnx_path = ensure_default_model(paths)
+    sidecar = read_sidecar(onnx_path)
+    spec = ModelSpec.from_dict(sidecar) if sidecar else inspect_onnx(onnx_path, python)
+    extra = {"artifact_version": str(sidecar["version"]), "artifact_sha256": str(sidecar["sha256"])} if sidecar else {}
+    write_model_repository(
+        paths.model_repository,
+        triton.model_name,
+        onnx_path,
+        spec,
+        max_batch_size=triton.max_batch_size,
+        parameters=extra,
+    )
+    layout = _serving_layout(python)
+    tritonserver_root = Path(layout["purelib"]) / "pytriton" / "tritonserver"
+    backends = _assemble_backends(paths, tritonserver_root, layout["version"])
+    address = _bind_address(triton)
+    argv = [
+        str(tritonserver_root / "bin" / "tritonserver"),
+        f"--model-repository={paths.model_repository}",
+        f"--backend-directory={backends}",
+        # Explicit control: only our model loads, whatever else sits in the repository.
+        "--model-control-mode=explicit",
+        f"--load-model={triton.model_name}",
+        f"--http-address={address}",
+        f"--http-port={triton.port}",
+        f"--grpc-address={address}",
+        f"--grpc-port={triton.grpc_port}",
+        f"--metrics-address={address}",
+        f"--metrics-port={triton.metrics_port}",
+        "--exit-on-error=true",
+        f"--exit-timeout-secs={EXIT_TIMEOUT_S}",
+    ]
+    return argv, _server_env(paths, layout)
+
+
+def _serving_layout(python: Path) -> dict[str, str]:
+    code = (
+        "import json, sys, sysconfig; print(json.dumps({'purelib': sysconfig.get_paths()['purelib'], "
+        "'libdir': sysconfig.get_config_var('LIBDIR'), 'version': '%d.%d' % sys.version_info[:2]}))"
+    )
+    out = subprocess.run([str(python), "-I", "-c", code], capture_output=True, text=True, check=True).stdout
+    return json.loads(out)
+
+
+def _assemble_backends(paths: StatePaths, tritonserver_root: Path, py_version: str) -> Path:
+    """``<triton>/backends/python`` with the backend library, its utils and the stub for the serving Python."""
+    target = paths.triton / "backends" / "python"
+    target.mkdir(parents=True, exist_ok=True)
+    backend = tritonserver_root / "backends" / "python"
+    sources = [
+        backend / "libtriton_python.so",
+        backend / "triton_python_backend_utils.py",
+        # The backend looks for its stub next to libtriton_python.so.
+        tritonserver_root / "python_backend_stubs" / py_version / "triton_python_backend_stub",
+    ]
+    for source in sources:
+        if not source.is_file():
+            raise ServiceError(f"{source} is missing from the serving environment; delete {source.parents[3]}")
+        dest = target / source.name
+        stat = source.stat()
+        if not dest.is_file() or (dest.stat().st_size, int(dest.stat().st_mtime)) != (stat.st_size, int(stat.st_mtime)):
+            tmp = dest.with_name(f".{dest.name}.tmp")
+            shutil.copy2(source, tmp)
+            os.replace(tmp, dest)
+    return target.parent
+
+
+def _server_env(paths: StatePaths, layout: dict[str, str]) -> dict[str, str]:
+    serving = env_dir(paths, "serving")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+    libs = Path(layout["purelib"]) / "nvidia_pytriton.libs"
+    # The stub must load the serving Python's own libpython, not the system one (mismatched stdlib otherwise).
+    env["LD_LIBRARY_PATH"] = ":".join(p for p in (str(libs), layout["libdir"], env.get("LD_LIBRARY_PATH")) if p)
+    # The stub finds its site-packages through the first python on PATH.
+    env["PATH"] = f"{serving / 'bin'}:{env.get('PATH', '')}"
+    env["VIRTUAL_ENV"] = str(serving)
+    return env

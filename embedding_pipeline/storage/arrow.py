@@ -1,0 +1,131 @@
+"""Arrow IPC files for tensor batches and embeddings, one folder per drop, one file per batch.
+
+IPC (Feather v2) rather than Parquet: the files are intermediate, read back whole by the next stage, and IPC
+maps them without decoding (Parquet's encoding and compression would cost CPU on every pass for little gain
+on already-dense pixels and floats). Tensors use Arrow's fixed-shape tensor extension type, so a file records its
+own shape and dtype; every row carries its lineage (drop, sha256, uri).
+
+A drop's folder is written under a temporary name and renamed into place, so a half-written drop is never read
+as done.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+LINEAGE = [("id", pa.string()), ("drop", pa.string()), ("sha256", pa.string()), ("uri", pa.string())]
+
+
+def tensor_schema(shape: Sequence[int], dtype: str, meta: dict[str, Any] | None = None) -> pa.Schema:
+    tensor = pa.fixed_shape_tensor(pa.from_numpy_dtype(np.dtype(dtype)), list(shape))
+    return pa.schema([*LINEAGE, ("tensor", tensor)], metadata=_meta(meta))
+
+
+def embedding_schema(dim: int, meta: dict[str, Any] | None = None) -> pa.Schema:
+    fields = [*LINEAGE, ("embedding", pa.list_(pa.float32(), dim)), ("model", pa.string()), ("metadata", pa.string())]
+    return pa.schema(fields, metadata=_meta(meta))
+
+
+def _meta(meta: dict[str, Any] | None) -> dict[str, str] | None:
+    return {k: json.dumps(v) for k, v in meta.items()} if meta else None
+
+
+def tensor_table(rows: dict[str, list], tensors: np.ndarray, schema: pa.Schema) -> pa.Table:
+    tensor_type = schema.field("tensor").type
+    storage = pa.FixedSizeListArray.from_arrays(
+        pa.array(np.ascontiguousarray(tensors).reshape(-1), type=tensor_type.value_type),
+        int(np.prod(tensor_type.shape)),
+    )
+    columns = [pa.array(rows[name], type=t) for name, t in LINEAGE]
+    columns.append(pa.ExtensionArray.from_storage(tensor_type, storage))
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def embedding_table(rows: dict[str, list], vectors: np.ndarray, schema: pa.Schema) -> pa.Table:
+    dim = schema.field("embedding").type.list_size
+    flat = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1), type=pa.float32())
+    columns = [pa.array(rows[name], type=t) for name, t in LINEAGE]
+    columns.append(pa.FixedSizeListArray.from_arrays(flat, dim))
+    columns.append(pa.array(rows["model"], type=pa.string()))
+    columns.append(pa.array(rows["metadata"], type=pa.string()))
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def tensors_of(table: pa.Table) -> np.ndarray:
+    column = table.column("tensor").combine_chunks()
+    return column.to_numpy_ndarray()
+
+
+def vectors_of(table: pa.Table) -> np.ndarray:
+    column = table.column("embedding").combine_chunks()
+    dim = column.type.list_size
+    return column.values.to_numpy(zero_copy_only=False).reshape(-1, dim)
+
+
+class DropWriter:
+    """Writes a drop's batch files into a staging folder; :meth:`commit` swaps it in atomically."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.staging = folder.parent / f".{folder.name}.{uuid.uuid4().hex[:8]}.staging"
+        self.staging.mkdir(parents=True)
+        self.files: list[Path] = []
+        self.bytes = 0
+
+    def write(self, table: pa.Table) -> Path:
+        path = self.staging / f"batch-{len(self.files):05d}.arrow"
+        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table)
+        self.files.append(self.folder / path.name)
+        self.bytes += path.stat().st_size
+        return path
+
+    def commit(self) -> list[Path]:
+        old = self.folder.parent / f".{self.folder.name}.{uuid.uuid4().hex[:8]}.old"
+        if self.folder.exists():
+            self.folder.rename(old)
+        self.staging.rename(self.folder)
+        shutil.rmtree(old, ignore_errors=True)
+        return self.files
+
+    def abort(self) -> None:
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+    def __enter__(self) -> "DropWriter":
+        return self
+
+    def __exit__(self, exc_type, *rest: object) -> None:
+        if exc_type is not None:
+            self.abort()
+
+
+def batch_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob("batch-*.arrow")) if folder.is_dir() else []
+
+
+def read_batches(folder: Path) -> Iterator[pa.Table]:
+    """One table per batch file, memory-mapped: a drop is never held whole."""
+    for path in batch_files(folder):
+        with pa.memory_map(str(path)) as source:
+            yield pa.ipc.open_file(source).read_all()
+
+
+def write_table(path: Path, table: pa.Table) -> None:
+    """A single-file table (the drop's manifest), written atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{uuid.uuid4().hex[:8]}.tmp")
+    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+    tmp.replace(path)
+
+
+def read_table(path: Path) -> pa.Table:
+    with pa.memory_map(str(path)) as source:
+        return pa.ipc.open_file(source).read_all()
