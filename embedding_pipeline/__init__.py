@@ -11,8 +11,8 @@ from typing import Any
 __all__ = ["search", "ImageSearcher", "Settings", "load_settings", "defs"]
 
 _LAZY = {
-    "search": ("embedding_pipeline.search", "search"),
-    "ImageSearcher": ("embedding_pipeline.search", "ImageSearcher"),
+    "search": ("embedding_pipeline.retrieval", "search"),
+    "ImageSearcher": ("embedding_pipeline.retrieval", "ImageSearcher"),
     "Settings": ("embedding_pipeline.settings", "Settings"),
     "load_settings": ("embedding_pipeline.settings", "load_settings"),
     "defs": ("embedding_pipeline.definitions", "defs"),

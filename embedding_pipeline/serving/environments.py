@@ -107,7 +107,7 @@ def _build(paths: StatePaths, name: str) -> None:
     paths.logs.mkdir(parents=True, exist_ok=True)
     log_file = paths.logs / f"env-{name}.log"
     started = time.monotonic()
-    progress(f"building the {name!r} environment in {target} (first use; takes a few minutes; log: {log_file})")
+    progress(f"building the {name!r} environment in {target} (about a minute; log: {log_file})")
     if target.exists():
         # Whatever is there did not finish installing, or was built for other requirements: never patch it.
         shutil.rmtree(target)

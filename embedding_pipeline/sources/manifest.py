@@ -1,5 +1,8 @@
 """A drop's items: every image file of a folder drop plus every row of its manifest files.
 
+A folder drop may hold loose image files, manifest files, or both; a file listed by one of its manifests is an
+item of that manifest only (with the manifest's id and metadata).
+
 Manifest formats (columns / keys):
 
 * ``uri`` — required: a local path (relative paths are relative to the manifest file) or an http(s) URL;
@@ -40,15 +43,17 @@ def is_url(uri: str) -> bool:
 def list_entries(drop: Drop) -> list[Entry]:
     if drop.is_manifest:
         return list(_read_manifest(drop.path))
-    entries: list[Entry] = []
+    files = []
     for path in sorted(p for p in drop.path.rglob("*") if p.is_file()):
         rel = path.relative_to(drop.path)
-        if any(ignored(Path(part)) for part in rel.parts) or path.name == READY_MARKER:
-            continue
-        if path.suffix.lower() in MANIFEST_SUFFIXES:
-            entries.extend(_read_manifest(path))
-        else:
-            entries.append(Entry(uri=str(path), origin=str(rel)))
+        if not any(ignored(Path(part)) for part in rel.parts) and path.name != READY_MARKER:
+            files.append(path)
+    entries = [e for path in files if path.suffix.lower() in MANIFEST_SUFFIXES for e in _read_manifest(path)]
+    # Files a manifest lists are items of that manifest (with its ids and metadata), not loose files too.
+    listed = {str(Path(e.uri).resolve()) for e in entries if e.uri and not is_url(e.uri)}
+    for path in files:
+        if path.suffix.lower() not in MANIFEST_SUFFIXES and str(path.resolve()) not in listed:
+            entries.append(Entry(uri=str(path), origin=str(path.relative_to(drop.path))))
     return entries
 
 

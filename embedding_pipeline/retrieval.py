@@ -58,8 +58,15 @@ class ImageSearcher:
         self.settings = settings or load_settings()
         t = self.settings.triton
         self.embedder = embedder or TritonEmbedder(t.url, t.model_name, t.model_version, t.timeout_s)
-        self.index = index or ImageIndex(self.settings.milvus)
+        self._index = index
         self._preprocessor: Preprocessor | None = None
+
+    @property
+    def index(self) -> ImageIndex:
+        # Created on first search, so embedding alone never needs Milvus.
+        if self._index is None:
+            self._index = ImageIndex(self.settings.milvus)
+        return self._index
 
     @property
     def preprocessor(self) -> Preprocessor:
@@ -82,7 +89,8 @@ class ImageSearcher:
 
     def close(self) -> None:
         self.embedder.close()
-        self.index.close()
+        if self._index is not None:
+            self._index.close()
 
     def __enter__(self) -> "ImageSearcher":
         return self

@@ -1,0 +1,150 @@
+"""``embedding-pipeline``: set up, run the local stack, ingest a drop, search."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+
+from embedding_pipeline.settings import ConfigError, Settings, load_settings
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(args.config)
+
+
+def cmd_setup(args: argparse.Namespace) -> int:
+    """Build (or reuse) the serving and model-build environments and the default model."""
+    from embedding_pipeline.serving.environments import ensure_env
+    from embedding_pipeline.serving.models import ensure_default_model
+
+    paths = _settings(args).paths
+    ensure_env(paths, "serving")
+    print(f"model: {ensure_default_model(paths)}")
+    return 0
+
+
+def cmd_services(args: argparse.Namespace) -> int:
+    from embedding_pipeline import services
+
+    settings = _settings(args)
+    if args.action == "start":
+        services.start_services(settings)
+        print(f"Triton ready at {settings.triton.url}; Milvus ready at {settings.milvus.uri}")
+    elif args.action == "stop":
+        print("stopped: " + (", ".join(services.stop_services(settings)) or "nothing was running"))
+    else:
+        print(json.dumps(services.services_status(settings), indent=2))
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from embedding_pipeline import processes, services
+    from embedding_pipeline.sources.samples import write_sample_drop
+
+    settings = _settings(args)
+    stopping = False
+
+    def on_signal(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        print("starting Milvus and Triton (the first run builds environments and exports the model)...", flush=True)
+        services.start_services(settings)
+        print("starting the Dagster webserver and daemon...", flush=True)
+        services.start_dagster(settings)
+        if not args.no_sample:
+            folder = write_sample_drop(settings.drops)
+            print(f"sample drop: {folder} (the sensor ingests it within seconds)")
+        print(f"\nDagster UI: {services.webserver_url(settings)}\ndrop folder: {settings.drops}")
+        print("Ctrl-C or `embedding-pipeline down` stops everything.", flush=True)
+        while not stopping:
+            # `down` from another shell stops the webserver: then this command has nothing left to hold.
+            if processes.read(settings.paths.run, services.WEBSERVER) is None:
+                break
+            time.sleep(0.5)
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        stopped = services.stop_all(settings)
+        print("stopped: " + (", ".join(stopped) or "nothing"), flush=True)
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    from embedding_pipeline import services
+
+    stopped = services.stop_all(_settings(args))
+    print("stopped: " + (", ".join(stopped) or "nothing was running"))
+    return 0
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from embedding_pipeline import runs, services
+
+    settings = _settings(args)
+    services.start_services(settings)
+    summary = runs.ingest(settings, Path(args.path), args.drop)
+    print(json.dumps(summary, indent=2))
+    return 0 if summary["success"] else 1
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from embedding_pipeline.retrieval import search
+
+    hits = search(args.image, top_k=args.top_k, filter=args.filter or None, settings=_settings(args))
+    if args.json:
+        print(json.dumps(hits, indent=2))
+    else:
+        for rank, hit in enumerate(hits, 1):
+            print(f"{rank:>3}  {hit['score']:.4f}  {hit['id']}  {hit['uri']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="embedding-pipeline", description=__doc__)
+    parser.add_argument("--config", help="YAML settings file (default: $EMBEDDING_PIPELINE_CONFIG)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("setup", help="build environments and the default model").set_defaults(func=cmd_setup)
+    up = sub.add_parser("up", help="start Triton, Milvus and Dagster, ingest the sample drop; Ctrl-C stops")
+    up.add_argument("--no-sample", action="store_true", help="don't copy the sample drop")
+    up.set_defaults(func=cmd_up)
+    sub.add_parser("down", help="stop everything `up` started").set_defaults(func=cmd_down)
+    svc = sub.add_parser("services", help="Triton + Milvus only")
+    svc.add_argument("action", choices=["start", "stop", "status"])
+    svc.set_defaults(func=cmd_services)
+    ing = sub.add_parser("ingest", help="ingest a folder or manifest as a drop, in the Dagster instance")
+    ing.add_argument("path")
+    ing.add_argument("--drop", help="drop (partition) name; default: the file or folder name")
+    ing.set_defaults(func=cmd_ingest)
+    se = sub.add_parser("search", help="search the collection by image")
+    se.add_argument("image", help="local path or http(s) URL")
+    se.add_argument("--top-k", type=int, default=10)
+    se.add_argument("--filter", help='Milvus expression, e.g. metadata["category"] == "nature"')
+    se.add_argument("--json", action="store_true")
+    se.set_defaults(func=cmd_search)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, FileExistsError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:  # ServiceError, client errors: already say what and where
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""The ingest chain for one drop: manifest → tensor batches → embeddings → Milvus rows."""
+
+
+from typing import Any
+
+from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, asset
+
+from embedding_pipeline import ingest
+from embedding_pipeline.defs.partitions import drops_partitions
+from embedding_pipeline.defs.resources import MilvusResource, TritonResource
+from embedding_pipeline.preprocess.spec import TensorSpec
+from embedding_pipeline.settings import load_settings
+
+GROUP = "image_ingest"
+
+
+def _metadata(summary: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in summary.items():
+        if isinstance(value, (dict, list)):
+            out[key] = MetadataValue.json(value)
+        elif key.endswith("bytes"):
+            out[key] = MetadataValue.int(int(value))
+        else:
+            out[key] = value
+    return out
+
+
+@asset(partitions_def=drops_partitions, group_name=GROUP, kinds={"python"}, tags={"stage": "sources"})
+def raw_image_manifest(context: AssetExecutionContext) -> MaterializeResult:
+    """Every item of the drop — image files and manifest rows — with its id, URI, metadata, sha256 and status.
+
+    Each item is read once and checked to be an image; unreadable items are recorded as `failed` with a
+    reason and never stop the good ones.
+    """
+    summary = ingest.build_manifest(load_settings(), context.partition_key)
+    if summary["failed"]:
+        context.log.warning(f"{summary['failed']} item(s) failed: {summary['failure_examples']}")
+    return MaterializeResult(metadata=_metadata(summary))
+
+
+@asset(
+    partitions_def=drops_partitions,
+    group_name=GROUP,
+    deps=[raw_image_manifest],
+    kinds={"jax", "arrow"},
+    tags={"stage": "preprocess"},
+)
+def preprocessed_batches(context: AssetExecutionContext, triton: TritonResource) -> MaterializeResult:
+    """The drop's images decoded with Pillow and resized / centre-cropped by a JAX `jit`+`vmap` kernel into
+    exactly the model's input (read from Triton's model metadata), stored as Arrow IPC files, one per batch."""
+    with triton.embedder() as embedder:
+        model_input = embedder.input_spec()
+    spec = TensorSpec.from_model_input(model_input.datatype, tuple(model_input.shape))
+    summary = ingest.preprocess_drop(load_settings(), context.partition_key, spec)
+    return MaterializeResult(metadata=_metadata(summary))
+
+
+@asset(
+    partitions_def=drops_partitions,
+    group_name=GROUP,
+    deps=[preprocessed_batches],
+    kinds={"triton", "arrow"},
+    tags={"stage": "embed"},
+)
+def image_embeddings(context: AssetExecutionContext, triton: TritonResource) -> MaterializeResult:
+    """One L2-normalised vector per image from the model served by Triton, stored as Arrow with the item's
+    lineage (drop, sha256, URI) and the model name and version."""
+    with triton.embedder() as embedder:
+        summary = ingest.embed_drop(load_settings(), context.partition_key, embedder)
+    return MaterializeResult(metadata=_metadata(summary))
+
+
+@asset(
+    partitions_def=drops_partitions,
+    group_name=GROUP,
+    deps=[image_embeddings],
+    kinds={"milvus"},
+    tags={"stage": "index"},
+)
+def milvus_collection(context: AssetExecutionContext, milvus: MilvusResource) -> MaterializeResult:
+    """The drop's vectors upserted by image id into the Milvus collection (re-running a drop never
+    duplicates), the vector index ensured, the collection loaded for search."""
+    with milvus.index() as index:
+        summary = ingest.index_drop(load_settings(), context.partition_key, index)
+        summary["index"] = index.describe_index()
+    return MaterializeResult(metadata=_metadata(summary))
+
+
+ingest_assets = [raw_image_manifest, preprocessed_batches, image_embeddings, milvus_collection]

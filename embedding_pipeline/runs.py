@@ -1,0 +1,70 @@
+"""Launching an ingest run for a drop in the pipeline's Dagster instance (so it shows in the UI)."""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from embedding_pipeline.settings import Settings
+from embedding_pipeline.sources.drops import DROP_NAME
+
+
+def place_drop(settings: Settings, path: Path, name: str | None = None) -> str:
+    """Copy ``path`` (a folder or manifest file) into the drop directory as drop ``name``; returns the name.
+
+    A path already in the drop directory is used where it is. The copy lands under a hidden name and is renamed
+    at the end, so the sensor never sees half a drop.
+    """
+    source = path.resolve()
+    if not source.exists():
+        raise FileNotFoundError(f"no such file or folder: {path}")
+    drops = settings.drops
+    name = name or source.name
+    if not DROP_NAME.match(name):
+        raise ValueError(f"invalid drop name {name!r}: use letters, digits, '.', '_' or '-' (max 128)")
+    target = drops / name
+    if source == target:
+        return name
+    if target.exists():
+        raise FileExistsError(f"a drop named {name!r} already exists in {drops}; pick another name with --drop")
+    drops.mkdir(parents=True, exist_ok=True)
+    staging = drops / f".{name}.{uuid.uuid4().hex[:8]}.tmp"
+    if source.is_dir():
+        shutil.copytree(source, staging)
+    else:
+        shutil.copy2(source, staging)
+    staging.rename(target)
+    return name
+
+
+def ingest(settings: Settings, path: Path, name: str | None = None) -> dict[str, Any]:
+    """Register the drop as a partition and execute the ingest job for it; returns a JSON-able summary."""
+    from dagster import DagsterInstance
+
+    from embedding_pipeline import ingest as stages
+    from embedding_pipeline.definitions import defs
+    from embedding_pipeline.defs.partitions import drops_partitions
+    from embedding_pipeline.services import use_dagster_home
+
+    use_dagster_home(settings)
+    instance = DagsterInstance.get()
+    drop = name or Path(path).resolve().name
+    # The partition first: a running sensor skips known partitions, so it won't launch a second run.
+    if not instance.has_dynamic_partition(drops_partitions.name, drop):
+        instance.add_dynamic_partitions(drops_partitions.name, [drop])
+    drop = place_drop(settings, Path(path), drop)
+    job = defs.resolve_job_def("ingest_drop")
+    result = job.execute_in_process(instance=instance, partition_key=drop, tags={"drop": drop}, raise_on_error=False)
+    summary: dict[str, Any] = {"drop": drop, "run_id": result.run_id, "success": result.success}
+    try:
+        items = stages.read_manifest(settings, drop)
+    except OSError:
+        items = []
+    counts = Counter(i.status for i in items)
+    summary.update(items=len(items), ok=counts.get("ok", 0), failed=counts.get("failed", 0),
+                   skipped=counts.get("skipped", 0))
+    summary["failures"] = [{"id": i.id, "uri": i.uri, "error": i.error} for i in items if i.status == "failed"]
+    return summary

@@ -1,0 +1,122 @@
+"""Start, stop and report the local services: Triton and Milvus, and for ``up`` the Dagster webserver + daemon.
+
+One way to start things, used by the CLI and the tests. Servers are only started for loopback URLs; a remote
+Triton or Milvus is used as it is.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from importlib import resources
+from pathlib import Path
+
+from embedding_pipeline import processes
+from embedding_pipeline.index.server import milvus_status, start_milvus, stop_milvus
+from embedding_pipeline.serving.server import start_triton, stop_triton, triton_status
+from embedding_pipeline.settings import CONFIG_ENV, Settings
+
+WEBSERVER, DAEMON = "dagster-webserver", "dagster-daemon"
+LOCATION_NAME = "embedding_pipeline"
+
+
+def prepare_dagster_home(settings: Settings) -> Path:
+    """Write the instance config and a workspace file into the Dagster home; returns the workspace file."""
+    home = settings.paths.dagster_home
+    home.mkdir(parents=True, exist_ok=True)
+    instance = resources.files("embedding_pipeline").joinpath("dagster_instance.yaml").read_text()
+    (home / "dagster.yaml").write_text(instance)
+    workspace = home / "workspace.yaml"
+    workspace.write_text(
+        "load_from:\n"
+        "  - python_module:\n"
+        "      module_name: embedding_pipeline.definitions\n"
+        f"      location_name: {LOCATION_NAME}\n"
+    )
+    return workspace
+
+
+def child_env(settings: Settings) -> dict[str, str]:
+    """The environment of Dagster processes: same settings, absolute paths, the instance's home."""
+    env = dict(os.environ)
+    env["EMBEDDING_PIPELINE_HOME"] = str(settings.paths.root)
+    env["EMBEDDING_PIPELINE_CACHE"] = str(settings.paths.cache)
+    env["DAGSTER_HOME"] = str(settings.paths.dagster_home)
+    if env.get(CONFIG_ENV):
+        env[CONFIG_ENV] = str(Path(env[CONFIG_ENV]).resolve())
+    elif Path("embedding_pipeline.yaml").is_file():
+        env[CONFIG_ENV] = str(Path("embedding_pipeline.yaml").resolve())
+    return env
+
+
+def use_dagster_home(settings: Settings) -> None:
+    """Point this process at the pipeline's Dagster instance unless DAGSTER_HOME is set already."""
+    if not os.environ.get("DAGSTER_HOME"):
+        prepare_dagster_home(settings)
+        os.environ["DAGSTER_HOME"] = str(settings.paths.dagster_home)
+
+
+def start_services(settings: Settings) -> None:
+    start_milvus(settings)
+    start_triton(settings)
+
+
+def stop_services(settings: Settings) -> list[str]:
+    stopped = []
+    if stop_triton(settings):
+        stopped.append("triton")
+    if stop_milvus(settings):
+        stopped.append("milvus")
+    return stopped
+
+
+def services_status(settings: Settings) -> dict:
+    return {"triton": triton_status(settings), "milvus": milvus_status(settings), "dagster": dagster_status(settings)}
+
+
+def _tool(name: str) -> str:
+    # The console scripts installed next to this interpreter, so the same environment runs everything.
+    local = Path(sys.executable).with_name(name)
+    return str(local) if local.exists() else (shutil.which(name) or name)
+
+
+def webserver_url(settings: Settings) -> str:
+    return f"http://{settings.dagster.webserver_host}:{settings.dagster.webserver_port}"
+
+
+def start_dagster(settings: Settings, timeout_s: float = 120.0) -> None:
+    workspace = prepare_dagster_home(settings)
+    env = child_env(settings)
+    paths = settings.paths
+    if processes.read(paths.run, DAEMON) is None:
+        processes.start(paths.run, paths.logs, DAEMON, [_tool("dagster-daemon"), "run", "-w", str(workspace)], env=env)
+    if processes.read(paths.run, WEBSERVER) is None:
+        argv = [
+            _tool("dagster-webserver"),
+            "-h", settings.dagster.webserver_host,
+            "-p", str(settings.dagster.webserver_port),
+            "-w", str(workspace),
+        ]
+        proc = processes.start(paths.run, paths.logs, WEBSERVER, argv, env=env)
+        url = webserver_url(settings)
+        processes.wait_until(lambda: processes.http_ok(f"{url}/server_info"), timeout_s, f"Dagster UI at {url}", proc)
+
+
+def stop_dagster(settings: Settings) -> list[str]:
+    return [name for name in (WEBSERVER, DAEMON) if processes.stop(settings.paths.run, name)]
+
+
+def dagster_status(settings: Settings) -> dict:
+    paths = settings.paths
+    web = processes.read(paths.run, WEBSERVER)
+    daemon = processes.read(paths.run, DAEMON)
+    return {
+        "url": webserver_url(settings),
+        "webserver_pid": web.pid if web else None,
+        "daemon_pid": daemon.pid if daemon else None,
+    }
+
+
+def stop_all(settings: Settings) -> list[str]:
+    return stop_dagster(settings) + stop_services(settings)
