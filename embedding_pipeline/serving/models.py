@@ -87,5 +87,7 @@ def _export(paths: StatePaths, target: Path) -> None:
         )
     if code != 0 or not is_current(target):
         tail = "\n".join(log_file.read_text(errors="replace").splitlines()[-25:])
-        raise ModelBuildError(f"exporting the default model failed (exit code {code}). Last lines of {log_file}:\n{tail}")
+        raise ModelBuildError(
+            f"exporting the default model failed (exit code {code}). Last lines of {log_file}:\n{tail}"
+        )
     progress(f"model exported in {time.monotonic() - started:.0f} s")
