@@ -47,6 +47,8 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     stopping = False
+    # Stop on exit only what this command started: services that were already running stay up.
+    already = {name for name in services.MANAGED if processes.read(settings.paths.run, name)}
 
     def on_signal(signum: int, frame: object) -> None:
         nonlocal stopping
@@ -71,7 +73,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             time.sleep(0.5)
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        stopped = services.stop_all(settings)
+        stopped = services.stop_all(settings, keep=already)
         print("stopped: " + (", ".join(stopped) or "nothing"), flush=True)
     return 0
 

@@ -18,6 +18,8 @@ from embedding_pipeline.serving.server import start_triton, stop_triton, triton_
 from embedding_pipeline.settings import CONFIG_ENV, Settings
 
 WEBSERVER, DAEMON = "dagster-webserver", "dagster-daemon"
+# Every process the pipeline may start, in the order to stop them.
+MANAGED = (WEBSERVER, DAEMON, "triton", "milvus")
 LOCATION_NAME = "embedding_pipeline"
 
 
@@ -118,5 +120,6 @@ def dagster_status(settings: Settings) -> dict:
     }
 
 
-def stop_all(settings: Settings) -> list[str]:
-    return stop_dagster(settings) + stop_services(settings)
+def stop_all(settings: Settings, keep: set[str] = frozenset()) -> list[str]:
+    """Stop every managed process (Dagster first, so no run starts against a stopping service), except ``keep``."""
+    return [name for name in MANAGED if name not in keep and processes.stop(settings.paths.run, name)]
