@@ -1,4 +1,9 @@
-"""Real services for the integration tests, each started once per session on free loopback ports."""
+"""Real services for the integration tests, started once per session on free loopback ports.
+
+One state directory per session holds the Triton model repository, Milvus data, the Dagster home, drops and
+asset outputs; environments and the exported model come from the shared cache (built once, reused by the CLI).
+The session's settings are exported through the environment, so Dagster code and child processes see them.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +14,8 @@ from typing import Iterator
 
 import pytest
 
-from embedding_pipeline.settings import Settings, load_settings
-from embedding_pipeline.state import CACHE_ENV
+from embedding_pipeline.settings import CONFIG_ENV, Settings, load_settings
+from embedding_pipeline.state import CACHE_ENV, HOME_ENV
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -32,22 +37,57 @@ def free_ports(count: int) -> list[int]:
             sock.close()
 
 
-@pytest.fixture(scope="session")
-def triton_settings(tmp_path_factory) -> Iterator[Settings]:
-    """Settings for a real Triton serving the default model in a throw-away home; stopped after the session."""
-    from embedding_pipeline.serving.server import start_triton, stop_triton
-
-    home = tmp_path_factory.mktemp("triton_home")
-    http_port, grpc_port, metrics_port = free_ports(3)
-    # gRPC and metrics ports have no environment variables: they come from a config file.
+def write_config(home: Path, settle_s: float = 0.0) -> Path:
+    """A config file for a fresh home with every port free; returns its path."""
+    triton, grpc, metrics, milvus, web = free_ports(5)
     config = home / "embedding_pipeline.yaml"
-    config.write_text(f"triton:\n  grpc_port: {grpc_port}\n  metrics_port: {metrics_port}\n")
-    settings = load_settings(
-        config_file=config,
-        environ={"EMBEDDING_PIPELINE_HOME": str(home), "TRITON_URL": f"127.0.0.1:{http_port}"},
+    config.write_text(
+        f"triton:\n  url: 127.0.0.1:{triton}\n  grpc_port: {grpc}\n  metrics_port: {metrics}\n"
+        f"milvus:\n  uri: http://127.0.0.1:{milvus}\n"
+        f"dagster:\n  webserver_port: {web}\n  sensor_interval_s: 1\n  drop_settle_s: {settle_s}\n"
     )
+    return config
+
+
+def stack_env(home: Path, config: Path) -> dict[str, str]:
+    return {HOME_ENV: str(home), CONFIG_ENV: str(config), "DAGSTER_HOME": str(home / "dagster_home")}
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory) -> Iterator[Settings]:
+    """Real Triton (default model) and Milvus for the session; this process's environment points at them."""
+    from embedding_pipeline import services
+
+    home = tmp_path_factory.mktemp("stack_home")
+    env = stack_env(home, write_config(home))
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    settings = load_settings()
+    services.prepare_dagster_home(settings)
     try:
-        start_triton(settings)
+        services.start_services(settings)
         yield settings
     finally:
-        stop_triton(settings)
+        services.stop_services(settings)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def triton_settings(stack) -> Settings:
+    return stack
+
+
+@pytest.fixture(scope="session")
+def ingested_photos(stack) -> dict:
+    """The sample photos ingested once as drop ``photos`` through the real Dagster job."""
+    from embedding_pipeline import runs
+    from embedding_pipeline.sources.samples import write_sample_drop
+
+    folder = write_sample_drop(stack.drops, "photos")
+    summary = runs.ingest(stack, folder)
+    assert summary["success"], summary
+    return summary
