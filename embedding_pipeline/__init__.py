@@ -1,21 +1,22 @@
 """embedding_pipeline: image drops → JAX preprocessing → Triton embeddings → Milvus, as a Dagster code location.
 
-Importing the package is cheap; the Dagster definitions (``defs``) and heavy modules load on first use, so the
-kernels and clients stay importable without Dagster and ``dagster ... -m embedding_pipeline`` still finds ``defs``.
+Importing the package is cheap; the Dagster definitions and heavy modules load on first use, so the kernels and
+clients stay importable without Dagster, while ``dagster ... -m embedding_pipeline`` still finds the definitions
+(as ``embedding_pipeline.definitions``, loaded from ``embedding_pipeline.defs``).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["search", "ImageSearcher", "Settings", "load_settings", "defs"]
+__all__ = ["search", "ImageSearcher", "Settings", "load_settings", "definitions"]
 
 _LAZY = {
     "search": ("embedding_pipeline.retrieval", "search"),
     "ImageSearcher": ("embedding_pipeline.retrieval", "ImageSearcher"),
     "Settings": ("embedding_pipeline.settings", "Settings"),
     "load_settings": ("embedding_pipeline.settings", "load_settings"),
-    "defs": ("embedding_pipeline.definitions", "defs"),
+    "definitions": ("embedding_pipeline.defs", "defs"),
 }
 
 

@@ -45,7 +45,7 @@ def ingest(settings: Settings, path: Path, name: str | None = None) -> dict[str,
     from dagster import DagsterInstance
 
     from embedding_pipeline import ingest as stages
-    from embedding_pipeline.definitions import defs
+    from embedding_pipeline.defs import defs
     from embedding_pipeline.defs.partitions import drops_partitions
     from embedding_pipeline.services import use_dagster_home
 

@@ -33,7 +33,7 @@ def prepare_dagster_home(settings: Settings) -> Path:
     workspace.write_text(
         "load_from:\n"
         "  - python_module:\n"
-        "      module_name: embedding_pipeline.definitions\n"
+        "      module_name: embedding_pipeline.defs\n"
         f"      location_name: {LOCATION_NAME}\n"
     )
     return workspace
