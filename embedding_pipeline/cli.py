@@ -90,7 +90,9 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     from embedding_pipeline import runs, services
 
     settings = _settings(args)
-    services.start_services(settings)
+    started = services.start_services(settings)
+    if started:
+        print(f"started {', '.join(started)}; `embedding-pipeline services stop` stops them", file=sys.stderr)
     summary = runs.ingest(settings, Path(args.path), args.drop)
     print(json.dumps(summary, indent=2))
     return 0 if summary["success"] else 1

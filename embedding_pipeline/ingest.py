@@ -6,6 +6,7 @@ under ``<home>/data`` and returns a summary whose values become the asset's mate
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections import Counter
@@ -130,19 +131,24 @@ def preprocess_drop(settings: Settings, drop_name: str, spec: TensorSpec) -> dic
     with arrow.DropWriter(files.preprocessed) as writer:
         for start in range(0, len(items), size):
             chunk = items[start : start + size]
-            blobs = []
+            blobs, vanished = [], {}
             for item in chunk:
                 try:
-                    blobs.append(Path(item.source).read_bytes())
+                    data = Path(item.source).read_bytes()
                 except OSError as exc:
-                    blobs.append(b"")
-                    errors.append((item.id, f"source vanished: {exc.strerror}"))
+                    data = b""
+                    vanished[item.id] = f"source vanished since the manifest was built: {exc.strerror}"
+                if data and hashlib.sha256(data).hexdigest() != item.sha256:
+                    # The recorded sha256 is the row's lineage: never embed other bytes under it.
+                    data = b""
+                    vanished[item.id] = "source changed since the manifest was built (re-run the drop)"
+                blobs.append(data)
             t0 = time.perf_counter()
             prepared = prep.prepare(blobs)
             kernel_s += time.perf_counter() - t0
             for item, err in zip(chunk, prepared.errors):
-                if err is not None and not any(e[0] == item.id for e in errors):
-                    errors.append((item.id, err))
+                if err is not None:
+                    errors.append((item.id, vanished.get(item.id, err)))
             good = [chunk[i] for i in prepared.ok_positions]
             if good:
                 rows = {"id": [i.id for i in good], "drop": [drop_name] * len(good),

@@ -59,9 +59,12 @@ def use_dagster_home(settings: Settings) -> None:
         os.environ["DAGSTER_HOME"] = str(settings.paths.dagster_home)
 
 
-def start_services(settings: Settings) -> None:
+def start_services(settings: Settings) -> list[str]:
+    """Make Milvus and Triton ready; returns the names of the servers this call had to start."""
+    before = {name for name in ("milvus", "triton") if processes.read(settings.paths.run, name)}
     start_milvus(settings)
     start_triton(settings)
+    return [name for name in ("milvus", "triton") if name not in before and processes.read(settings.paths.run, name)]
 
 
 def stop_services(settings: Settings) -> list[str]:

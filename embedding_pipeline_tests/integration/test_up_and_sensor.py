@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import requests
 from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
 from dagster._core.instance.ref import InstanceRef
 
@@ -51,6 +52,14 @@ def test_up_ingests_sample_and_new_drops_then_down_stops_everything(tmp_path):
         instance = DagsterInstance.from_ref(InstanceRef.from_dir(str(settings.paths.dagster_home)))
         run = wait_for_run(instance, "sample-photos")
         assert run.status == DagsterRunStatus.SUCCESS
+        # What the UI shows: the webserver's GraphQL API reports the materialized partition.
+        query = (
+            '{ assetOrError(assetKey: {path: ["milvus_collection"]}) '
+            "{ ... on Asset { assetMaterializations(limit: 5) { partition runId } } } }"
+        )
+        answer = requests.post(services.webserver_url(settings) + "/graphql", json={"query": query}, timeout=30)
+        materializations = answer.json()["data"]["assetOrError"]["assetMaterializations"]
+        assert {"partition": "sample-photos", "runId": run.run_id} in materializations
 
         # A folder copied in under a temporary name and renamed, with no marker: complete once settled.
         staging = settings.drops / ".new-drop.tmp"
