@@ -1,0 +1,59 @@
+"""The ingest stages as plain functions, with a fake embedder standing in for Triton."""
+
+import numpy as np
+import pytest
+
+from embedding_pipeline import ingest
+from embedding_pipeline.preprocess.spec import TensorSpec
+from embedding_pipeline.settings import load_settings
+from embedding_pipeline.storage import arrow
+from embedding_pipeline_tests.images import encode
+
+
+class FakeEmbedder:
+    """Mean colour per image as a 3-d 'embedding' (a fake: no model, no server)."""
+
+    def embed(self, batch: np.ndarray) -> np.ndarray:
+        return batch.reshape(len(batch), -1, 3).mean(axis=1).astype(np.float32)
+
+    def model_version_label(self) -> str:
+        return "fake:1"
+
+
+@pytest.fixture
+def settings(tmp_path):
+    s = load_settings(environ={"EMBEDDING_PIPELINE_HOME": str(tmp_path)})
+    s = s.model_copy(update={"preprocess": s.preprocess.model_copy(update={"batch_size": 2})})
+    drop = s.drops / "d1"
+    drop.mkdir(parents=True)
+    for i, colour in enumerate([(255, 0, 0), (0, 255, 0), (0, 0, 255)]):
+        (drop / f"img{i}.png").write_bytes(encode(np.full((30 + i, 40, 3), colour, np.uint8)))
+    (drop / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    return s
+
+
+def test_stages_write_arrow_with_lineage_and_report_failures(settings):
+    manifest = ingest.build_manifest(settings, "d1")
+    assert (manifest["items"], manifest["ok"], manifest["failed"]) == (4, 3, 1)
+    assert manifest["failure_examples"][0]["error"]
+
+    pre = ingest.preprocess_drop(settings, "d1", TensorSpec(image_size=16))
+    assert (pre["images"], pre["batches"], pre["failed"]) == (3, 2, 0)
+    emb = ingest.embed_drop(settings, "d1", FakeEmbedder())
+    assert (emb["embeddings"], emb["dimension"], emb["model"]) == (3, 3, "fake:1")
+
+    tables = list(arrow.read_batches(ingest.drop_files(settings, "d1").embeddings))
+    vectors = np.concatenate([arrow.vectors_of(t) for t in tables])
+    uris = sum((t.column("uri").to_pylist() for t in tables), [])
+    # Each row's vector is its own image's colour: rows and tensors stayed aligned through the stages.
+    for uri, v in zip(uris, vectors):
+        assert np.argmax(v) == int(uri[-5])
+    assert all(t.column("drop").to_pylist() == ["d1"] * t.num_rows for t in tables)
+
+
+def test_a_file_changed_after_the_manifest_is_not_embedded_under_the_old_hash(settings):
+    ingest.build_manifest(settings, "d1")
+    (settings.drops / "d1" / "img0.png").write_bytes(encode(np.zeros((20, 20, 3), np.uint8)))
+    pre = ingest.preprocess_drop(settings, "d1", TensorSpec(image_size=16))
+    assert pre["images"] == 2 and pre["failed"] == 1
+    assert "changed since the manifest" in pre["failure_examples"][0]["error"]
