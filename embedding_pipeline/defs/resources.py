@@ -1,63 +1,70 @@
-"""Dagster resources over the plain Triton and Milvus clients; clients are created lazily, per use."""
+"""Dagster resources over the plain Triton and Milvus clients; clients are created lazily, per use.
 
+A field left empty takes its value from the pipeline settings (YAML file + environment) when the resource is used,
+not when the code location loads, so runs follow the environment they run in. Set a field (launchpad or
+Definitions) to override one value.
+"""
 
-from typing import Any
+from typing import Any, Optional, TypeVar
 
 from dagster import ConfigurableResource
+from pydantic import BaseModel
 
 from embedding_pipeline.index.client import ImageIndex
-from embedding_pipeline.settings import MilvusSettings, TritonSettings
+from embedding_pipeline.settings import MilvusSettings, TritonSettings, load_settings
+
+S = TypeVar("S", bound=BaseModel)
+
+
+def _overlay(base: S, resource: ConfigurableResource) -> S:
+    overrides = {name: getattr(resource, name) for name in type(base).model_fields if getattr(resource, name, None)
+                 is not None}
+    return type(base).model_validate({**base.model_dump(), **overrides})
 
 
 class TritonResource(ConfigurableResource):
     """The model server that turns tensors into embeddings (NVIDIA Triton, HTTP)."""
 
-    url: str
-    model_name: str
-    model_version: str = ""
-    timeout_s: float = 60.0
-    ready_timeout_s: float = 60.0
+    url: Optional[str] = None
+    model_name: Optional[str] = None
+    model_version: Optional[str] = None
+    timeout_s: Optional[float] = None
+    ready_timeout_s: Optional[float] = None
 
-    @classmethod
-    def from_settings(cls, s: TritonSettings) -> "TritonResource":
-        return cls(url=s.url, model_name=s.model_name, model_version=s.model_version, timeout_s=s.timeout_s,
-                   ready_timeout_s=s.ready_timeout_s)
+    def settings(self) -> TritonSettings:
+        return _overlay(load_settings().triton, self)
 
     def embedder(self):
         """A new client, ready to use; the caller closes it (clients are not thread-safe, so don't share)."""
         from embedding_pipeline.serving.client import TritonEmbedder
 
-        client = TritonEmbedder(self.url, self.model_name, self.model_version, self.timeout_s)
-        client.wait_ready(self.ready_timeout_s)
+        s = self.settings()
+        client = TritonEmbedder(s.url, s.model_name, s.model_version, s.timeout_s)
+        try:
+            client.wait_ready(s.ready_timeout_s)
+        except Exception:
+            client.close()
+            raise
         return client
-
-    def settings(self) -> TritonSettings:
-        return TritonSettings(url=self.url, model_name=self.model_name, model_version=self.model_version,
-                              timeout_s=self.timeout_s, ready_timeout_s=self.ready_timeout_s)
 
 
 class MilvusResource(ConfigurableResource):
     """The vector database holding one row per image (Milvus, by URI)."""
 
-    uri: str
-    token: str = ""
-    db_name: str = ""
-    collection: str = "image_embeddings"
-    embedding_dim: int | None = None
-    index_type: str = "HNSW"
-    metric_type: str = "COSINE"
-    index_params: dict[str, Any] = {}
-    search_params: dict[str, Any] = {}
-    insert_batch_size: int = 1000
-
-    @classmethod
-    def from_settings(cls, s: MilvusSettings) -> "MilvusResource":
-        return cls(**s.model_dump())
+    uri: Optional[str] = None
+    token: Optional[str] = None
+    db_name: Optional[str] = None
+    collection: Optional[str] = None
+    embedding_dim: Optional[int] = None
+    index_type: Optional[str] = None
+    metric_type: Optional[str] = None
+    index_params: Optional[dict[str, Any]] = None
+    search_params: Optional[dict[str, Any]] = None
+    insert_batch_size: Optional[int] = None
 
     def settings(self) -> MilvusSettings:
-        return MilvusSettings(**{name: getattr(self, name) for name in MilvusSettings.model_fields})
+        return _overlay(load_settings().milvus, self)
 
     def index(self) -> ImageIndex:
         """A new client for the collection; the caller closes it."""
         return ImageIndex(self.settings())
-
