@@ -12,6 +12,12 @@ from embedding_pipeline.settings import Settings
 from embedding_pipeline.sources.drops import DROP_NAME
 
 
+def _checked_name(name: str) -> str:
+    if not DROP_NAME.match(name):
+        raise ValueError(f"invalid drop name {name!r}: use letters, digits, '.', '_' or '-' (max 128)")
+    return name
+
+
 def place_drop(settings: Settings, path: Path, name: str | None = None) -> str:
     """Copy ``path`` (a folder or manifest file) into the drop directory as drop ``name``; returns the name.
 
@@ -22,9 +28,7 @@ def place_drop(settings: Settings, path: Path, name: str | None = None) -> str:
     if not source.exists():
         raise FileNotFoundError(f"no such file or folder: {path}")
     drops = settings.drops
-    name = name or source.name
-    if not DROP_NAME.match(name):
-        raise ValueError(f"invalid drop name {name!r}: use letters, digits, '.', '_' or '-' (max 128)")
+    name = _checked_name(name or source.name)
     target = drops / name
     if source == target:
         return name
@@ -51,11 +55,17 @@ def ingest(settings: Settings, path: Path, name: str | None = None) -> dict[str,
 
     use_dagster_home(settings)
     instance = DagsterInstance.get()
-    drop = name or Path(path).resolve().name
+    drop = _checked_name(name or Path(path).resolve().name)
     # The partition first: a running sensor skips known partitions, so it won't launch a second run.
-    if not instance.has_dynamic_partition(drops_partitions.name, drop):
+    added = not instance.has_dynamic_partition(drops_partitions.name, drop)
+    if added:
         instance.add_dynamic_partitions(drops_partitions.name, [drop])
-    drop = place_drop(settings, Path(path), drop)
+    try:
+        place_drop(settings, Path(path), drop)
+    except Exception:
+        if added:
+            instance.delete_dynamic_partition(drops_partitions.name, drop)
+        raise
     job = defs.resolve_job_def("ingest_drop")
     result = job.execute_in_process(instance=instance, partition_key=drop, tags={"drop": drop}, raise_on_error=False)
     summary: dict[str, Any] = {"drop": drop, "run_id": result.run_id, "success": result.success}
