@@ -226,17 +226,16 @@ def index_drop(settings: Settings, drop_name: str, index) -> dict[str, Any]:
         ]
         upserted += index.upsert(rows)
         ids.update(cols["id"])
-    stale = 0
-    if ensured or index.exists():
-        stale = index.delete_ids(index.drop_ids(drop_name) - ids)
+    # A drop with no good image still removes its old rows, if the collection exists at all.
+    present = ensured or index.exists()
+    stale = index.delete_ids(index.drop_ids(drop_name) - ids) if present else 0
     elapsed = time.perf_counter() - started
-    rows_now = index.count_drop(drop_name) if (ensured or index.exists()) else 0
     return {
         "upserted": upserted,
         "removed_stale": stale,
-        "drop_rows": rows_now,
+        "drop_rows": index.count_drop(drop_name) if present else 0,
         "collection": index.collection,
-        "collection_rows": index.count() if (ensured or index.exists()) else 0,
+        "collection_rows": index.count() if present else 0,
         "seconds": round(elapsed, 3),
         "vectors_per_s": round(upserted / elapsed, 1) if elapsed else 0.0,
     }

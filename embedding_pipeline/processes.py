@@ -50,6 +50,10 @@ def _start_ticks(pid: int) -> int | None:
     return int(fields[19])
 
 
+# Popen handles of children started by this process, so they can be reaped (no zombies in `status`).
+_children: dict[int, subprocess.Popen] = {}
+
+
 def _pid_file(run_dir: Path, name: str) -> Path:
     return run_dir / f"{name}.json"
 
@@ -109,12 +113,8 @@ def start(
         raise ServiceError(f"{name} exited at once (code {popen.returncode}); see {log}")
     proc = Managed(name, popen.pid, ticks, log)
     _pid_file(run_dir, name).write_text(json.dumps({"pid": proc.pid, "start_ticks": ticks, "log": str(log)}))
-    # Keep a handle so the child is reaped if it exits while this process lives (no zombies in `status`).
     _children[proc.pid] = popen
     return proc
-
-
-_children: dict[int, subprocess.Popen] = {}
 
 
 def stop(run_dir: Path, name: str, timeout: float = 20.0) -> bool:

@@ -15,7 +15,7 @@ from pathlib import Path
 from embedding_pipeline import processes
 from embedding_pipeline.index.server import milvus_status, start_milvus, stop_milvus
 from embedding_pipeline.serving.server import start_triton, stop_triton, triton_status
-from embedding_pipeline.settings import CONFIG_ENV, Settings
+from embedding_pipeline.settings import CONFIG_ENV, Settings, config_path
 
 WEBSERVER, DAEMON = "dagster-webserver", "dagster-daemon"
 # Every process the pipeline may start, in the order to stop them.
@@ -45,10 +45,10 @@ def child_env(settings: Settings) -> dict[str, str]:
     env["EMBEDDING_PIPELINE_HOME"] = str(settings.paths.root)
     env["EMBEDDING_PIPELINE_CACHE"] = str(settings.paths.cache)
     env["DAGSTER_HOME"] = str(settings.paths.dagster_home)
-    if env.get(CONFIG_ENV):
-        env[CONFIG_ENV] = str(Path(env[CONFIG_ENV]).resolve())
-    elif Path("embedding_pipeline.yaml").is_file():
-        env[CONFIG_ENV] = str(Path("embedding_pipeline.yaml").resolve())
+    config = config_path(env)
+    if config is not None:
+        # Absolute, so processes started in another directory read the same file.
+        env[CONFIG_ENV] = str(config.resolve())
     return env
 
 

@@ -194,12 +194,18 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def config_path(environ: dict[str, str] | None = None) -> Path | None:
+    """The YAML file in effect: ``$EMBEDDING_PIPELINE_CONFIG``, else ``./embedding_pipeline.yaml`` if present."""
+    environ = os.environ if environ is None else environ
+    if environ.get(CONFIG_ENV):
+        return Path(environ[CONFIG_ENV])
+    return Path(DEFAULT_CONFIG_FILE) if Path(DEFAULT_CONFIG_FILE).is_file() else None
+
+
 def load_settings(config_file: str | Path | None = None, environ: dict[str, str] | None = None) -> Settings:
     """Read the settings; raises :class:`ConfigError` naming the bad key on invalid input."""
     environ = dict(os.environ if environ is None else environ)
-    path = config_file or environ.get(CONFIG_ENV)
-    if path is None and Path(DEFAULT_CONFIG_FILE).is_file():
-        path = DEFAULT_CONFIG_FILE
+    path = config_file or config_path(environ)
     data: dict[str, Any] = {}
     if path is not None:
         try:
