@@ -7,17 +7,19 @@ children: Triton its python-backend stubs, Dagster its code servers).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 
 class ServiceError(RuntimeError):
@@ -54,6 +56,24 @@ def _start_ticks(pid: int) -> int | None:
 _children: dict[int, subprocess.Popen] = {}
 
 
+@contextlib.contextmanager
+def _default_stop_signals() -> Iterator[None]:
+    """Children inherit ignored signals: a parent started from a non-interactive shell may ignore SIGINT, and
+    servers that copy that disposition never stop (seen with Dagster). Un-ignore them around the spawn."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(sig) == signal.SIG_IGN:
+            saved[sig] = signal.signal(sig, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
 def _pid_file(run_dir: Path, name: str) -> Path:
     return run_dir / f"{name}.json"
 
@@ -88,13 +108,10 @@ def start(
     log_dir.mkdir(parents=True, exist_ok=True)
     log = log_dir / f"{name}.log"
 
-    def child_setup() -> None:
-        # A parent started from a non-interactive shell may ignore SIGINT/SIGTERM; servers that copy those
-        # dispositions would then never stop (seen with Dagster). Restore the defaults in the child.
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-    with open(log, "ab") as out:
+    # No preexec_fn: running Python between fork and exec is unsafe in a process with gRPC threads (a
+    # Milvus client's): a webserver spawned that way died with a gRPC epoll error before serving. Signal
+    # dispositions are fixed up in the parent instead.
+    with open(log, "ab") as out, _default_stop_signals():
         out.write(f"\n--- {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {' '.join(argv)}\n".encode())
         out.flush()
         popen = subprocess.Popen(
@@ -105,7 +122,6 @@ def start(
             env=dict(env) if env is not None else None,
             cwd=str(cwd) if cwd else None,
             start_new_session=True,
-            preexec_fn=child_setup,
         )
     ticks = _start_ticks(popen.pid)
     if ticks is None:

@@ -46,9 +46,15 @@ def test_up_ingests_sample_and_new_drops_then_down_stops_everything(tmp_path):
     up = subprocess.Popen([CLI, "up"], env=env, stdout=up_log, stderr=subprocess.STDOUT, cwd=tmp_path)
     settings = load_settings(home / "embedding_pipeline.yaml", environ=env)
     try:
-        processes.wait_until(
-            lambda: processes.http_ok(services.webserver_url(settings) + "/server_info"), 300, "Dagster UI"
-        )
+        def ui_ready() -> bool:
+            if up.poll() is not None:
+                raise AssertionError(f"`up` exited early:\n{(tmp_path / 'up.log').read_text()}")
+            return processes.http_ok(services.webserver_url(settings) + "/server_info")
+
+        deadline = time.monotonic() + 300
+        while not ui_ready():
+            assert time.monotonic() < deadline, "Dagster UI not ready after 300 s"
+            time.sleep(0.5)
         instance = DagsterInstance.from_ref(InstanceRef.from_dir(str(settings.paths.dagster_home)))
         run = wait_for_run(instance, "sample-photos")
         assert run.status == DagsterRunStatus.SUCCESS
