@@ -7,21 +7,21 @@ under ``<home>/data`` and returns a summary whose values become the asset's mate
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 import pyarrow as pa
 
-from embedding_pipeline.preprocess.preprocessor import Preprocessor
-from embedding_pipeline.preprocess.spec import TensorSpec
+from embedding_pipeline.preprocess.preprocessor import SourceError, for_model
 from embedding_pipeline.settings import Settings
 from embedding_pipeline.sources.drops import find_drop
-from embedding_pipeline.sources.items import OK, Item, collect_items
+from embedding_pipeline.sources.items import FAILED, OK, Item, collect_items
 from embedding_pipeline.storage import arrow
 
 EXAMPLES = 5
@@ -61,11 +61,11 @@ def drop_files(settings: Settings, drop: str) -> DropFiles:
     return DropFiles(settings.paths.data, drop)
 
 
-def _failure_summary(errors: list[tuple[str, str]]) -> dict[str, Any]:
-    kinds = Counter(msg.split(":")[0] for _, msg in errors)
+def _failure_summary(failures: list[dict[str, str]]) -> dict[str, Any]:
+    kinds = Counter(f["error_kind"] or "error" for f in failures)
     return {
-        "failures_by_kind": dict(kinds),
-        "failure_examples": [{"id": i, "error": e} for i, e in errors[:EXAMPLES]],
+        "failures_by_kind": dict(sorted(kinds.items())),
+        "failure_examples": failures[:EXAMPLES],
     }
 
 
@@ -79,6 +79,7 @@ MANIFEST_SCHEMA = pa.schema(
         ("source", pa.string()),
         ("status", pa.string()),
         ("error", pa.string()),
+        ("error_kind", pa.string()),
     ]
 )
 
@@ -89,7 +90,7 @@ def build_manifest(settings: Settings, drop_name: str) -> dict[str, Any]:
     drop = find_drop(settings.drops, drop_name)
     files = drop_files(settings, drop_name)
     items = collect_items(drop, settings.sources, files.blobs)
-    columns = {name: [] for name in MANIFEST_SCHEMA.names}
+    columns: dict[str, list] = {name: [] for name in MANIFEST_SCHEMA.names}
     for item in items:
         row = item.as_row()
         row["metadata"] = json.dumps(item.metadata, sort_keys=True, default=str)
@@ -100,12 +101,16 @@ def build_manifest(settings: Settings, drop_name: str) -> dict[str, Any]:
     return {
         "items": len(items),
         "ok": status.get(OK, 0),
-        "failed": status.get("failed", 0),
+        "failed": status.get(FAILED, 0),
         "skipped": status.get("skipped", 0),
         "bytes": sum(i.size for i in items if i.status == OK),
         "seconds": round(time.perf_counter() - started, 3),
-        **_failure_summary([(i.id, i.error) for i in items if i.status == "failed"]),
+        **_failure_summary([_failure(i.id, i.error_kind, i.error, i.uri) for i in items if i.status == FAILED]),
     }
+
+
+def _failure(item_id: str, kind: str, error: str, uri: str = "") -> dict[str, str]:
+    return {"id": item_id, "error_kind": kind, "error": error, "uri": uri}
 
 
 def read_manifest(settings: Settings, drop_name: str) -> list[Item]:
@@ -117,71 +122,96 @@ def read_manifest(settings: Settings, drop_name: str) -> list[Item]:
     return items
 
 
-def preprocess_drop(settings: Settings, drop_name: str, spec: TensorSpec) -> dict[str, Any]:
-    """Decode the drop's good items and turn them into the model's input, one Arrow file per batch."""
+def _embedded_before(folder: Path, model: str) -> dict[str, str]:
+    """id -> sha256 of the rows the drop's current embeddings hold for ``model`` (read column-wise, cheaply)."""
+    done: dict[str, str] = {}
+    for table in arrow.read_batches(folder, columns=["id", "sha256", "model"]):
+        for item_id, sha, row_model in zip(*(table.column(c).to_pylist() for c in ("id", "sha256", "model"))):
+            if row_model == model:
+                done[item_id] = sha
+    return done
+
+
+def _reader(item: Item) -> Callable[[], bytes]:
+    """Reads an item's bytes on a decode thread and refuses bytes that no longer match its recorded hash."""
+
+    def read() -> bytes:
+        try:
+            data = Path(item.source).read_bytes()
+        except OSError as exc:
+            raise SourceError("source_changed", f"source vanished since the manifest was built: {exc.strerror}")
+        if hashlib.sha256(data).hexdigest() != item.sha256:
+            # The recorded sha256 is the row's lineage: never embed other bytes under it.
+            raise SourceError("source_changed", "source changed since the manifest was built (re-run the drop)")
+        return data
+
+    return read
+
+
+def preprocess_drop(
+    settings: Settings, drop_name: str, model_input: tuple[str, Sequence[int]], model: str = ""
+) -> dict[str, Any]:
+    """Decode the drop's good items into exactly the model's input, one Arrow file per batch.
+
+    ``model_input`` is the model's (datatype, shape) from Triton. Items whose id and sha256 already have an
+    embedding from ``model`` in the drop's current embeddings are not recomputed: they are listed in
+    ``reused.json`` and carried over by :func:`embed_drop`.
+    """
     started = time.perf_counter()
     files = drop_files(settings, drop_name)
-    items = [i for i in read_manifest(settings, drop_name) if i.status == OK]
-    size = settings.preprocess.batch_size
-    prep = Preprocessor(spec, settings.preprocess.resize_size, size, settings.paths.jax_cache)
-    schema = arrow.tensor_schema(spec.shape, spec.dtype, {"drop": drop_name, "layout": _layout(spec)})
-    errors: list[tuple[str, str]] = []
+    prep = for_model(settings, model_input[0], model_input[1])
+    spec = prep.spec
+    previous = _embedded_before(files.embeddings, model) if model else {}
+    items, reused = [], []
+    for item in read_manifest(settings, drop_name):
+        if item.status != OK:
+            continue
+        (reused if previous.get(item.id) == item.sha256 else items).append(item)
+    schema = arrow.tensor_schema(spec.shape, spec.dtype, {"drop": drop_name, "layout": spec.layout})
+    failures: list[dict[str, str]] = []
     written = 0
-    kernel_s = 0.0
+    chunks = [items[i : i + prep.batch_size] for i in range(0, len(items), prep.batch_size)]
     with arrow.DropWriter(files.preprocessed) as writer:
-        for start in range(0, len(items), size):
-            chunk = items[start : start + size]
-            blobs, vanished = [], {}
-            for item in chunk:
-                try:
-                    data = Path(item.source).read_bytes()
-                except OSError as exc:
-                    data = b""
-                    vanished[item.id] = f"source vanished since the manifest was built: {exc.strerror}"
-                if data and hashlib.sha256(data).hexdigest() != item.sha256:
-                    # The recorded sha256 is the row's lineage: never embed other bytes under it.
-                    data = b""
-                    vanished[item.id] = "source changed since the manifest was built (re-run the drop)"
-                blobs.append(data)
-            t0 = time.perf_counter()
-            prepared = prep.prepare(blobs)
-            kernel_s += time.perf_counter() - t0
+        batches = prep.stream([_reader(item) for item in chunk] for chunk in chunks)
+        for chunk, prepared in zip(chunks, batches):
             for item, err in zip(chunk, prepared.errors):
                 if err is not None:
-                    errors.append((item.id, vanished.get(item.id, err)))
+                    failures.append(_failure(item.id, err.kind, err.message, item.uri))
             good = [chunk[i] for i in prepared.ok_positions]
             if good:
                 rows = {"id": [i.id for i in good], "drop": [drop_name] * len(good),
                         "sha256": [i.sha256 for i in good], "uri": [i.uri for i in good]}
                 writer.write(arrow.tensor_table(rows, prepared.tensors, schema))
                 written += len(good)
+        writer.add_json("failures.json", failures)
+        writer.add_json("reused.json", [i.id for i in reused])
         writer.commit()
-    (files.preprocessed / "failures.json").write_text(json.dumps([{"id": i, "error": e} for i, e in errors]))
     elapsed = time.perf_counter() - started
     return {
         "images": written,
-        "failed": len(errors),
+        "reused": len(reused),
+        "failed": len(failures),
         "batches": len(writer.files),
         "bytes": writer.bytes,
-        "tensor": f"{_layout(spec)} {spec.dtype} {list(spec.shape)}",
+        "tensor": spec.describe(),
         "seconds": round(elapsed, 3),
         "images_per_s": round(written / elapsed, 1) if elapsed else 0.0,
-        "decode_and_kernel_seconds": round(kernel_s, 3),
-        **_failure_summary(errors),
+        **_failure_summary(failures),
     }
 
 
-def _layout(spec: TensorSpec) -> str:
-    return "CHW" if spec.channels_first else "HWC"
-
-
 def embed_drop(settings: Settings, drop_name: str, embedder: Embedder) -> dict[str, Any]:
-    """Send every tensor batch through the model and store the vectors with their lineage and model version."""
+    """Send every tensor batch through the model and store the vectors with their lineage and model version.
+
+    Vectors of items the preprocess stage marked as reused are copied from the drop's previous embeddings
+    (same id, sha256 and model), with the item's current metadata.
+    """
     started = time.perf_counter()
     files = drop_files(settings, drop_name)
     metadata = {i.id: json.dumps(i.metadata, sort_keys=True, default=str) for i in read_manifest(settings, drop_name)}
     model = embedder.model_version_label()
-    count, dim, infer_s = 0, None, 0.0
+    reused = set(arrow.read_json(files.preprocessed, "reused.json", []))
+    count, carried, dim, infer_s = 0, 0, None, 0.0
     with arrow.DropWriter(files.embeddings) as writer:
         for table in arrow.read_batches(files.preprocessed):
             t0 = time.perf_counter()
@@ -193,49 +223,106 @@ def embed_drop(settings: Settings, drop_name: str, embedder: Embedder) -> dict[s
             rows["metadata"] = [metadata.get(i, "{}") for i in rows["id"]]
             writer.write(arrow.embedding_table(rows, vectors, arrow.embedding_schema(dim, {"model": model})))
             count += table.num_rows
+        if reused:
+            # The old folder is still in place: the writer swaps it out only at commit.
+            for table in arrow.read_batches(files.embeddings):
+                keep = [k for k, i in enumerate(table.column("id").to_pylist()) if i in reused]
+                if not keep:
+                    continue
+                old = table.take(keep)
+                if dim is not None and old.schema.field("embedding").type.list_size != dim:
+                    raise RuntimeError(f"model {model} now returns {dim}-d vectors but kept ones are not; re-run")
+                dim = old.schema.field("embedding").type.list_size
+                rows = old.select(["id", "drop", "sha256", "uri", "model"]).to_pydict()
+                rows["metadata"] = [metadata.get(i, "{}") for i in rows["id"]]
+                writer.write(arrow.embedding_table(rows, arrow.vectors_of(old), arrow.embedding_schema(dim, {"model": model})))
+                carried += old.num_rows
+            if carried != len(reused):
+                raise RuntimeError(
+                    f"{len(reused) - carried} embedding(s) to keep were not found (the drop's embeddings changed "
+                    "during this run); re-run the drop"
+                )
         writer.commit()
     elapsed = time.perf_counter() - started
     return {
-        "embeddings": count,
+        "embeddings": count + carried,
+        "computed": count,
+        "reused": carried,
         "dimension": dim or 0,
         "model": model,
         "bytes": writer.bytes,
         "seconds": round(elapsed, 3),
         "inference_seconds": round(infer_s, 3),
-        "images_per_s": round(count / elapsed, 1) if elapsed else 0.0,
+        "images_per_s": round(count / infer_s, 1) if infer_s else 0.0,
     }
 
 
 def index_drop(settings: Settings, drop_name: str, index) -> dict[str, Any]:
-    """Upsert the drop's vectors by id and remove rows of this drop that are no longer in it."""
+    """Upsert the drop's new or changed rows by id and remove rows of this drop that are no longer in it.
+
+    Rows already in Milvus with the same sha256, model, URI and metadata are left alone, so re-running a drop
+    writes nothing.
+    """
     started = time.perf_counter()
     files = drop_files(settings, drop_name)
+    tables = arrow.read_batches(files.embeddings)
+    first = next(tables, None)
+    present = first is not None or index.exists()
+    if first is not None:
+        index.ensure_collection(first.schema.field("embedding").type.list_size)
+    stored = index.drop_rows(drop_name) if present else {}
     ids: set[str] = set()
-    upserted = 0
-    ensured = False
-    for table in arrow.read_batches(files.embeddings):
+    upserted = unchanged = 0
+    for table in itertools.chain([first] if first is not None else [], tables):
         vectors = arrow.vectors_of(table)
-        if not ensured:
-            index.ensure_collection(int(vectors.shape[1]))
-            ensured = True
-        cols = table.select(["id", "drop", "sha256", "uri", "model", "metadata"]).to_pydict()
-        rows = [
-            {"id": cols["id"][k], "embedding": vectors[k], "uri": cols["uri"][k], "sha256": cols["sha256"][k],
-             "drop": drop_name, "model": cols["model"][k], "metadata": json.loads(cols["metadata"][k])}
-            for k in range(table.num_rows)
-        ]
-        upserted += index.upsert(rows)
-        ids.update(cols["id"])
-    # A drop with no good image still removes its old rows, if the collection exists at all.
-    present = ensured or index.exists()
-    stale = index.delete_ids(index.drop_ids(drop_name) - ids) if present else 0
+        cols = table.select(["id", "sha256", "uri", "model", "metadata"]).to_pydict()
+        rows = []
+        for k, item_id in enumerate(cols["id"]):
+            ids.add(item_id)
+            row = {"id": item_id, "sha256": cols["sha256"][k], "uri": cols["uri"][k], "drop": drop_name,
+                   "model": cols["model"][k], "metadata": json.loads(cols["metadata"][k])}
+            if stored.get(item_id) == fingerprint(row):
+                unchanged += 1
+                continue
+            rows.append({**row, "embedding": vectors[k]})
+        upserted += index.upsert(rows) if rows else 0
+    stale = index.delete_ids(set(stored) - ids) if present else 0
     elapsed = time.perf_counter() - started
     return {
         "upserted": upserted,
+        "unchanged": unchanged,
         "removed_stale": stale,
         "drop_rows": index.count_drop(drop_name) if present else 0,
         "collection": index.collection,
         "collection_rows": index.count() if present else 0,
         "seconds": round(elapsed, 3),
-        "vectors_per_s": round(upserted / elapsed, 1) if elapsed else 0.0,
+        "vectors_per_s": round(upserted / elapsed, 1) if elapsed and upserted else 0.0,
     }
+
+
+def fingerprint(row: dict[str, Any]) -> tuple:
+    """What makes a stored row current (the vector follows from sha256 + model)."""
+    return (row["sha256"], row["model"], row["uri"], json.dumps(row["metadata"], sort_keys=True, default=str))
+
+
+def item_report(settings: Settings, drop_name: str) -> list[dict[str, Any]]:
+    """Every item of the drop with its final status, error kind and error, across all stages run so far.
+
+    ``stage`` says where an item stopped: ``manifest`` or ``preprocess`` for failures, ``embedded`` for good
+    items (``reused`` when an earlier run's vector was kept).
+    """
+    files = drop_files(settings, drop_name)
+    later = {f["id"]: f for f in arrow.read_json(files.preprocessed, "failures.json", [])}
+    reused = set(arrow.read_json(files.preprocessed, "reused.json", []))
+    report = []
+    for item in read_manifest(settings, drop_name):
+        row = {"id": item.id, "uri": item.uri, "status": item.status, "error_kind": item.error_kind,
+               "error": item.error, "stage": "manifest", "sha256": item.sha256}
+        if item.status == OK:
+            failure = later.get(item.id)
+            if failure is not None:
+                row.update(status=FAILED, error_kind=failure["error_kind"], error=failure["error"], stage="preprocess")
+            else:
+                row["stage"] = "reused" if item.id in reused else "embedded"
+        report.append(row)
+    return report

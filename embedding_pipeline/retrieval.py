@@ -9,45 +9,14 @@ Usable without Dagster::
 
 from __future__ import annotations
 
-import io
-from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 
 from embedding_pipeline.index.client import Hit, ImageIndex
-from embedding_pipeline.preprocess.preprocessor import Preprocessor
-from embedding_pipeline.preprocess.spec import TensorSpec
+from embedding_pipeline.preprocess.preprocessor import Preprocessor, for_model
 from embedding_pipeline.settings import Settings, load_settings
-from embedding_pipeline.sources.fetch import FetchError, UrlFetcher
-from embedding_pipeline.sources.manifest import is_url
-
-ImageInput = Union[str, Path, bytes, np.ndarray, Any]  # Any: a PIL image
-
-
-def image_bytes(image: ImageInput, settings: Settings) -> bytes:
-    """Encoded bytes of a query image given as a path, URL, bytes, HxWx3 uint8 array or PIL image."""
-    if isinstance(image, bytes):
-        return image
-    if isinstance(image, (str, Path)):
-        text = str(image)
-        if is_url(text):
-            fetcher = UrlFetcher(settings.sources)
-            try:
-                return fetcher.get(text)
-            finally:
-                fetcher.close()
-        try:
-            return Path(text).read_bytes()
-        except OSError as exc:
-            raise FetchError(f"cannot read query image {text}: {exc.strerror}") from None
-    from PIL import Image
-
-    pil = Image.fromarray(np.asarray(image, dtype=np.uint8)) if isinstance(image, np.ndarray) else image
-    buf = io.BytesIO()
-    pil.save(buf, format="PNG")
-    return buf.getvalue()
-
+from embedding_pipeline.sources.inputs import ImageInput, read_image_input
 
 class ImageSearcher:
     """Holds a Triton client, a compiled preprocessor and a Milvus client; reuse it for many queries."""
@@ -72,14 +41,11 @@ class ImageSearcher:
     def preprocessor(self) -> Preprocessor:
         if self._preprocessor is None:
             model_input = self.embedder.input_spec()
-            spec = TensorSpec.from_model_input(model_input.datatype, tuple(model_input.shape))
-            self._preprocessor = Preprocessor(
-                spec, self.settings.preprocess.resize_size, batch_size=1, cache_dir=self.settings.paths.jax_cache
-            )
+            self._preprocessor = for_model(self.settings, model_input.datatype, model_input.shape, batch_size=1)
         return self._preprocessor
 
     def embed(self, image: ImageInput) -> np.ndarray:
-        prepared = self.preprocessor.prepare([image_bytes(image, self.settings)])
+        prepared = self.preprocessor.prepare([read_image_input(image, self.settings.sources)])
         if prepared.errors[0] is not None:
             raise ValueError(f"query image: {prepared.errors[0]}")
         return self.embedder.embed(prepared.tensors)[0]

@@ -14,7 +14,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from embedding_pipeline.state import StatePaths, state_home
 
@@ -87,24 +87,107 @@ class SourceSettings(_Section):
     )
     max_image_bytes: int = Field(50 * 1024 * 1024, ge=1024, description="Larger files and downloads are refused.")
     fetch_timeout_s: float = Field(20.0, gt=0, description="Connect/read timeout for URL downloads.")
-    fetch_retries: int = Field(3, ge=0, description="Retries on connection errors, 429 and 5xx.")
+    fetch_deadline_s: float = Field(
+        300.0, gt=0, description="Wall-clock limit for one download, body included (a trickling server)."
+    )
+    fetch_retries: int = Field(3, ge=0, description="Retries on connection errors, read timeouts, 429 and 5xx.")
     fetch_workers: int = Field(4, ge=1, le=64, description="Downloads in flight.")
     allow_private_urls: bool = Field(
-        False, description="Allow URLs that resolve to loopback/private/link-local addresses (intranet sources)."
+        False,
+        description="Allow URLs to any address, including loopback/private/link-local ones (trusted intranets only).",
     )
+    private_allowlist: list[str] = Field(
+        default_factory=list,
+        description="Non-public addresses URLs may reach anyway: IPs or CIDR networks, each optionally with a port "
+        "('127.0.0.1:8080', '[::1]:8080', '10.0.0.0/8').",
+    )
+    fetch_proxy: str = Field(
+        "",
+        description="HTTP(S) proxy for URL downloads (environment proxy variables are ignored). With a proxy, the "
+        "address policy is applied to the target host's own DNS answer before each request.",
+    )
+
+    @field_validator("private_allowlist")
+    @classmethod
+    def _valid_allowlist(cls, entries: list[str]) -> list[str]:
+        from embedding_pipeline.sources.addresses import parse_entry
+
+        for entry in entries:
+            parse_entry(entry)  # raises ValueError naming the entry
+        return [e.strip() for e in entries]
+
+    @field_validator("fetch_proxy")
+    @classmethod
+    def _valid_proxy(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if value and (parts.scheme not in ("http", "https") or not parts.hostname):
+            raise ValueError(f"fetch_proxy must be an http:// or https:// URL with a host, not {value!r}")
+        return value
 
 
 class PreprocessSettings(_Section):
-    image_size: int = Field(224, ge=8, le=4096, description="Side of the square model input, pixels.")
-    resize_size: int = Field(256, ge=8, description="Short side before the centre crop, pixels.")
+    image_size: int | tuple[int, int] | None = Field(
+        None,
+        description="Model input size, pixels (one side, or [height, width]). Default: the model's own input shape; "
+        "only needed for models with dynamic spatial dimensions, and must agree with fixed ones.",
+    )
+    resize_size: int | None = Field(
+        None, ge=8, description="Short side before the centre crop, pixels (crop policy); default image_size × 256/224."
+    )
+    resize_policy: Literal["crop", "pad"] = Field(
+        "crop", description="crop: short side to resize_size, centre crop. pad: whole image, letterboxed."
+    )
+    mean: tuple[float, float, float] = Field(
+        (0.485, 0.456, 0.406), description="Per-channel mean on the 0-1 scale (float model inputs only)."
+    )
+    std: tuple[float, float, float] = Field(
+        (0.229, 0.224, 0.225), description="Per-channel std on the 0-1 scale (float model inputs only)."
+    )
+    pad_color: tuple[int, int, int] = Field((124, 116, 104), description="Fill for the pad policy (RGB 0-255).")
+    background: tuple[int, int, int] = Field(
+        (255, 255, 255), description="Transparent pixels are composited on this colour (RGB 0-255)."
+    )
+    max_pixels: int = Field(64_000_000, ge=1, description="Images with more pixels are refused (bomb guard).")
+    allow_truncated: bool = Field(False, description="Decode truncated files (padded) instead of failing them.")
     batch_size: int = Field(32, ge=1, le=1024, description="Images per tensor batch (fixed: JAX compiles once).")
+    decode_workers: int = Field(2, ge=1, le=64, description="Threads decoding images while the kernel runs.")
 
-    @field_validator("resize_size")
+    @field_validator("image_size")
     @classmethod
-    def _not_smaller_than_crop(cls, value: int, info: Any) -> int:
-        if value < info.data.get("image_size", 0):
-            raise ValueError("resize_size must be >= image_size")
+    def _positive_size(cls, value: Any) -> Any:
+        sides = (value,) if isinstance(value, int) else value or ()
+        if any(not 8 <= side <= 4096 for side in sides):
+            raise ValueError("image_size sides must be between 8 and 4096")
         return value
+
+    @field_validator("std")
+    @classmethod
+    def _positive_std(cls, value: tuple[float, float, float]) -> tuple[float, float, float]:
+        if any(v <= 0 for v in value):
+            raise ValueError("std values must be > 0")
+        return value
+
+    @field_validator("pad_color", "background")
+    @classmethod
+    def _rgb(cls, value: tuple[int, int, int]) -> tuple[int, int, int]:
+        if any(not 0 <= v <= 255 for v in value):
+            raise ValueError("colour components must be 0-255")
+        return value
+
+    @property
+    def size(self) -> tuple[int, int] | None:
+        """(height, width) if configured."""
+        if self.image_size is None:
+            return None
+        if isinstance(self.image_size, int):
+            return (self.image_size, self.image_size)
+        return tuple(self.image_size)  # type: ignore[return-value]
+
+    @model_validator(mode="after")
+    def _resize_not_smaller_than_crop(self) -> "PreprocessSettings":
+        if self.size is not None and self.resize_size is not None and self.resize_size < min(self.size):
+            raise ValueError("resize_size must be >= the short side of image_size")
+        return self
 
 
 class DagsterSettings(_Section):
@@ -153,6 +236,7 @@ ENV_VARS: dict[str, tuple[str | None, str]] = {
     "MILVUS_METRIC_TYPE": ("milvus", "metric_type"),
     "PREPROCESS_IMAGE_SIZE": ("preprocess", "image_size"),
     "PREPROCESS_BATCH_SIZE": ("preprocess", "batch_size"),
+    "PREPROCESS_RESIZE_POLICY": ("preprocess", "resize_policy"),
     "DAGSTER_WEBSERVER_PORT": ("dagster", "webserver_port"),
 }
 

@@ -23,3 +23,27 @@ def altered_copies(array: np.ndarray) -> dict[str, bytes]:
         "crop": encode(np.ascontiguousarray(crop), "JPEG", quality=90),
         "jpeg30": encode(array, "JPEG", quality=30),
     }
+
+
+# EXIF orientation -> the transform that *undoes* it; a file stores transform⁻¹(photo) plus the tag, so
+# applying the tag shows the upright photo.
+_STORE = {
+    1: lambda a: a,
+    2: lambda a: a[:, ::-1],
+    3: lambda a: a[::-1, ::-1],
+    4: lambda a: a[::-1],
+    5: lambda a: np.transpose(a, (1, 0, 2)),
+    6: lambda a: np.rot90(a, 1),
+    7: lambda a: np.transpose(a[::-1, ::-1], (1, 0, 2)),
+    8: lambda a: np.rot90(a, -1),
+}
+
+
+def oriented(array: np.ndarray, orientation: int, fmt: str = "JPEG", **kwargs) -> bytes:
+    """``array`` stored as a camera would with EXIF ``orientation`` (1–8): upright once the tag is applied."""
+    img = Image.fromarray(np.ascontiguousarray(_STORE[orientation](array)))
+    exif = img.getexif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, exif=exif, **kwargs)
+    return buf.getvalue()

@@ -8,7 +8,6 @@ from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, ass
 from embedding_pipeline import ingest
 from embedding_pipeline.defs.partitions import drops_partitions
 from embedding_pipeline.defs.resources import MilvusResource, TritonResource
-from embedding_pipeline.preprocess.spec import TensorSpec
 from embedding_pipeline.settings import load_settings
 
 GROUP = "image_ingest"
@@ -48,11 +47,18 @@ def raw_image_manifest(context: AssetExecutionContext) -> MaterializeResult:
 )
 def preprocessed_batches(context: AssetExecutionContext, triton: TritonResource) -> MaterializeResult:
     """The drop's images decoded with Pillow and resized / centre-cropped by a JAX `jit`+`vmap` kernel into
-    exactly the model's input (read from Triton's model metadata), stored as Arrow IPC files, one per batch."""
+    exactly the model's input (read from Triton's model metadata), stored as Arrow IPC files, one per batch.
+
+    Images that fail to decode (truncated, too many pixels, corrupt) are recorded per item; images already
+    embedded by the same model with the same sha256 are not recomputed."""
     with triton.embedder() as embedder:
         model_input = embedder.input_spec()
-    spec = TensorSpec.from_model_input(model_input.datatype, tuple(model_input.shape))
-    summary = ingest.preprocess_drop(load_settings(), context.partition_key, spec)
+        model = embedder.model_version_label()
+    summary = ingest.preprocess_drop(
+        load_settings(), context.partition_key, (model_input.datatype, tuple(model_input.shape)), model
+    )
+    if summary["failed"]:
+        context.log.warning(f"{summary['failed']} image(s) could not be decoded: {summary['failure_examples']}")
     return MaterializeResult(metadata=_metadata(summary))
 
 

@@ -149,9 +149,28 @@ class ImageIndex:
             done += int(result["upsert_count"])
         return done
 
+    def _iterate(self, filter: str, fields: list[str]) -> Iterable[dict[str, Any]]:
+        """All rows matching ``filter``, page by page (a plain query is capped at 16,384 rows)."""
+        iterator = self.client.query_iterator(self.collection, batch_size=1000, filter=filter, output_fields=fields)
+        try:
+            while True:
+                page = iterator.next()
+                if not page:
+                    return
+                yield from page
+        finally:
+            iterator.close()
+
     def drop_ids(self, drop: str) -> set[str]:
-        rows = self.client.query(self.collection, filter=f"drop == {quote(drop)}", output_fields=["id"])
-        return {r["id"] for r in rows}
+        return {r["id"] for r in self._iterate(f"drop == {quote(drop)}", ["id"])}
+
+    def drop_rows(self, drop: str) -> dict[str, tuple]:
+        """id -> (sha256, model, uri, canonical metadata JSON) of the drop's stored rows."""
+        rows = self._iterate(f"drop == {quote(drop)}", ["id", "sha256", "model", "uri", "metadata"])
+        return {
+            r["id"]: (r["sha256"], r["model"], r["uri"], json.dumps(r.get("metadata") or {}, sort_keys=True, default=str))
+            for r in rows
+        }
 
     def delete_ids(self, ids: Iterable[str]) -> int:
         ids = list(ids)

@@ -1,16 +1,44 @@
-"""Images in, model-ready tensors out: Pillow decode on the host, then one compiled JAX kernel per batch."""
+"""Images in, model-ready tensors out: Pillow decode on host threads, then one compiled JAX kernel per batch.
+
+Decoding releases the GIL, so a small thread pool decodes batch *n + 1* while the kernel (which uses every core
+through XLA) runs batch *n*.
+"""
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence, Union
 
 import numpy as np
 
 from embedding_pipeline.preprocess import kernels
-from embedding_pipeline.preprocess.decode import DecodeError, Geometry, decode
+from embedding_pipeline.preprocess.decode import DecodeError, DecodeOptions, Geometry, decode
 from embedding_pipeline.preprocess.spec import TensorSpec
+
+if TYPE_CHECKING:
+    from embedding_pipeline.settings import Settings
+
+# An input is encoded bytes, or a callable producing them (so reading a file happens on a decode thread too).
+Source = Union[bytes, Callable[[], bytes]]
+
+
+class SourceError(Exception):
+    """Raised by a source callable whose bytes cannot be read; recorded per item like a decode error."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass
+class Failure:
+    kind: str
+    message: str
+
+    def __str__(self) -> str:
+        return self.message
 
 
 @dataclass
@@ -18,18 +46,27 @@ class Prepared:
     """A batch's output: tensors for the images that decoded (in input order) and an error per input."""
 
     tensors: np.ndarray
-    errors: list[str | None]
+    errors: list[Failure | None]
 
     @property
     def ok_positions(self) -> list[int]:
         return [i for i, e in enumerate(self.errors) if e is None]
 
 
+@dataclass
+class _Decoded:
+    canvases: np.ndarray
+    boxes: np.ndarray
+    extents: np.ndarray
+    mask: np.ndarray
+    errors: list[Failure | None]
+
+
 class Preprocessor:
     """Turns encoded images into the model's input tensor, ``batch_size`` at a time.
 
-    The kernel always sees ``batch_size`` canvases of one size, so it compiles once per process whatever the mix
-    of input sizes; short batches are padded and masked.
+    The kernel always sees ``batch_size`` canvases of one shape, so it compiles once per process whatever the
+    mix of input sizes; short batches are padded and masked.
     """
 
     def __init__(
@@ -38,51 +75,122 @@ class Preprocessor:
         resize_size: int | None = None,
         batch_size: int = 32,
         cache_dir: Path | None = None,
+        policy: str = "crop",
+        pad_color: Sequence[int] = (124, 116, 104),
+        options: DecodeOptions = DecodeOptions(),
+        workers: int = 2,
     ):
         self.spec = spec
-        self.geometry = Geometry(spec.image_size, resize_size or round(spec.image_size * 256 / 224))
+        short = min(spec.height, spec.width)
+        self.geometry = Geometry(spec.height, spec.width, resize_size or round(short * 256 / 224), policy)
         self.batch_size = batch_size
-        self.canvas = kernels.canvas_size(spec.image_size)
+        self.canvas = kernels.canvas_shape(spec.height, spec.width)
+        self.pad_color = tuple(int(c) for c in pad_color)
+        self.options = options
+        self.workers = max(1, workers)
         if cache_dir is not None:
             kernels.enable_compilation_cache(cache_dir)
 
-    def prepare(self, images: Sequence[bytes]) -> Prepared:
-        if len(images) > self.batch_size:
-            raise ValueError(f"at most {self.batch_size} images per call, got {len(images)}")
-        canvases = np.zeros((self.batch_size, self.canvas, self.canvas, 3), dtype=np.uint8)
-        boxes = np.ones((self.batch_size, 4), dtype=np.float32)
-        mask = np.zeros((self.batch_size,), dtype=bool)
-        errors: list[str | None] = []
-        for i, data in enumerate(images):
-            try:
-                pixels, box = decode(data, self.geometry)
-            except DecodeError as exc:
-                errors.append(str(exc))
+    # -- decode (host) -------------------------------------------------------------------------------------
+
+    def _decode_one(self, source: Source, canvas: np.ndarray):
+        try:
+            data = source() if callable(source) else source
+            pixels, box = decode(data, self.geometry, self.options)
+        except DecodeError as exc:
+            return Failure(exc.kind, str(exc))
+        except SourceError as exc:
+            return Failure(exc.kind, str(exc))
+        return kernels.place_on_canvas(pixels, box, canvas)
+
+    def _decode(self, sources: Sequence[Source], pool: ThreadPoolExecutor | None) -> _Decoded:
+        if len(sources) > self.batch_size:
+            raise ValueError(f"at most {self.batch_size} images per batch, got {len(sources)}")
+        n = self.batch_size
+        canvases = np.zeros((n, *self.canvas, 3), dtype=np.uint8)
+        boxes = np.tile(np.array([0, 0, 1, 1], dtype=np.float32), (n, 1))
+        extents = np.ones((n, 2), dtype=np.int32)
+        mask = np.zeros((n,), dtype=bool)
+        jobs = [(s, canvases[i]) for i, s in enumerate(sources)]
+        results = pool.map(lambda job: self._decode_one(*job), jobs) if pool else [self._decode_one(*j) for j in jobs]
+        errors: list[Failure | None] = []
+        for i, result in enumerate(results):
+            if isinstance(result, Failure):
+                errors.append(result)
                 continue
-            canvases[i], boxes[i] = kernels.place_on_canvas(pixels, box, self.canvas)
+            boxes[i], extents[i] = result
             mask[i] = True
             errors.append(None)
-        if not mask.any():
-            return Prepared(np.zeros((0, *self.spec.shape), dtype=self.spec.dtype), errors)
-        out = kernels.run_batch(
-            canvases,
-            boxes,
-            mask,
-            self.spec.image_size,
-            self.spec.dtype,
-            self.spec.mean,
-            self.spec.std,
-            self.spec.channels_first,
-        )
-        return Prepared(out[mask], errors)
+        return _Decoded(canvases, boxes, extents, mask, errors)
 
-    def prepare_all(self, images: Sequence[bytes]) -> Prepared:
-        """Any number of images, in batches; errors line up with ``images``."""
+    # -- kernel (JAX) --------------------------------------------------------------------------------------
+
+    def _run(self, decoded: _Decoded) -> Prepared:
+        if not decoded.mask.any():
+            return Prepared(np.zeros((0, *self.spec.shape), dtype=self.spec.dtype), decoded.errors)
+        spec = self.spec
+        out = kernels.run_batch(
+            decoded.canvases,
+            decoded.boxes,
+            decoded.extents,
+            decoded.mask,
+            spec.height,
+            spec.width,
+            spec.dtype,
+            spec.mean,
+            spec.std,
+            spec.channels_first,
+            self.pad_color,
+        )
+        return Prepared(out[decoded.mask], decoded.errors)
+
+    # -- public --------------------------------------------------------------------------------------------
+
+    def prepare(self, sources: Sequence[Source]) -> Prepared:
+        """One batch (at most ``batch_size`` inputs); errors line up with ``sources``."""
+        if self.workers > 1 and len(sources) > 1:
+            with ThreadPoolExecutor(self.workers) as pool:
+                return self._run(self._decode(sources, pool))
+        return self._run(self._decode(sources, None))
+
+    def stream(self, batches: Iterable[Sequence[Source]]) -> Iterator[Prepared]:
+        """One :class:`Prepared` per input batch, decoding the next batch while the kernel runs this one."""
+        with ThreadPoolExecutor(self.workers) as pool, ThreadPoolExecutor(1) as ahead:
+            pending: Future | None = None
+            for sources in batches:
+                upcoming = ahead.submit(self._decode, list(sources), pool)
+                if pending is not None:
+                    yield self._run(pending.result())
+                pending = upcoming
+            if pending is not None:
+                yield self._run(pending.result())
+
+    def prepare_all(self, sources: Sequence[Source]) -> Prepared:
+        """Any number of inputs, in batches; errors line up with ``sources``. Holds every tensor: for large
+        inputs iterate :meth:`stream` instead."""
+        chunks = [sources[i : i + self.batch_size] for i in range(0, len(sources), self.batch_size)]
         tensors, errors = [], []
-        for start in range(0, len(images), self.batch_size):
-            part = self.prepare(images[start : start + self.batch_size])
+        for part in self.stream(chunks):
             tensors.append(part.tensors)
             errors.extend(part.errors)
         if not tensors:
             return Prepared(np.zeros((0, *self.spec.shape), dtype=self.spec.dtype), [])
         return Prepared(np.concatenate(tensors), errors)
+
+
+def for_model(
+    settings: "Settings", datatype: str, shape: Sequence[int], batch_size: int | None = None
+) -> Preprocessor:
+    """The preprocessor that produces exactly the model input Triton reports, tuned by the settings."""
+    p = settings.preprocess
+    spec = TensorSpec.from_model_input(datatype, tuple(shape), size=p.size, mean=p.mean, std=p.std)
+    return Preprocessor(
+        spec,
+        resize_size=p.resize_size,
+        batch_size=batch_size or p.batch_size,
+        cache_dir=settings.paths.jax_cache,
+        policy=p.resize_policy,
+        pad_color=p.pad_color,
+        options=DecodeOptions(max_pixels=p.max_pixels, background=p.background, allow_truncated=p.allow_truncated),
+        workers=p.decode_workers,
+    )

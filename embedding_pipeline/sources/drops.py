@@ -15,6 +15,7 @@ and renaming at the end is always safe.
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -45,11 +46,13 @@ def _newest_mtime(path: Path) -> float:
     if path.is_file():
         return path.stat().st_mtime
     newest = path.stat().st_mtime
-    for child in path.rglob("*"):
-        try:
-            newest = max(newest, child.stat().st_mtime)
-        except OSError:  # removed while we looked: the drop is still changing
-            return time.time()
+    # lstat and no descent into symlinked folders: a dangling link or a link loop must not stall the drop.
+    for dirpath, dirnames, filenames in os.walk(path, followlinks=False):
+        for name in dirnames + filenames:
+            try:
+                newest = max(newest, os.lstat(os.path.join(dirpath, name)).st_mtime)
+            except OSError:  # removed while we looked: the drop is still changing
+                return time.time()
     return newest
 
 

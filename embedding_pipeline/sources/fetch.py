@@ -1,96 +1,322 @@
 """Reading an item's bytes: local files confined to allowed roots, URLs fetched with limits.
 
-Both paths raise :class:`FetchError` with a short, specific message; callers record it per item.
+Both raise :class:`FetchError` with a ``kind`` (see the table in :mod:`embedding_pipeline.sources.items`) and a
+short, specific message for the per-item error column.
+
+URL downloads are guarded at three levels:
+
+* **addresses** — every TCP connection, including each redirect hop and each retry, resolves the host itself,
+  drops addresses the :class:`~embedding_pipeline.sources.addresses.AddressPolicy` refuses (loopback, private,
+  link-local, metadata services ... unless allow-listed) and connects to exactly one of the validated addresses,
+  so a DNS answer that changes between check and connect (rebinding) cannot redirect it. TLS still verifies the
+  certificate against the URL's host name. With ``sources.fetch_proxy`` set, connections go to the proxy (the
+  operator's choice, never checked), and the policy is applied to the target host's own DNS answer before each
+  request — the proxy resolves the name again, so there the guarantee is only as good as the two answers agreeing;
+* **time** — connect and read timeouts per socket operation, plus a wall-clock deadline per download; retries
+  with backoff on connection errors, read timeouts, 429 and 5xx, with a server's ``Retry-After`` capped;
+* **size** — a ``Content-Length`` over the limit is refused before the body is read, and a body is abandoned as
+  soon as it passes the limit.
+
+Redirects are followed here, not by ``requests``: it reads a redirect's whole body into memory before following it.
 """
 
 from __future__ import annotations
 
-import ipaddress
+import os
 import socket
+import stat
+import time
 from pathlib import Path
-from urllib.parse import urlsplit
+from typing import Any
+from urllib.parse import urljoin, urlsplit
+
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3 import exceptions as u3
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.util.retry import Retry
 
 from embedding_pipeline.settings import SourceSettings
+from embedding_pipeline.sources.addresses import AddressPolicy, AddressRefused
+
+MAX_REDIRECTS = 5
+# A server asking for a longer pause than this gets this long: one hostile header must not stall a run.
+RETRY_AFTER_CAP_S = 5
+_CHUNK = 64 * 1024
 
 
 class FetchError(Exception):
-    """An item's bytes could not be read; the message is meant for the per-item error column."""
+    """An item's bytes could not be read. ``str(exc)`` is the message for the per-item error column."""
+
+    def __init__(self, kind: str, message: str | None = None):
+        if message is None:  # the older one-argument form: a message with no specific kind
+            kind, message = "unreadable", kind
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+
+    def __reduce__(self) -> tuple[Any, ...]:  # keep both fields when sent between processes
+        return (type(self), (self.kind, self.message))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Local files
 
 
 def read_local(path: str | Path, roots: list[Path], max_bytes: int) -> bytes:
-    resolved = Path(path).resolve()  # follows symlinks, so a link out of the roots is caught below
-    if not any(resolved.is_relative_to(root.resolve()) for root in roots):
-        raise FetchError(f"path outside the allowed roots: {path}")
+    """The bytes of a regular file under one of ``roots`` (after following every symlink)."""
+    real = Path(os.path.realpath(path))  # follows symlinks, so a link out of the roots is caught below
+    if not any(real.is_relative_to(os.path.realpath(root)) for root in roots):
+        raise FetchError("outside_roots", f"path outside the allowed roots: {path}")
     try:
-        size = resolved.stat().st_size
-        if size > max_bytes:
-            raise FetchError(f"file too large: {size} bytes > {max_bytes}")
-        return resolved.read_bytes()
+        # Look before opening: opening a FIFO for reading blocks until a writer appears.
+        info = os.stat(real)
+        if not stat.S_ISREG(info.st_mode):
+            raise FetchError("not_a_file", f"not a regular file ({_file_type(info.st_mode)}): {path}")
+        if info.st_size > max_bytes:
+            raise FetchError("too_large", f"file too large: {info.st_size} bytes > {max_bytes}")
+        # O_NONBLOCK and the second check cover a file swapped for something else since the stat above.
+        fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise FetchError("not_a_file", f"not a regular file: {path}")
+            data = f.read(max_bytes + 1)
+        if len(data) > max_bytes:
+            raise FetchError("too_large", f"file too large: more than {max_bytes} bytes")
+        return data
     except FileNotFoundError:
-        raise FetchError(f"file not found: {path}") from None
-    except IsADirectoryError:
-        raise FetchError(f"is a directory: {path}") from None
+        raise FetchError("not_found", f"file not found: {path}") from None
+    except PermissionError:
+        raise FetchError("unreadable", f"permission denied: {path}") from None
     except OSError as exc:
-        raise FetchError(f"cannot read {path}: {exc.strerror}") from None
+        raise FetchError("unreadable", f"cannot read {path}: {exc.strerror or exc}") from None
 
 
-def _check_host(url: str, allow_private: bool) -> None:
-    host = urlsplit(url).hostname
-    if not host:
-        raise FetchError(f"URL has no host: {url}")
-    if allow_private:
-        return
-    try:
-        infos = socket.getaddrinfo(host, None)
-    except socket.gaierror as exc:
-        raise FetchError(f"cannot resolve {host}: {exc.strerror}") from None
-    for info in infos:
-        addr = ipaddress.ip_address(info[4][0])
-        if addr.is_loopback or addr.is_private or addr.is_link_local or addr.is_reserved or addr.is_multicast:
-            raise FetchError(f"refused: {host} resolves to a non-public address ({addr})")
+def _file_type(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISDIR, "directory"),
+        (stat.S_ISFIFO, "FIFO"),
+        (stat.S_ISCHR, "character device"),
+        (stat.S_ISBLK, "block device"),
+        (stat.S_ISSOCK, "socket"),
+    ):
+        if test(mode):
+            return name
+    return "special file"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Connections that enforce the address policy
+
+
+class _GuardedConnectionMixin:
+    """Resolve, check, then connect to the checked address itself (never a second, unchecked lookup)."""
+
+    policy: AddressPolicy
+    _dns_host: str
+    port: int
+    host: str
+
+    def _new_conn(self) -> socket.socket:
+        try:
+            addresses = self.policy.resolve(self._dns_host, self.port)
+        except socket.gaierror as exc:
+            raise u3.NameResolutionError(self.host, self, exc) from exc  # type: ignore[arg-type]
+        # The parent connects to ``_dns_host``; point it at the checked address for the duration of the call
+        # only, because ``host`` (derived from it) is the TLS server name and the Host header.
+        original = self._dns_host
+        error: Exception | None = None
+        for address in addresses:
+            self._dns_host = address
+            try:
+                return super()._new_conn()  # type: ignore[misc]
+            except u3.NewConnectionError as exc:  # refused/unreachable: try the next address, like the resolver
+                error = exc
+            finally:
+                self._dns_host = original
+        assert error is not None
+        raise error
+
+
+def _guarded_pool_classes(policy: AddressPolicy) -> dict[str, type]:
+    class GuardedHTTPConnection(_GuardedConnectionMixin, HTTPConnection):
+        pass
+
+    class GuardedHTTPSConnection(_GuardedConnectionMixin, HTTPSConnection):
+        pass
+
+    GuardedHTTPConnection.policy = GuardedHTTPSConnection.policy = policy
+
+    class GuardedHTTPConnectionPool(HTTPConnectionPool):
+        ConnectionCls = GuardedHTTPConnection
+
+    class GuardedHTTPSConnectionPool(HTTPSConnectionPool):
+        ConnectionCls = GuardedHTTPSConnection
+
+    return {"http": GuardedHTTPConnectionPool, "https": GuardedHTTPSConnectionPool}
+
+
+class _GuardedAdapter(HTTPAdapter):
+    def __init__(self, policy: AddressPolicy, **kwargs: Any):
+        self._policy = policy  # before super().__init__, which builds the pool manager
+        super().__init__(**kwargs)
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = _guarded_pool_classes(self._policy)
+
+
+class _Retry(Retry):
+    def increment(self, *args: Any, response: Any = None, **kwargs: Any) -> "_Retry":
+        # urllib3 drains a retried response's body to reuse the connection; a hostile error body can be endless,
+        # so drop the connection instead.
+        if response is not None:
+            response.close()
+        return super().increment(*args, response=response, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Downloads
 
 
 class UrlFetcher:
-    """A requests session with retries/backoff; one per thread (sessions are not thread-safe)."""
+    """A requests session with retries/backoff and the address policy; one per thread (sessions are not
+    thread-safe). Close it when done."""
 
     def __init__(self, settings: SourceSettings):
-        import requests
-        from requests.adapters import HTTPAdapter
-        from urllib3.util.retry import Retry
-
         self.settings = settings
-        retry = Retry(
+        self.policy = AddressPolicy.from_settings(settings.allow_private_urls, settings.private_allowlist)
+        retry = _Retry(
             total=settings.fetch_retries,
             backoff_factor=0.5,
+            backoff_max=RETRY_AFTER_CAP_S,
+            retry_after_max=RETRY_AFTER_CAP_S,
             status_forcelist=(429, 500, 502, 503, 504),
             allowed_methods=("GET",),
             raise_on_status=False,
+            redirect=False,
         )
         self.session = requests.Session()
-        self.session.max_redirects = 5
-        adapter = HTTPAdapter(max_retries=retry)
+        # Environment proxies and .netrc credentials would route around the address policy.
+        self.session.trust_env = False
+        self.session.headers["Accept-Encoding"] = "identity"  # images are compressed already; no decompression
+        if settings.fetch_proxy:
+            self.session.proxies = {"http": settings.fetch_proxy, "https": settings.fetch_proxy}
+            adapter: HTTPAdapter = HTTPAdapter(max_retries=retry)
+        else:
+            adapter = _GuardedAdapter(self.policy, max_retries=retry)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
 
     def get(self, url: str) -> bytes:
-        import requests
-
-        _check_host(url, self.settings.allow_private_urls)
-        limit = self.settings.max_image_bytes
-        timeout = self.settings.fetch_timeout_s
-        try:
-            with self.session.get(url, stream=True, timeout=(timeout, timeout)) as resp:
+        deadline = time.monotonic() + self.settings.fetch_deadline_s
+        current = url
+        for _ in range(MAX_REDIRECTS + 1):
+            self._check(current)
+            with self._request(current) as resp:
+                target = self.session.get_redirect_target(resp)
+                if target:
+                    current = urljoin(resp.url, target)
+                    continue
                 if resp.status_code != 200:
-                    raise FetchError(f"HTTP {resp.status_code} from {url}")
-                chunks, total = [], 0
-                for chunk in resp.iter_content(64 * 1024):
-                    total += len(chunk)
-                    if total > limit:
-                        raise FetchError(f"download larger than {limit} bytes: {url}")
-                    chunks.append(chunk)
-                return b"".join(chunks)
-        except requests.RequestException as exc:
-            raise FetchError(f"download failed for {url}: {type(exc).__name__}") from None
+                    raise FetchError("http_error", f"HTTP {resp.status_code} from {current}")
+                return self._body(resp, current, deadline)
+        raise FetchError("too_many_redirects", f"more than {MAX_REDIRECTS} redirects from {url}")
 
     def close(self) -> None:
         self.session.close()
+
+    def _check(self, url: str) -> None:
+        try:
+            parts = urlsplit(url)
+            port = parts.port or (443 if parts.scheme.lower() == "https" else 80)
+        except ValueError as exc:
+            raise FetchError("bad_url", f"invalid URL ({exc}): {url}") from None
+        if parts.scheme.lower() not in ("http", "https"):
+            raise FetchError("bad_url", f"unsupported URL scheme {parts.scheme!r} (only http/https): {url}")
+        if not parts.hostname:
+            raise FetchError("bad_url", f"URL has no host: {url}")
+        if self.settings.fetch_proxy and not self.policy.allow_all:
+            # Through a proxy no connection of ours reaches the target: check its address up front.
+            try:
+                self.policy.resolve(parts.hostname, port)
+            except AddressRefused as exc:
+                raise FetchError("refused_address", str(exc)) from None
+            except socket.gaierror as exc:
+                raise FetchError("connection_error", f"cannot resolve {parts.hostname}: {exc.strerror}") from None
+
+    def _request(self, url: str) -> requests.Response:
+        t = self.settings.fetch_timeout_s
+        try:
+            return self.session.get(url, stream=True, timeout=(t, t), allow_redirects=False)
+        except AddressRefused as exc:
+            raise FetchError("refused_address", str(exc)) from None
+        except Exception as exc:  # noqa: BLE001 - requests/urllib3 raise many types; classify them all
+            raise _classify(exc, url, t) from None
+
+    def _body(self, resp: requests.Response, url: str, deadline: float) -> bytes:
+        limit = self.settings.max_image_bytes
+        declared = resp.headers.get("Content-Length", "").strip()
+        if declared.isdigit() and int(declared) > limit:
+            raise FetchError("too_large", f"download too large: Content-Length {declared} > {limit} bytes: {url}")
+        chunks: list[bytes] = []
+        total = 0
+        try:
+            while True:
+                # read1 returns after one socket read, so a trickling server still meets the deadline check.
+                chunk = resp.raw.read1(_CHUNK)
+                if not chunk:
+                    break
+                total += len(chunk)
+                if total > limit:
+                    raise FetchError("too_large", f"download larger than {limit} bytes: {url}")
+                if time.monotonic() > deadline:
+                    raise FetchError(
+                        "timeout", f"download took longer than {self.settings.fetch_deadline_s:g} s: {url}"
+                    )
+                chunks.append(chunk)
+        except FetchError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise _classify(exc, url, self.settings.fetch_timeout_s) from None
+        return b"".join(chunks)
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    """The exception and what it wraps: requests wraps urllib3's errors in ``args[0]``, urllib3 in ``reason``."""
+    seen: list[BaseException] = []
+    todo: list[Any] = [exc]
+    while todo:
+        e = todo.pop(0)
+        if not isinstance(e, BaseException) or any(e is s for s in seen):
+            continue
+        seen.append(e)
+        todo += [getattr(e, "reason", None), e.args[0] if e.args else None, e.__cause__, e.__context__]
+    return seen
+
+
+def _classify(exc: Exception, url: str, timeout: float) -> FetchError:
+    causes = _causes(exc)
+
+    def has(*types: type) -> bool:
+        return any(isinstance(c, types) for c in causes)
+
+    if has(AddressRefused):
+        refused = next(c for c in causes if isinstance(c, AddressRefused))
+        return FetchError("refused_address", str(refused))
+    if has(requests.exceptions.InvalidURL, requests.exceptions.InvalidSchema, requests.exceptions.MissingSchema):
+        return FetchError("bad_url", f"invalid URL: {url}")
+    if has(u3.LocationValueError):
+        return FetchError("bad_url", f"invalid URL: {url}")
+    if has(requests.exceptions.TooManyRedirects):
+        return FetchError("too_many_redirects", f"too many redirects from {url}")
+    if has(u3.NameResolutionError):
+        return FetchError("connection_error", f"cannot resolve host of {url}")
+    if has(u3.NewConnectionError):  # a subclass of ConnectTimeoutError, so before the timeouts
+        return FetchError("connection_error", f"cannot connect to {url}")
+    if has(requests.exceptions.Timeout, u3.TimeoutError, socket.timeout):
+        return FetchError("timeout", f"timed out after {timeout:g} s: {url}")
+    if has(requests.exceptions.SSLError, u3.SSLError):
+        return FetchError("connection_error", f"TLS error for {url}")
+    return FetchError("connection_error", f"download failed for {url}: {type(exc).__name__}")

@@ -1,12 +1,51 @@
 """From a drop to its items: bytes read once, content-hashed, checked to be an image, given an id and a status.
 
 Downloaded bytes are kept in a content-addressed blob store so later stages never download twice.
+
+Every item has a ``status`` (``ok``, ``failed`` or ``skipped``) and, unless ok, an ``error_kind`` from a fixed
+vocabulary (reports and dashboards group by it) plus a specific ``error`` message:
+
+======================== ======== ================================================================================
+kind                     status   meaning
+======================== ======== ================================================================================
+*manifest*
+``bad_row``              failed   a manifest line that is not valid JSON, not an object, or has no ``uri``
+``bad_metadata``         failed   ``metadata`` is not a JSON object (or, as a string, not valid JSON)
+``duplicate_id``         failed   an id already used by another item of the drop
+``duplicate``            skipped  the same content listed again without an id (it is one row, not an error)
+``ignored``              skipped  a loose file of a folder drop that is clearly no image (``.txt``, ``.md`` ...)
+*local files*
+``not_found``            failed   the path does not exist
+``outside_roots``        failed   the path (after ``..`` and symlinks) is outside the drop and ``allowed_roots``
+``not_a_file``           failed   a directory, FIFO, device or socket
+``too_large``            failed   bigger than ``max_image_bytes`` (also for downloads)
+``unreadable``           failed   permission denied or another I/O error
+*URLs*
+``bad_url``              failed   no host, or a scheme other than http/https (``ftp://``, ``file://`` ...)
+``refused_address``      failed   the host resolves only to non-public addresses that are not allow-listed
+``http_error``           failed   a status other than 200 (the message has the code)
+``timeout``              failed   connect/read timeout (after retries), or the download deadline passed
+``connection_error``     failed   DNS failure, refused connection, reset, TLS failure
+``too_many_redirects``   failed   more redirects than the limit
+*content*
+``empty_file``           failed   zero bytes
+``not_image``            failed   not an image by its content (HTML page, text, unsupported HEIC/AVIF ...)
+*decoding (set by the preprocess stage)*
+``truncated``            failed   the image data ends early
+``too_many_pixels``      failed   declares more pixels than allowed (decompression bomb guard)
+``decode_error``         failed   the image data is corrupt
+``source_changed``       failed   the file changed between the manifest stage and decoding
+======================== ======== ================================================================================
+
+File extensions and ``Content-Type`` headers are never trusted: a PNG named ``.jpg`` is fine, an HTML error page
+served as ``image/jpeg`` is ``not_image``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -16,9 +55,11 @@ from typing import Any
 from embedding_pipeline.settings import SourceSettings
 from embedding_pipeline.sources.drops import Drop
 from embedding_pipeline.sources.fetch import FetchError, UrlFetcher, read_local
-from embedding_pipeline.sources.manifest import Entry, is_url, list_entries
+from embedding_pipeline.sources.manifest import Entry, is_url, list_entries, looks_like_url
+from embedding_pipeline.sources.sniff import sniff
 
-OK, FAILED = "ok", "failed"
+OK, FAILED, SKIPPED = "ok", "failed", "skipped"
+_SKIP_KINDS = {"ignored", "duplicate"}
 
 
 @dataclass
@@ -31,6 +72,7 @@ class Item:
     source: str = ""  # where the bytes are now: the local file, or the blob of a download
     status: str = OK
     error: str = ""
+    error_kind: str = ""
 
     def as_row(self) -> dict[str, Any]:
         return asdict(self)
@@ -45,17 +87,35 @@ def blob_path(blob_dir: Path, sha256: str) -> Path:
     return blob_dir / sha256[:2] / sha256
 
 
-def check_image_header(data: bytes) -> str | None:
-    """None if Pillow recognises an image format in ``data``, else the reason. Reads the header only."""
+def check_image(data: bytes) -> str:
+    """The image format of ``data`` judged by its bytes, confirmed by Pillow's header parse; raises
+    :class:`FetchError` (``empty_file`` / ``not_image``) otherwise. Reads the header only, never decodes."""
     from PIL import Image, UnidentifiedImageError
 
+    found = sniff(data)
+    if found.kind:
+        raise FetchError(found.kind, found.reason)
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.size  # noqa: B018 - forces the header parse
+            return img.format or found.format
+    except Image.DecompressionBombError:
+        # The header parsed (it is what declared the size); the pixel limit is decoding's call (too_many_pixels).
+        return found.format or "image"
     except UnidentifiedImageError:
-        return "not an image (unrecognised format)"
+        if found.format:
+            raise FetchError("not_image", f"{found.format} signature but Pillow cannot read its header") from None
+        raise FetchError("not_image", "not an image (unrecognised format)") from None
     except Exception as exc:  # noqa: BLE001 - Pillow raises many types for broken headers
-        return f"unreadable image header: {exc}"
+        raise FetchError("not_image", f"unreadable {found.format or 'image'} header: {exc}") from None
+
+
+def check_image_header(data: bytes) -> str | None:
+    """None if ``data`` is a recognised image, else the reason (see :func:`check_image`)."""
+    try:
+        check_image(data)
+    except FetchError as exc:
+        return str(exc)
     return None
 
 
@@ -63,6 +123,7 @@ def collect_items(drop: Drop, settings: SourceSettings, blob_dir: Path) -> list[
     entries = list_entries(drop)
     root = drop.path if drop.path.is_dir() else drop.path.parent
     roots = [root, *settings.allowed_roots]
+    # Each distinct URL is downloaded once per run, however often it is listed.
     urls = sorted({e.uri for e in entries if e.error is None and is_url(e.uri)})
     downloaded = _download_all(urls, settings, blob_dir)
 
@@ -74,9 +135,10 @@ def collect_items(drop: Drop, settings: SourceSettings, blob_dir: Path) -> list[
             owner = seen_ids.get(item.id)
             if owner is not None:
                 # The same content listed twice without ids is one row, not an error.
-                same_content = entry.id is None and item.id == content_id(item.sha256)
-                item.status = "skipped" if same_content else FAILED
-                item.error = f"duplicate of {owner}" if same_content else f"duplicate id {item.id!r} in this drop"
+                if entry.id is None and item.id == content_id(item.sha256):
+                    _mark(item, "duplicate", f"duplicate of {owner}")
+                else:
+                    _mark(item, "duplicate_id", f"duplicate id {item.id!r} in this drop (first listed by {owner})")
             else:
                 seen_ids[item.id] = entry.origin or item.uri
         items.append(item)
@@ -85,32 +147,34 @@ def collect_items(drop: Drop, settings: SourceSettings, blob_dir: Path) -> list[
 
 def _resolve(entry: Entry, roots: list[Path], settings: SourceSettings, downloaded: dict) -> Item:
     item = Item(id=entry.id or "", uri=entry.uri, metadata=entry.metadata)
-    if entry.error is not None:
-        return _failed(item, entry, entry.error)
     try:
+        if entry.error is not None:
+            raise FetchError(entry.error_kind or "bad_row", entry.error)
         if is_url(entry.uri):
             result = downloaded[entry.uri]
             if isinstance(result, FetchError):
                 raise result
             sha, size, source = result
+        elif looks_like_url(entry.uri):
+            scheme = entry.uri.split("://", 1)[0]
+            raise FetchError("bad_url", f"unsupported URL scheme {scheme!r} (only http/https): {entry.uri}")
         else:
             data = read_local(entry.uri, roots, settings.max_image_bytes)
-            problem = check_image_header(data)
-            if problem:
-                raise FetchError(problem)
-            sha, size, source = hashlib.sha256(data).hexdigest(), len(data), str(Path(entry.uri).resolve())
+            check_image(data)
+            sha, size, source = hashlib.sha256(data).hexdigest(), len(data), os.path.realpath(entry.uri)
     except FetchError as exc:
-        return _failed(item, entry, str(exc))
+        _mark(item, exc.kind, str(exc))
+        # Failed items still need a stable, unique id for reports.
+        item.id = item.id or f"error-{hashlib.sha256((entry.origin + entry.uri).encode()).hexdigest()[:16]}"
+        return item
     item.sha256, item.size, item.source = sha, size, source
     item.id = item.id or content_id(sha)
     return item
 
 
-def _failed(item: Item, entry: Entry, error: str) -> Item:
-    item.status, item.error = FAILED, error
-    # Failed items still need a stable, unique id for reports.
-    item.id = item.id or f"error-{hashlib.sha256((entry.origin + entry.uri).encode()).hexdigest()[:16]}"
-    return item
+def _mark(item: Item, kind: str, error: str) -> None:
+    item.status = SKIPPED if kind in _SKIP_KINDS else FAILED
+    item.error_kind, item.error = kind, error
 
 
 def _download_all(urls: list[str], settings: SourceSettings, blob_dir: Path) -> dict[str, Any]:
@@ -128,11 +192,11 @@ def _download_all(urls: list[str], settings: SourceSettings, blob_dir: Path) -> 
                 fetchers.append(fetcher)
         try:
             data = fetcher.get(url)
-            problem = check_image_header(data)
-            if problem:
-                raise FetchError(problem)
+            check_image(data)
         except FetchError as exc:
             return exc
+        except Exception as exc:  # noqa: BLE001 - one odd URL must fail its item, not the drop
+            return FetchError("connection_error", f"download failed for {url}: {type(exc).__name__}: {exc}")
         sha = hashlib.sha256(data).hexdigest()
         path = blob_path(blob_dir, sha)
         if not path.exists():

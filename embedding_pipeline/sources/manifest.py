@@ -12,12 +12,20 @@ Manifest formats (columns / keys):
 * any other column is kept as a metadata key.
 
 A row that cannot be read (bad JSON, no ``uri``) becomes an item with an error, never a failed drop.
+
+Folder drops are walked without following symlinked folders (a link loop must not hang a run); symlinked files
+are listed and later refused if they point outside the allowed roots. Loose files whose extension says they are
+clearly not images (``notes.txt``, ``README.md``, ``checksums.sha256`` ...) become skipped items of kind
+``ignored``, and so does a ``.csv`` file without a ``uri`` column: both are common companions of image folders.
+A file named like an image is always an item, whatever its content turns out to be.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -34,27 +42,76 @@ class Entry:
     metadata: dict[str, Any] = field(default_factory=dict)
     origin: str = ""  # which file listed it, for error messages
     error: str | None = None
+    error_kind: str = ""  # set with ``error``; ``ignored`` means skipped on purpose, not failed
+
+
+# Extensions of files that often sit next to images and are certainly not images themselves.
+IGNORED_SUFFIXES = frozenset(
+    ".txt .md .rst .json .yaml .yml .toml .ini .cfg .log .pdf .html .htm .xml .doc .docx .xls .xlsx .odt "
+    ".zip .tar .gz .tgz .sha256 .sha1 .md5 .py .sh".split()
+)
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 def is_url(uri: str) -> bool:
     return uri.lower().startswith(("http://", "https://"))
 
 
+def looks_like_url(uri: str) -> bool:
+    """Any ``scheme://`` form, supported or not (``ftp://``, ``file://``): never taken as a local path."""
+    return _SCHEME.match(uri) is not None
+
+
 def list_entries(drop: Drop) -> list[Entry]:
     if drop.is_manifest:
         return list(_read_manifest(drop.path))
-    files = []
-    for path in sorted(p for p in drop.path.rglob("*") if p.is_file()):
-        rel = path.relative_to(drop.path)
-        if not any(ignored(Path(part)) for part in rel.parts) and path.name != READY_MARKER:
-            files.append(path)
-    entries = [e for path in files if path.suffix.lower() in MANIFEST_SUFFIXES for e in _read_manifest(path)]
-    # Files a manifest lists are items of that manifest (with its ids and metadata), not loose files too.
-    listed = {str(Path(e.uri).resolve()) for e in entries if e.uri and not is_url(e.uri)}
+    files = _walk(drop.path)
+    entries: list[Entry] = []
+    loose: list[Path] = []
     for path in files:
-        if path.suffix.lower() not in MANIFEST_SUFFIXES and str(path.resolve()) not in listed:
-            entries.append(Entry(uri=str(path), origin=str(path.relative_to(drop.path))))
+        if path.suffix.lower() in MANIFEST_SUFFIXES and _readable_manifest(path, drop.path):
+            entries += _read_manifest(path)
+        else:
+            # Images, data files, and manifest-named things that cannot be read safely (reported per item).
+            loose.append(path)
+    # Files a manifest lists are items of that manifest (with its ids and metadata), not loose files too.
+    listed = {os.path.realpath(e.uri) for e in entries if e.uri and not looks_like_url(e.uri)}
+    for path in loose:
+        if os.path.realpath(path) in listed:
+            continue
+        origin = str(path.relative_to(drop.path))
+        entry = Entry(uri=str(path), origin=origin)
+        if path.suffix.lower() in IGNORED_SUFFIXES or (path.suffix.lower() == ".csv" and path.is_file()):
+            entry.error, entry.error_kind = f"not an image file, ignored: {origin}", "ignored"
+        entries.append(entry)
     return entries
+
+
+def _walk(folder: Path) -> list[Path]:
+    """Every non-hidden, settled file below ``folder``, sorted; symlinked folders are not entered."""
+    found: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
+        dirnames[:] = [d for d in dirnames if not ignored(Path(d))]
+        for name in filenames:
+            if not ignored(Path(name)) and name != READY_MARKER:
+                found.append(Path(dirpath) / name)
+    return sorted(found)
+
+
+def _readable_manifest(path: Path, folder: Path) -> bool:
+    """A regular file inside the drop (opening a FIFO would block; a link out of the drop is not ours to read),
+    and for CSV one with a ``uri`` column (other CSV files are data that happens to sit beside the images)."""
+    real = Path(os.path.realpath(path))
+    if not real.is_file() or not real.is_relative_to(os.path.realpath(folder)):
+        return False
+    if path.suffix.lower() != ".csv":
+        return True
+    try:
+        with open(real, encoding="utf-8", errors="replace", newline="") as f:
+            header = next(csv.reader(f), [])
+    except OSError:
+        return False
+    return "uri" in (h.strip() for h in header)
 
 
 def _read_manifest(path: Path) -> Iterator[Entry]:
@@ -65,7 +122,7 @@ def _read_manifest(path: Path) -> Iterator[Entry]:
     for where, row in rows:
         origin = f"{path.name}:{where}"
         if isinstance(row, str):  # a parse error
-            yield Entry(uri="", origin=origin, error=row)
+            yield Entry(uri="", origin=origin, error=row, error_kind="bad_row")
             continue
         yield _entry_from_row(row, path.parent, origin)
 
@@ -92,9 +149,9 @@ def _csv_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | str]]:
 def _entry_from_row(row: dict[str, Any], base: Path, origin: str) -> Entry:
     uri = row.get("uri")
     if not isinstance(uri, str) or not uri.strip():
-        return Entry(uri="", origin=origin, error="missing 'uri'")
+        return Entry(uri="", origin=origin, error="missing 'uri'", error_kind="bad_row")
     uri = uri.strip()
-    if not is_url(uri) and not Path(uri).is_absolute():
+    if not looks_like_url(uri) and not Path(uri).is_absolute():
         uri = str(base / uri)
     raw_id = row.get("id")
     item_id = str(raw_id).strip() if raw_id not in (None, "") else None
@@ -103,8 +160,10 @@ def _entry_from_row(row: dict[str, Any], base: Path, origin: str) -> Entry:
         try:
             metadata = json.loads(metadata)
         except json.JSONDecodeError as exc:
-            return Entry(uri=uri, id=item_id, origin=origin, error=f"metadata is not valid JSON: {exc.msg}")
+            error = f"metadata is not valid JSON: {exc.msg}"
+            return Entry(uri=uri, id=item_id, origin=origin, error=error, error_kind="bad_metadata")
     if not isinstance(metadata, dict):
-        return Entry(uri=uri, id=item_id, origin=origin, error="metadata must be a JSON object")
+        error = "metadata must be a JSON object"
+        return Entry(uri=uri, id=item_id, origin=origin, error=error, error_kind="bad_metadata")
     extra = {k: v for k, v in row.items() if k not in ("uri", "id", "metadata")}
     return Entry(uri=uri, id=item_id, metadata={**extra, **metadata}, origin=origin)

@@ -87,6 +87,10 @@ class DropWriter:
         self.bytes += path.stat().st_size
         return path
 
+    def add_json(self, name: str, value: Any) -> None:
+        """A small side file (failures, reused ids) committed together with the batches."""
+        (self.staging / name).write_text(json.dumps(value))
+
     def commit(self) -> list[Path]:
         old = self.folder.parent / f".{self.folder.name}.{uuid.uuid4().hex[:8]}.old"
         if self.folder.exists():
@@ -110,11 +114,17 @@ def batch_files(folder: Path) -> list[Path]:
     return sorted(folder.glob("batch-*.arrow")) if folder.is_dir() else []
 
 
-def read_batches(folder: Path) -> Iterator[pa.Table]:
-    """One table per batch file, memory-mapped: a drop is never held whole."""
+def read_batches(folder: Path, columns: Sequence[str] | None = None) -> Iterator[pa.Table]:
+    """One table per batch file, memory-mapped: a drop is never held whole. ``columns`` reads only those."""
     for path in batch_files(folder):
         with pa.memory_map(str(path)) as source:
-            yield pa.ipc.open_file(source).read_all()
+            table = pa.ipc.open_file(source).read_all()
+        yield table.select(list(columns)) if columns else table
+
+
+def read_json(folder: Path, name: str, default: Any = None) -> Any:
+    path = folder / name
+    return json.loads(path.read_text()) if path.is_file() else default
 
 
 def write_table(path: Path, table: pa.Table) -> None:

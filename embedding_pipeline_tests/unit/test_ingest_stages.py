@@ -4,16 +4,22 @@ import numpy as np
 import pytest
 
 from embedding_pipeline import ingest
-from embedding_pipeline.preprocess.spec import TensorSpec
 from embedding_pipeline.settings import load_settings
 from embedding_pipeline.storage import arrow
 from embedding_pipeline_tests.images import encode
 
 
+MODEL_INPUT = ("UINT8", (16, 16, 3))
+
+
 class FakeEmbedder:
-    """Mean colour per image as a 3-d 'embedding' (a fake: no model, no server)."""
+    """Mean colour per image as a 3-d 'embedding' (a fake: no model, no server). Counts what it embeds."""
+
+    def __init__(self):
+        self.embedded = 0
 
     def embed(self, batch: np.ndarray) -> np.ndarray:
+        self.embedded += len(batch)
         return batch.reshape(len(batch), -1, 3).mean(axis=1).astype(np.float32)
 
     def model_version_label(self) -> str:
@@ -37,7 +43,7 @@ def test_stages_write_arrow_with_lineage_and_report_failures(settings):
     assert (manifest["items"], manifest["ok"], manifest["failed"]) == (4, 3, 1)
     assert manifest["failure_examples"][0]["error"]
 
-    pre = ingest.preprocess_drop(settings, "d1", TensorSpec(image_size=16))
+    pre = ingest.preprocess_drop(settings, "d1", MODEL_INPUT, "fake:1")
     assert (pre["images"], pre["batches"], pre["failed"]) == (3, 2, 0)
     emb = ingest.embed_drop(settings, "d1", FakeEmbedder())
     assert (emb["embeddings"], emb["dimension"], emb["model"]) == (3, 3, "fake:1")
@@ -54,6 +60,37 @@ def test_stages_write_arrow_with_lineage_and_report_failures(settings):
 def test_a_file_changed_after_the_manifest_is_not_embedded_under_the_old_hash(settings):
     ingest.build_manifest(settings, "d1")
     (settings.drops / "d1" / "img0.png").write_bytes(encode(np.zeros((20, 20, 3), np.uint8)))
-    pre = ingest.preprocess_drop(settings, "d1", TensorSpec(image_size=16))
+    pre = ingest.preprocess_drop(settings, "d1", MODEL_INPUT, "fake:1")
     assert pre["images"] == 2 and pre["failed"] == 1
     assert "changed since the manifest" in pre["failure_examples"][0]["error"]
+    assert pre["failures_by_kind"] == {"source_changed": 1}
+
+
+def test_rerun_reuses_vectors_and_recomputes_only_changed_items(settings):
+    ingest.build_manifest(settings, "d1")
+    ingest.preprocess_drop(settings, "d1", MODEL_INPUT, "fake:1")
+    first = FakeEmbedder()
+    ingest.embed_drop(settings, "d1", first)
+    assert first.embedded == 3
+
+    # Unchanged drop: nothing is decoded or embedded again, every vector is carried over.
+    ingest.build_manifest(settings, "d1")
+    pre = ingest.preprocess_drop(settings, "d1", MODEL_INPUT, "fake:1")
+    again = FakeEmbedder()
+    emb = ingest.embed_drop(settings, "d1", again)
+    assert (pre["images"], pre["reused"], again.embedded, emb["embeddings"]) == (0, 3, 0, 3)
+
+    # Fix the broken file: only that one is computed.
+    (settings.drops / "d1" / "bad.png").write_bytes(encode(np.full((20, 20, 3), 128, np.uint8)))
+    ingest.build_manifest(settings, "d1")
+    pre = ingest.preprocess_drop(settings, "d1", MODEL_INPUT, "fake:1")
+    fixed = FakeEmbedder()
+    emb = ingest.embed_drop(settings, "d1", fixed)
+    assert (pre["images"], pre["reused"], fixed.embedded, emb["embeddings"]) == (1, 3, 1, 4)
+
+    # Another model version: everything is recomputed.
+    pre = ingest.preprocess_drop(settings, "d1", MODEL_INPUT, "fake:2")
+    assert (pre["images"], pre["reused"]) == (4, 0)
+
+    report = {r["id"]: r for r in ingest.item_report(settings, "d1")}
+    assert len(report) == 4 and all(r["status"] == "ok" for r in report.values())

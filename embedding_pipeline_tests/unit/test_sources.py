@@ -24,12 +24,18 @@ def test_folder_drop_items_ids_and_errors(tmp_path):
     (d / "sub" / "blue.jpg").write_bytes(BLUE)
     (d / "red-again.png").write_bytes(RED)  # same content, no id: one row
     (d / "notes.txt").write_text("not an image")
+    (d / "notes.jpg").write_text("a text file named like an image is still an item")
+    (d / "table.csv").write_text("a,b\n1,2\n")  # no uri column: data, not a manifest
     (d / ".hidden.png").write_bytes(RED)
     items = {i.uri.split("/")[-1]: i for i in collect_items(_drop(d), SourceSettings(), tmp_path / "blobs")}
-    assert set(items) == {"red.png", "blue.jpg", "red-again.png", "notes.txt"}
+    assert set(items) == {"red.png", "blue.jpg", "red-again.png", "notes.txt", "notes.jpg", "table.csv"}
     assert items["red.png"].id == content_id(items["red.png"].sha256) == items["red-again.png"].id
-    assert sorted([items["red.png"].status, items["red-again.png"].status]) == ["ok", "skipped"]
-    assert items["notes.txt"].status == "failed" and "not an image" in items["notes.txt"].error
+    pair = sorted([items["red.png"], items["red-again.png"]], key=lambda i: i.status)
+    assert [(i.status, i.error_kind) for i in pair] == [("ok", ""), ("skipped", "duplicate")]
+    for name in ("notes.txt", "table.csv"):
+        assert (items[name].status, items[name].error_kind) == ("skipped", "ignored")
+    assert (items["notes.jpg"].status, items["notes.jpg"].error_kind) == ("failed", "not_image")
+    assert items["notes.jpg"].error == "text, not an image"
     assert items["blue.jpg"].status == "ok"
 
 
@@ -51,12 +57,13 @@ def test_manifest_rows_ids_metadata_and_per_row_errors(tmp_path):
     first = items[0]
     assert (first.id, first.status) == ("r1", "ok")
     assert first.metadata == {"category": "nature", "owner": "ann"}
-    errors = sorted(i.error for i in items if i.status == "failed")
-    assert any("invalid JSON on line 2" in e for e in errors)
-    assert any("duplicate id 'r1'" in e for e in errors)
-    assert any("file not found" in e for e in errors)
-    assert any("outside the allowed roots" in e for e in errors)
-    assert any("missing 'uri'" in e for e in errors)
+    failed = {i.error_kind: i.error for i in items if i.status == "failed"}
+    assert set(failed) == {"bad_row", "duplicate_id", "not_found", "outside_roots"}
+    assert "duplicate id 'r1'" in failed["duplicate_id"]
+    assert "file not found" in failed["not_found"]
+    assert "outside the allowed roots" in failed["outside_roots"]
+    bad_rows = sorted(i.error for i in items if i.error_kind == "bad_row")
+    assert "invalid JSON on line 2" in bad_rows[0] and bad_rows[1] == "missing 'uri'"
     # blue.jpg is listed by the manifest, so it is not also a loose file.
     assert len(items) == 6
 
@@ -69,6 +76,7 @@ def test_csv_manifest_with_json_metadata(tmp_path):
     items = {i.id: i for i in collect_items(_drop(d), SourceSettings(), tmp_path / "blobs")}
     assert items["x1"].metadata == {"category": "urban", "source": "cam"}
     assert items["x2"].status == "failed" and "metadata is not valid JSON" in items["x2"].error
+    assert items["x2"].error_kind == "bad_metadata"
 
 
 def test_urls_to_private_addresses_are_refused_by_default(tmp_path):
@@ -76,7 +84,8 @@ def test_urls_to_private_addresses_are_refused_by_default(tmp_path):
     d.mkdir()
     (d / "m.jsonl").write_text(json.dumps({"id": "u", "uri": "http://127.0.0.1:9/x.png"}) + "\n")
     (item,) = collect_items(_drop(d), SourceSettings(), tmp_path / "blobs")
-    assert item.status == "failed" and "non-public address" in item.error
+    assert (item.status, item.error_kind) == ("failed", "refused_address")
+    assert "non-public address (127.0.0.1)" in item.error
 
 
 def test_drop_completeness(tmp_path):

@@ -1,0 +1,95 @@
+"""The seed's preprocessing API: ``JAXImagePreprocessor(image_size=…, mean=…, std=…)``.
+
+A thin front for the same decode + JAX kernels the pipeline uses::
+
+    pre = JAXImagePreprocessor(image_size=(299, 299), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    x = pre.preprocess_single("photo.jpg")                      # float32 (3, 299, 299)
+    xs = pre.preprocess_batch(["a.jpg", "https://example.com/b.jpg"])  # float32 (2, 3, 299, 299)
+
+Defaults produce float32 NCHW normalised with ImageNet's mean/std; ``dtype="uint8"`` gives raw pixels and
+``channels_first=False`` NHWC. To match a model served by Triton exactly, use
+``preprocess.preprocessor.for_model`` with the model's reported input instead.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from embedding_pipeline.preprocess.decode import DecodeOptions
+from embedding_pipeline.preprocess.preprocessor import Prepared, Preprocessor, SourceError
+from embedding_pipeline.preprocess.spec import IMAGENET_MEAN, IMAGENET_STD, TensorSpec
+from embedding_pipeline.settings import Settings, load_settings
+from embedding_pipeline.sources.fetch import FetchError
+from embedding_pipeline.sources.inputs import ImageInput, read_image_input
+
+
+class PreprocessError(ValueError):
+    """Some inputs could not be preprocessed; ``errors`` maps each failed input's position to its message."""
+
+    def __init__(self, errors: dict[int, str]):
+        self.errors = errors
+        listed = "; ".join(f"#{i}: {msg}" for i, msg in sorted(errors.items())[:5])
+        more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
+        super().__init__(f"{len(errors)} image(s) could not be preprocessed: {listed}{more}")
+
+
+class JAXImagePreprocessor:
+    def __init__(
+        self,
+        image_size: int | tuple[int, int] = 224,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        resize_size: int | None = None,
+        resize_policy: str = "crop",
+        dtype: str = "float32",
+        channels_first: bool = True,
+        batch_size: int = 32,
+        cache_compiled: bool = True,
+        settings: Settings | None = None,
+    ):
+        self.settings = settings or load_settings()
+        height, width = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        datatype = {"float32": "FP32", "float16": "FP16", "uint8": "UINT8"}[dtype]
+        shape = (3, height, width) if channels_first else (height, width, 3)
+        spec = TensorSpec.from_model_input(datatype, shape, mean=tuple(mean), std=tuple(std))
+        p = self.settings.preprocess
+        self._pre = Preprocessor(
+            spec,
+            resize_size=resize_size,
+            batch_size=batch_size,
+            cache_dir=self.settings.paths.jax_cache if cache_compiled else None,
+            policy=resize_policy,
+            pad_color=p.pad_color,
+            options=DecodeOptions(max_pixels=p.max_pixels, background=p.background, allow_truncated=p.allow_truncated),
+            workers=p.decode_workers,
+        )
+
+    @property
+    def spec(self) -> TensorSpec:
+        return self._pre.spec
+
+    def _reader(self, image: ImageInput):
+        def read() -> bytes:
+            try:
+                return read_image_input(image, self.settings.sources)
+            except FetchError as exc:
+                raise SourceError(getattr(exc, "kind", "unreadable"), str(exc)) from None
+
+        return read
+
+    def preprocess_many(self, images: Sequence[ImageInput]) -> Prepared:
+        """Never raises for bad inputs: tensors for the good ones (in order) and an error per input."""
+        return self._pre.prepare_all([self._reader(image) for image in images])
+
+    def preprocess_batch(self, images: Sequence[ImageInput]) -> np.ndarray:
+        """An (N, …) array for N inputs; raises :class:`PreprocessError` naming every input that failed."""
+        prepared = self.preprocess_many(images)
+        errors = {i: str(e) for i, e in enumerate(prepared.errors) if e is not None}
+        if errors:
+            raise PreprocessError(errors)
+        return prepared.tensors
+
+    def preprocess_single(self, image: ImageInput) -> np.ndarray:
+        return self.preprocess_batch([image])[0]
