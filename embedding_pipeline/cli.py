@@ -110,6 +110,38 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    if args.what == "preprocess":
+        from embedding_pipeline.bench import preprocess as bench
+
+        result = bench.run(settings, count=args.images or 512)
+    else:
+        from embedding_pipeline.bench import ingest as bench
+
+        result = bench.run(settings, images=args.images or 5000, baseline_images=args.baseline_images)
+    print(json.dumps(result, indent=2) if args.json else bench.render(result))
+    return 0
+
+
+def cmd_items(args: argparse.Namespace) -> int:
+    from embedding_pipeline import ingest
+
+    try:
+        report = ingest.item_report(_settings(args), args.drop)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"drop {args.drop!r} has no manifest yet (not ingested)") from None
+    if args.failed:
+        report = [r for r in report if r["status"] != "ok"]
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        for r in report:
+            detail = f"{r['error_kind']}: {r['error']}" if r["error"] else r["stage"]
+            print(f"{r['status']:<8} {r['id']:<40} {detail}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="embedding-pipeline", description=__doc__)
     parser.add_argument("--config", help="YAML settings file (default: $EMBEDDING_PIPELINE_CONFIG)")
@@ -132,6 +164,17 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--filter", help='Milvus expression, e.g. metadata["category"] == "nature"')
     se.add_argument("--json", action="store_true")
     se.set_defaults(func=cmd_search)
+    it = sub.add_parser("items", help="every item of an ingested drop with its status and error")
+    it.add_argument("drop")
+    it.add_argument("--failed", action="store_true", help="only items that failed or were skipped")
+    it.add_argument("--json", action="store_true")
+    it.set_defaults(func=cmd_items)
+    be = sub.add_parser("bench", help="benchmarks that print figures against baselines measured in the same run")
+    be.add_argument("what", choices=["preprocess", "ingest"])
+    be.add_argument("--images", type=int, help="images to process (default 512 / 5000)")
+    be.add_argument("--baseline-images", type=int, default=500, help="ingest: the small drop compared against")
+    be.add_argument("--json", action="store_true")
+    be.set_defaults(func=cmd_bench)
     return parser
 
 

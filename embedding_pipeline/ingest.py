@@ -326,3 +326,18 @@ def item_report(settings: Settings, drop_name: str) -> list[dict[str, Any]]:
                 row["stage"] = "reused" if item.id in reused else "embedded"
         report.append(row)
     return report
+
+
+def report_summary(report: list[dict[str, Any]]) -> dict[str, Any]:
+    """End-to-end counts for the drop (what the last asset shows in the UI)."""
+    status = Counter(r["status"] for r in report)
+    failures = [_failure(r["id"], r["error_kind"], r["error"], r["uri"]) for r in report if r["status"] == FAILED]
+    summary = {
+        "items_total": len(report),
+        "items_ok": status.get(OK, 0),
+        "items_failed": status.get(FAILED, 0),
+        "items_skipped": status.get("skipped", 0),
+        "items_reused": sum(1 for r in report if r["stage"] == "reused"),
+        **_failure_summary(failures),
+    }
+    return summary

@@ -70,11 +70,13 @@ def ingest(settings: Settings, path: Path, name: str | None = None) -> dict[str,
     result = job.execute_in_process(instance=instance, partition_key=drop, tags={"drop": drop}, raise_on_error=False)
     summary: dict[str, Any] = {"drop": drop, "run_id": result.run_id, "success": result.success}
     try:
-        items = stages.read_manifest(settings, drop)
+        report = stages.item_report(settings, drop)
     except OSError:
-        items = []
-    counts = Counter(i.status for i in items)
-    summary.update(items=len(items), ok=counts.get("ok", 0), failed=counts.get("failed", 0),
+        report = []
+    counts = Counter(r["status"] for r in report)
+    summary.update(items=len(report), ok=counts.get("ok", 0), failed=counts.get("failed", 0),
                    skipped=counts.get("skipped", 0))
-    summary["failures"] = [{"id": i.id, "uri": i.uri, "error": i.error} for i in items if i.status == "failed"]
+    summary["failures"] = [
+        {k: r[k] for k in ("id", "uri", "status", "error_kind", "error", "stage")} for r in report if r["status"] != "ok"
+    ]
     return summary

@@ -67,11 +67,12 @@ def start_services(settings: Settings) -> list[str]:
     return [name for name in ("milvus", "triton") if name not in before and processes.read(settings.paths.run, name)]
 
 
-def stop_services(settings: Settings) -> list[str]:
+def stop_services(settings: Settings, only: list[str] | None = None) -> list[str]:
+    """Stop the local Triton and Milvus (or only the named ones); returns the names actually stopped."""
     stopped = []
-    if stop_triton(settings):
+    if (only is None or "triton" in only) and stop_triton(settings):
         stopped.append("triton")
-    if stop_milvus(settings):
+    if (only is None or "milvus" in only) and stop_milvus(settings):
         stopped.append("milvus")
     return stopped
 

@@ -15,11 +15,14 @@ Routes (every response but ``/status`` is ``200`` unless said otherwise)::
     /html                            an HTML "404 not found" page with status 200 and Content-Type image/jpeg
 
 The ``Content-Type`` is ``image/jpeg`` everywhere on purpose: clients must judge content by its bytes.
-Requests are counted per path (query included) for "fetched once" and retry assertions.
+Requests are counted per path (query included) for "fetched once" and retry assertions. A request in absolute
+form (``GET http://host/files/x``, as sent to a forward proxy) is served like its path, so the server can also
+stand in for a proxy.
 """
 
 from __future__ import annotations
 
+import ssl
 import threading
 import time
 from collections import Counter
@@ -49,7 +52,7 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-        self.owner._count(self.path)
+        self.owner._count(self.path, self.headers.get("Host", ""))
         parts = urlsplit(self.path)
         route = parts.path.strip("/").split("/")
         try:
@@ -147,10 +150,12 @@ class TestServer:
 
     __test__ = False  # not a pytest test class
 
-    def __init__(self, files_dir: Path | None = None, url_host: str = "127.0.0.1"):
+    def __init__(self, files_dir: Path | None = None, url_host: str = "127.0.0.1", tls: ssl.SSLContext | None = None):
         self.files_dir = files_dir
         self.url_host = url_host
+        self.tls = tls  # a server-side context makes it an HTTPS server
         self._counts: Counter[str] = Counter()
+        self.last_host = ""  # the Host header of the latest request
         self._lock = threading.Lock()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -162,7 +167,7 @@ class TestServer:
 
     @property
     def base_url(self) -> str:
-        return f"http://{self.url_host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{self.url_host}:{self.port}"
 
     def url(self, path: str) -> str:
         return self.base_url + "/" + path.lstrip("/")
@@ -172,13 +177,16 @@ class TestServer:
         with self._lock:
             return self._counts[path]
 
-    def _count(self, path: str) -> None:
+    def _count(self, path: str, host: str) -> None:
         with self._lock:
             self._counts[path] += 1
+            self.last_host = host
 
     def __enter__(self) -> "TestServer":
         handler = type("Handler", (_Handler,), {"owner": self})
         self._server = _Server(("127.0.0.1", 0), handler)
+        if self.tls is not None:
+            self._server.socket = self.tls.wrap_socket(self._server.socket, server_side=True)
         self._thread = threading.Thread(target=self._server.serve_forever, name="test-http", daemon=True)
         self._thread.start()
         return self

@@ -86,10 +86,13 @@ def image_embeddings(context: AssetExecutionContext, triton: TritonResource) -> 
 )
 def milvus_collection(context: AssetExecutionContext, milvus: MilvusResource) -> MaterializeResult:
     """The drop's vectors upserted by image id into the Milvus collection (re-running a drop never
-    duplicates), the vector index ensured, the collection loaded for search."""
+    duplicates, and unchanged rows are not rewritten), the vector index ensured, the collection loaded for
+    search. Its metadata sums up the whole drop: items ok, failed and skipped, failures by kind."""
+    settings = load_settings()
     with milvus.index() as index:
-        summary = ingest.index_drop(load_settings(), context.partition_key, index)
+        summary = ingest.index_drop(settings, context.partition_key, index)
         summary["index"] = index.describe_index()
+    summary.update(ingest.report_summary(ingest.item_report(settings, context.partition_key)))
     return MaterializeResult(metadata=_metadata(summary))
 
 

@@ -28,7 +28,8 @@ TAPS = 5
 MARGIN = 4
 
 _cache_dir: Path | None = None
-# How many times each kernel was traced (= compiled) in this process; tests and benchmarks read it.
+# How many times each kernel was traced (= compiled) in this process, by (height, width, dtype,
+# channels_first, batch size); tests and benchmarks read it.
 traces: Counter = Counter()
 
 
@@ -90,8 +91,6 @@ def _compiled(
     import jax
     import jax.numpy as jnp
 
-    key = (height, width, out_dtype, channels_first)
-
     def one(canvas, box, extent):
         top, left, box_h, box_w = box[0], box[1], box[2], box[3]
         rows, row_w = _taps(top, box_h, extent[0], height)
@@ -108,7 +107,8 @@ def _compiled(
         return jnp.transpose(out, (2, 0, 1)) if channels_first else out
 
     def batch(canvases, boxes, extents, mask):
-        traces[key] += 1  # runs only while tracing, i.e. once per compilation
+        # Runs only while tracing, i.e. once per compilation of this output for this batch size.
+        traces[(height, width, out_dtype, channels_first, canvases.shape[0])] += 1
         out = jax.vmap(one)(canvases, boxes, extents)
         return jnp.where(mask.reshape((-1,) + (1,) * (out.ndim - 1)), out, jnp.zeros_like(out))
 

@@ -49,9 +49,7 @@ _CHUNK = 64 * 1024
 class FetchError(Exception):
     """An item's bytes could not be read. ``str(exc)`` is the message for the per-item error column."""
 
-    def __init__(self, kind: str, message: str | None = None):
-        if message is None:  # the older one-argument form: a message with no specific kind
-            kind, message = "unreadable", kind
+    def __init__(self, kind: str, message: str):
         super().__init__(message)
         self.kind = kind
         self.message = message

@@ -147,14 +147,14 @@ def _csv_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | str]]:
 
 
 def _entry_from_row(row: dict[str, Any], base: Path, origin: str) -> Entry:
+    raw_id = row.get("id")
+    item_id = str(raw_id).strip() if raw_id not in (None, "") else None
     uri = row.get("uri")
     if not isinstance(uri, str) or not uri.strip():
-        return Entry(uri="", origin=origin, error="missing 'uri'", error_kind="bad_row")
+        return Entry(uri="", id=item_id, origin=origin, error="missing 'uri'", error_kind="bad_row")
     uri = uri.strip()
     if not looks_like_url(uri) and not Path(uri).is_absolute():
         uri = str(base / uri)
-    raw_id = row.get("id")
-    item_id = str(raw_id).strip() if raw_id not in (None, "") else None
     metadata = row.get("metadata", {})
     if isinstance(metadata, str):
         try:

@@ -91,7 +91,7 @@ def test_non_square_output_matches_pillow():
 def test_mixed_sizes_and_short_batches_compile_once(tmp_path):
     spec = TensorSpec(height=40, width=40)  # a shape no other test uses
     prep = Preprocessor(spec, batch_size=4)
-    key = (40, 40, "uint8", False)
+    key = (40, 40, "uint8", False, 4)
     before = kernels.traces[key]
     sizes = [(30, 20), (480, 640), (1, 1), (20, 2000), (333, 333), (97, 13), (1200, 800)]
     images = [encode(np.full((h, w, 3), 99, np.uint8)) for h, w in sizes]
