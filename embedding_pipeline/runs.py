@@ -37,7 +37,9 @@ def place_drop(settings: Settings, path: Path, name: str | None = None) -> str:
     drops.mkdir(parents=True, exist_ok=True)
     staging = drops / f".{name}.{uuid.uuid4().hex[:8]}.tmp"
     if source.is_dir():
-        shutil.copytree(source, staging)
+        # Links stay links: copying their targets would smuggle files from outside the allowed roots into the
+        # drop, where the confinement check would no longer see where they came from.
+        shutil.copytree(source, staging, symlinks=True)
     else:
         shutil.copy2(source, staging)
     staging.rename(target)

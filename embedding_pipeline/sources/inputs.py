@@ -7,6 +7,7 @@ through the safe fetcher (timeouts, size limit, address policy).
 from __future__ import annotations
 
 import io
+import stat
 from pathlib import Path
 from typing import Any, Union
 
@@ -35,14 +36,15 @@ def read_image_input(image: ImageInput, settings: SourceSettings, fetcher: UrlFe
                     fetcher.close()
         path = Path(text).expanduser()
         try:
-            size = path.stat().st_size
+            info = path.stat()
+            if not stat.S_ISREG(info.st_mode):  # a FIFO or device would block or never end
+                raise FetchError("not_a_file", f"not a regular file: {text}")
+            size = info.st_size
             if size > settings.max_image_bytes:
                 raise FetchError("too_large", f"file too large: {size} bytes > {settings.max_image_bytes}: {text}")
             return path.read_bytes()
         except FileNotFoundError:
             raise FetchError("not_found", f"file not found: {text}") from None
-        except IsADirectoryError:
-            raise FetchError("not_a_file", f"is a directory: {text}") from None
         except OSError as exc:
             raise FetchError("unreadable", f"cannot read {text}: {exc.strerror}") from None
     from PIL import Image

@@ -60,7 +60,12 @@ def sniff(data: bytes) -> Sniffed:
         if brand in _HEIC_BRANDS:
             return Sniffed(kind="not_image", reason="unsupported image format heic")
         if brand in _AVIF_BRANDS:
-            return Sniffed(kind="not_image", reason="unsupported image format avif")
+            from PIL import features
+
+            # Pillow decodes AVIF when built with libavif (its wheels are); otherwise say why it is refused.
+            if features.check("avif"):
+                return Sniffed(format="AVIF")
+            return Sniffed(kind="not_image", reason="unsupported image format avif (Pillow built without AVIF)")
         label = brand.decode("ascii", "replace")
         return Sniffed(kind="not_image", reason=f"ISO media file (brand {label!r}), not an image")
     text = _strip_text_start(head)

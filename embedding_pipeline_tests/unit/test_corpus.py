@@ -2,8 +2,6 @@
 its expected status and error kind (with two local HTTP servers standing in for the internet and an intranet)."""
 
 import json
-import os
-import shutil
 
 import numpy as np
 import pytest
@@ -11,7 +9,7 @@ import pytest
 from embedding_pipeline.settings import SourceSettings
 from embedding_pipeline.sources.drops import Drop
 from embedding_pipeline.sources.items import collect_items
-from embedding_pipeline_tests.corpus import make_corpus
+from embedding_pipeline_tests.corpus import build_drop, make_corpus
 from embedding_pipeline_tests.http_servers import TestServer
 
 TEMPLATE_ROWS = [json.loads(line) for line in make_corpus.TEMPLATE.read_text().splitlines() if line.strip()]
@@ -48,16 +46,7 @@ def test_checked_in_corpus_matches_the_generator(tmp_path):
 
 
 def _corpus_drop(tmp_path, server, private):
-    drop = tmp_path / "drops" / "corpus"
-    shutil.copytree(make_corpus.FILES, drop)
-    (drop / "a-directory").mkdir()
-    outside = tmp_path / "outside"
-    outside.mkdir()
-    shutil.copy(make_corpus.FILES / "good-photo.jpg", outside / "cat.jpg")
-    os.symlink(outside / "cat.jpg", drop / "escape-link.jpg")
-    text = make_corpus.TEMPLATE.read_text()
-    text = text.replace("{server}", server.base_url).replace("{private}", private.base_url)
-    (drop / "manifest.jsonl").write_text(text)
+    drop = build_drop(tmp_path / "drops" / "corpus", server.base_url, private.base_url, tmp_path / "outside")
     return Drop(drop.name, drop)
 
 
