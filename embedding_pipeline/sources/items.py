@@ -29,7 +29,7 @@ kind                     status   meaning
 ``too_many_redirects``   failed   more redirects than the limit
 *content*
 ``empty_file``           failed   zero bytes
-``not_image``            failed   not an image by its content (HTML page, text, unsupported HEIC/AVIF ...)
+``not_image``            failed   not an image by its content (HTML page, text, PDF, SVG, HEIC ...)
 *decoding (set by the preprocess stage)*
 ``truncated``            failed   the image data ends early
 ``too_many_pixels``      failed   declares more pixels than allowed (decompression bomb guard)
