@@ -19,6 +19,24 @@ URI_MAX = 4096
 SCALAR_FIELDS = ("uri", "sha256", "drop", "model", "metadata")
 
 
+# pymilvus pings every 10 s, even on idle connections; gRPC servers that keep gRPC's default ping policy
+# (milvus-lite's does) answer a third ping within 5 minutes with GOAWAY "too_many_pings", which breaks the
+# client's next call. Ping rarely and only during calls: a long-lived client (a search service, a benchmark
+# parent) then stays usable however long it idles.
+GRPC_OPTIONS = {"grpc.keepalive_time_ms": 600_000, "grpc.keepalive_permit_without_calls": 0}
+
+
+def connect(settings: MilvusSettings, timeout: float = 30.0):
+    """A pymilvus ``MilvusClient`` for ``settings`` (raises whatever pymilvus raises when it cannot connect)."""
+    from pymilvus import MilvusClient
+
+    kwargs: dict[str, Any] = {"uri": settings.uri, "token": settings.token, "timeout": timeout,
+                              "grpc_options": GRPC_OPTIONS}
+    if settings.db_name:
+        kwargs["db_name"] = settings.db_name
+    return MilvusClient(**kwargs)
+
+
 class CollectionError(RuntimeError):
     """The collection cannot be used as asked (wrong dimension, bad filter, unreachable server)."""
 
@@ -61,13 +79,8 @@ class ImageIndex:
     @property
     def client(self):
         if self._client is None:
-            from pymilvus import MilvusClient
-
-            kwargs: dict[str, Any] = {"uri": self.settings.uri, "token": self.settings.token, "timeout": 30}
-            if self.settings.db_name:
-                kwargs["db_name"] = self.settings.db_name
             try:
-                self._client = MilvusClient(**kwargs)
+                self._client = connect(self.settings)
             except Exception as exc:  # noqa: BLE001 - pymilvus raises several types for "cannot connect"
                 raise CollectionError(f"cannot connect to Milvus at {self.settings.uri}: {exc}") from exc
         return self._client

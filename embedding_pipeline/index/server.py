@@ -17,12 +17,12 @@ NAME = "milvus"
 
 def milvus_ready(settings: Settings) -> bool:
     """True if a Milvus server answers at the configured URI."""
-    from pymilvus import MilvusClient
+    from embedding_pipeline.index.client import connect
 
     if settings.milvus.is_local and not processes.port_open(settings.milvus.host, settings.milvus.port):
         return False
     try:
-        client = MilvusClient(uri=settings.milvus.uri, token=settings.milvus.token, timeout=5)
+        client = connect(settings.milvus, timeout=5)
     except Exception:  # noqa: BLE001 - any failure to connect means "not ready"
         return False
     try:

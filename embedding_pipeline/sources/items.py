@@ -9,8 +9,8 @@ vocabulary (reports and dashboards group by it) plus a specific ``error`` messag
 kind                     status   meaning
 ======================== ======== ================================================================================
 *manifest*
-``bad_row``              failed   a manifest line that is not valid JSON, not an object, or has no ``uri``
-``bad_metadata``         failed   ``metadata`` is not a JSON object (or, as a string, not valid JSON)
+``bad_row``              failed   a manifest line that is not valid JSON or an object, has no ``uri``, or a long id
+``bad_metadata``         failed   ``metadata`` is not a JSON object (or not valid JSON), or is over 64 KiB
 ``duplicate_id``         failed   an id already used by another item of the drop
 ``duplicate``            skipped  the same content listed again without an id (it is one row, not an error)
 ``ignored``              skipped  a loose file of a folder drop that is clearly no image (``.txt``, ``.md`` ...)

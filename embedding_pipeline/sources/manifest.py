@@ -51,6 +51,10 @@ IGNORED_SUFFIXES = frozenset(
     ".zip .tar .gz .tgz .sha256 .sha1 .md5 .py .sh".split()
 )
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+# What one Milvus row can hold (the id is a VARCHAR(512) primary key; JSON fields are capped server-side):
+# checked per row here so one oversized row fails alone instead of failing the drop's upsert.
+MAX_ID_CHARS = 512
+MAX_METADATA_BYTES = 64 * 1024
 
 
 def is_url(uri: str) -> bool:
@@ -165,5 +169,13 @@ def _entry_from_row(row: dict[str, Any], base: Path, origin: str) -> Entry:
     if not isinstance(metadata, dict):
         error = "metadata must be a JSON object"
         return Entry(uri=uri, id=item_id, origin=origin, error=error, error_kind="bad_metadata")
+    if item_id is not None and len(item_id) > MAX_ID_CHARS:
+        error = f"id longer than {MAX_ID_CHARS} characters"
+        return Entry(uri=uri, id=item_id[:64] + "…", origin=origin, error=error, error_kind="bad_row")
     extra = {k: v for k, v in row.items() if k not in ("uri", "id", "metadata")}
-    return Entry(uri=uri, id=item_id, metadata={**extra, **metadata}, origin=origin)
+    merged = {**extra, **metadata}
+    size = len(json.dumps(merged, default=str).encode())
+    if size > MAX_METADATA_BYTES:
+        error = f"metadata is {size} bytes as JSON; at most {MAX_METADATA_BYTES} are stored"
+        return Entry(uri=uri, id=item_id, origin=origin, error=error, error_kind="bad_metadata")
+    return Entry(uri=uri, id=item_id, metadata=merged, origin=origin)

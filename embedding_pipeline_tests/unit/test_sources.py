@@ -105,3 +105,18 @@ def test_drop_completeness(tmp_path):
     assert invalid == ["bad name!"]
     assert {d.name for d in drops.complete_drops(root, settle_s=60)} == {"ready", "old.jsonl"}
     assert {d.name for d in drops.complete_drops(root, settle_s=0)} == {"ready", "fresh", "old.jsonl"}
+
+
+def test_rows_milvus_cannot_hold_fail_alone(tmp_path):
+    d = tmp_path / "drop-big"
+    d.mkdir()
+    (d / "red.png").write_bytes(RED)
+    rows = [
+        {"id": "x" * 600, "uri": "red.png"},
+        {"id": "huge", "uri": "red.png", "metadata": {"blob": "y" * 70_000}},
+        {"id": "fine", "uri": "red.png"},
+    ]
+    (d / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    items = collect_items(_drop(d), SourceSettings(), tmp_path / "blobs")
+    assert [(i.status, i.error_kind) for i in items] == [("failed", "bad_row"), ("failed", "bad_metadata"), ("ok", "")]
+    assert len(items[0].id) < 100 and "longer than 512" in items[0].error
