@@ -17,8 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
-from embedding_pipeline.preprocess.decode import DecodeOptions
-from embedding_pipeline.preprocess.preprocessor import Prepared, Preprocessor, SourceError
+from embedding_pipeline.preprocess.preprocessor import Prepared, SourceError, from_settings
 from embedding_pipeline.preprocess.spec import IMAGENET_MEAN, IMAGENET_STD, TensorSpec
 from embedding_pipeline.settings import Settings, load_settings
 from embedding_pipeline.sources.fetch import FetchError
@@ -54,17 +53,7 @@ class JAXImagePreprocessor:
         datatype = {"float32": "FP32", "float16": "FP16", "uint8": "UINT8"}[dtype]
         shape = (3, height, width) if channels_first else (height, width, 3)
         spec = TensorSpec.from_model_input(datatype, shape, mean=tuple(mean), std=tuple(std))
-        p = self.settings.preprocess
-        self._pre = Preprocessor(
-            spec,
-            resize_size=resize_size,
-            batch_size=batch_size,
-            cache_dir=self.settings.paths.jax_cache if cache_compiled else None,
-            policy=resize_policy,
-            pad_color=p.pad_color,
-            options=DecodeOptions(max_pixels=p.max_pixels, background=p.background, allow_truncated=p.allow_truncated),
-            workers=p.decode_workers,
-        )
+        self._pre = from_settings(self.settings, spec, batch_size, resize_size, resize_policy, cache_compiled)
 
     @property
     def spec(self) -> TensorSpec:

@@ -178,19 +178,32 @@ class Preprocessor:
         return Prepared(np.concatenate(tensors), errors)
 
 
+def from_settings(
+    settings: "Settings",
+    spec: TensorSpec,
+    batch_size: int | None = None,
+    resize_size: int | None = None,
+    policy: str | None = None,
+    cache: bool = True,
+) -> Preprocessor:
+    """A preprocessor for ``spec`` with the decode and resize knobs of ``settings`` (arguments override)."""
+    p = settings.preprocess
+    return Preprocessor(
+        spec,
+        resize_size=resize_size or p.resize_size,
+        batch_size=batch_size or p.batch_size,
+        cache_dir=settings.paths.jax_cache if cache else None,
+        policy=policy or p.resize_policy,
+        pad_color=p.pad_color,
+        options=DecodeOptions(max_pixels=p.max_pixels, background=p.background, allow_truncated=p.allow_truncated),
+        workers=p.decode_workers,
+    )
+
+
 def for_model(
     settings: "Settings", datatype: str, shape: Sequence[int], batch_size: int | None = None
 ) -> Preprocessor:
     """The preprocessor that produces exactly the model input Triton reports, tuned by the settings."""
     p = settings.preprocess
     spec = TensorSpec.from_model_input(datatype, tuple(shape), size=p.size, mean=p.mean, std=p.std)
-    return Preprocessor(
-        spec,
-        resize_size=p.resize_size,
-        batch_size=batch_size or p.batch_size,
-        cache_dir=settings.paths.jax_cache,
-        policy=p.resize_policy,
-        pad_color=p.pad_color,
-        options=DecodeOptions(max_pixels=p.max_pixels, background=p.background, allow_truncated=p.allow_truncated),
-        workers=p.decode_workers,
-    )
+    return from_settings(settings, spec, batch_size)

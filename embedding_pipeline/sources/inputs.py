@@ -7,21 +7,20 @@ through the safe fetcher (timeouts, size limit, address policy).
 from __future__ import annotations
 
 import io
-import stat
 from pathlib import Path
 from typing import Any, Union
 
 import numpy as np
 
 from embedding_pipeline.settings import SourceSettings
-from embedding_pipeline.sources.fetch import FetchError, UrlFetcher
+from embedding_pipeline.sources.fetch import UrlFetcher, read_local
 from embedding_pipeline.sources.manifest import is_url
 
 ImageInput = Union[str, Path, bytes, np.ndarray, Any]  # Any: a PIL image
 
 
 def read_image_input(image: ImageInput, settings: SourceSettings, fetcher: UrlFetcher | None = None) -> bytes:
-    """Encoded bytes of ``image``; raises :class:`FetchError` with a specific message when it cannot be read."""
+    """Encoded bytes of ``image``; raises ``FetchError`` with a specific message when it cannot be read."""
     if isinstance(image, (bytes, bytearray, memoryview)):
         return bytes(image)
     if isinstance(image, (str, Path)):
@@ -34,19 +33,9 @@ def read_image_input(image: ImageInput, settings: SourceSettings, fetcher: UrlFe
             finally:
                 if own:
                     fetcher.close()
+        # The caller's own path: any location is fine, but the regular-file and size checks still apply.
         path = Path(text).expanduser()
-        try:
-            info = path.stat()
-            if not stat.S_ISREG(info.st_mode):  # a FIFO or device would block or never end
-                raise FetchError("not_a_file", f"not a regular file: {text}")
-            size = info.st_size
-            if size > settings.max_image_bytes:
-                raise FetchError("too_large", f"file too large: {size} bytes > {settings.max_image_bytes}: {text}")
-            return path.read_bytes()
-        except FileNotFoundError:
-            raise FetchError("not_found", f"file not found: {text}") from None
-        except OSError as exc:
-            raise FetchError("unreadable", f"cannot read {text}: {exc.strerror}") from None
+        return read_local(path, [Path(path.anchor or "/")], settings.max_image_bytes)
     from PIL import Image
 
     pil = Image.fromarray(np.asarray(image, dtype=np.uint8)) if isinstance(image, np.ndarray) else image

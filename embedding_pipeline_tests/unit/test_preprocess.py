@@ -188,3 +188,21 @@ def test_spec_follows_the_model_and_rejects_conflicts():
         TensorSpec.from_model_input("FP32", (1280,))
     with pytest.raises(ValueError):
         TensorSpec.from_model_input("INT64", (224, 224, 3))
+
+
+def test_seed_api_single_batch_and_errors(tmp_path):
+    from embedding_pipeline.preprocess.jax_preprocessor import JAXImagePreprocessor, PreprocessError
+    from embedding_pipeline.settings import load_settings
+
+    settings = load_settings(environ={"EMBEDDING_PIPELINE_HOME": str(tmp_path)})
+    pre = JAXImagePreprocessor(image_size=(48, 32), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), settings=settings)
+    white = tmp_path / "white.png"
+    white.write_bytes(encode(np.full((60, 50, 3), 255, np.uint8)))
+    single = pre.preprocess_single(white)
+    assert single.shape == (3, 48, 32) and single.dtype == np.float32 and np.allclose(single, 1.0, atol=1e-5)
+    assert pre.preprocess_batch([white, str(white)]).shape == (2, 3, 48, 32)
+    with pytest.raises(PreprocessError) as info:
+        pre.preprocess_batch([white, tmp_path / "missing.png", b"not an image"])
+    assert set(info.value.errors) == {1, 2} and "file not found" in info.value.errors[1]
+    many = pre.preprocess_many([b"junk", white])
+    assert many.tensors.shape == (1, 3, 48, 32) and many.errors[0].kind == "decode_error"
