@@ -39,6 +39,18 @@ class TritonSettings(_Section):
     grpc_port: int = Field(18001, description="gRPC port of the locally started server.")
     metrics_port: int = Field(18002, description="Metrics port of the locally started server.")
     max_batch_size: int = Field(32, ge=1, le=1024, description="max_batch_size of the generated model.")
+    protocol: Literal["http", "grpc"] = Field(
+        "http", description="Wire protocol (TRITON_PROTOCOL); gRPC talks to the same host on grpc_port."
+    )
+    concurrency: int = Field(2, ge=1, le=64, description="Inference requests in flight (TRITON_CONCURRENCY).")
+    retries: int = Field(3, ge=0, le=20, description="Retries on connection errors and 5xx/unavailable.")
+    retry_backoff_s: float = Field(0.5, ge=0, description="First retry delay; doubles per attempt.")
+    shared_memory: Literal["auto", "on", "off"] = Field(
+        "auto", description="Triton system shared memory: auto uses it for a server on this host, else the wire."
+    )
+    model_path: Path | None = Field(
+        None, description="Your own ONNX model for the locally started server (TRITON_MODEL_PATH); default model if unset."
+    )
 
     @property
     def host(self) -> str:
@@ -67,6 +79,18 @@ class MilvusSettings(_Section):
     index_params: dict[str, Any] = Field(default_factory=lambda: {"M": 16, "efConstruction": 256})
     search_params: dict[str, Any] = Field(default_factory=lambda: {"ef": 64})
     insert_batch_size: int = Field(1000, ge=1, description="Rows per upsert call.")
+    user: str = Field("", description="User name (MILVUS_USER); with password, an alternative to the token.")
+    password: str = Field("", description="Password (MILVUS_PASSWORD).")
+    secure: bool = Field(False, description="Use TLS to the server (MILVUS_SECURE); https:// URIs imply it.")
+    ca_pem_path: str = Field("", description="CA certificate to verify the server with (MILVUS_CA_PEM_PATH).")
+    server_name: str = Field("", description="TLS server name when it differs from the URI's host.")
+    consistency_level: Literal["Strong", "Session", "Bounded", "Eventually"] = Field(
+        "Session", description="Collection consistency level (MILVUS_CONSISTENCY_LEVEL)."
+    )
+    filter_fields: dict[str, Literal["VARCHAR", "INT64", "DOUBLE", "BOOL"]] = Field(
+        default_factory=dict,
+        description="Metadata keys stored as typed, indexed scalar fields so filters on them are fast.",
+    )
 
     @property
     def host(self) -> str:
@@ -227,9 +251,18 @@ ENV_VARS: dict[str, tuple[str | None, str]] = {
     "TRITON_MODEL_NAME": ("triton", "model_name"),
     "TRITON_MODEL_VERSION": ("triton", "model_version"),
     "TRITON_TIMEOUT_S": ("triton", "timeout_s"),
+    "TRITON_PROTOCOL": ("triton", "protocol"),
+    "TRITON_CONCURRENCY": ("triton", "concurrency"),
+    "TRITON_SHARED_MEMORY": ("triton", "shared_memory"),
+    "TRITON_MODEL_PATH": ("triton", "model_path"),
     "MILVUS_URI": ("milvus", "uri"),
     "MILVUS_TOKEN": ("milvus", "token"),
     "MILVUS_DB_NAME": ("milvus", "db_name"),
+    "MILVUS_USER": ("milvus", "user"),
+    "MILVUS_PASSWORD": ("milvus", "password"),
+    "MILVUS_SECURE": ("milvus", "secure"),
+    "MILVUS_CA_PEM_PATH": ("milvus", "ca_pem_path"),
+    "MILVUS_CONSISTENCY_LEVEL": ("milvus", "consistency_level"),
     "MILVUS_COLLECTION": ("milvus", "collection"),
     "MILVUS_EMBEDDING_DIM": ("milvus", "embedding_dim"),
     "MILVUS_INDEX_TYPE": ("milvus", "index_type"),
