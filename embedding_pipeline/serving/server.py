@@ -1,9 +1,10 @@
 """The bundled Triton Inference Server (from the ``nvidia-pytriton`` wheel) as a managed local process.
 
-``start_triton`` is idempotent: a server that already serves the model at ``settings.triton.url`` (ours or anyone
-else's) is used as is. Only loopback URLs are ever started locally; for a remote URL the model must already be
-ready. The server runs from the ``serving`` environment (numpy < 2, onnxruntime), the way a Triton container
-would run beside the pipeline.
+``start_triton`` is idempotent: a server that already serves the model at ``settings.triton.url`` is used as is
+— except that a server this pipeline started reloads the model when the configured ONNX file (the default model,
+or ``triton.model_path``) or ``triton.max_batch_size`` no longer matches what it serves. Only loopback URLs are
+ever started locally; for a remote URL the model must already be ready. The server runs from the ``serving``
+environment (numpy < 2, onnxruntime), the way a Triton container would run beside the pipeline.
 """
 
 from __future__ import annotations
@@ -12,14 +13,16 @@ import json
 import os
 import shutil
 import subprocess
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 from embedding_pipeline import processes
 from embedding_pipeline.processes import ServiceError
 from embedding_pipeline.serving.environments import env_dir, ensure_env, file_lock
-from embedding_pipeline.serving.models import ensure_default_model, read_sidecar
-from embedding_pipeline.serving.repository import ModelSpec, inspect_onnx, write_model_repository
+from embedding_pipeline.serving.models import configured_sha256, model_artifact
+from embedding_pipeline.serving.repository import write_model_repository
 from embedding_pipeline.settings import Settings, TritonSettings
 from embedding_pipeline.state import StatePaths
 
@@ -50,6 +53,8 @@ def start_triton(settings: Settings) -> None:
     """Make sure the model at ``settings.triton.url`` is ready, starting the bundled server if needed."""
     triton = settings.triton
     if model_ready(triton):
+        if triton.is_local and processes.read(settings.paths.run, PROCESS_NAME) is not None:
+            _reload_if_changed(settings)
         return
     what = f"model {triton.model_name!r} at {base_url(triton)}"
     if not triton.is_local:
@@ -103,23 +108,63 @@ def _bind_address(triton: TritonSettings) -> str:
     return "127.0.0.1" if triton.host == "localhost" else triton.host
 
 
+def _write_repository(settings: Settings) -> bool:
+    """The model repository for the configured model (default or ``triton.model_path``); True if files changed."""
+    triton = settings.triton
+    artifact = model_artifact(settings.paths, triton.model_path, triton.max_batch_size)
+    return write_model_repository(
+        settings.paths.model_repository,
+        triton.model_name,
+        artifact.path,
+        artifact.spec,
+        max_batch_size=triton.max_batch_size,
+        parameters=artifact.parameters,
+    )
+
+
+def _served_config(triton: TritonSettings) -> dict[str, Any]:
+    return _http_json(f"{base_url(triton)}/v2/models/{triton.model_name}/config")
+
+
+def _is_current(triton: TritonSettings, served: dict[str, Any], sha256: str) -> bool:
+    params = {key: (value or {}).get("string_value") for key, value in (served.get("parameters") or {}).items()}
+    return params.get("artifact_sha256") == sha256 and int(served.get("max_batch_size", -1)) == triton.max_batch_size
+
+
+def _reload_if_changed(settings: Settings) -> None:
+    """Rewrite the repository and reload the model in the server we started if it serves another model file or
+    batch limit than configured (the server runs in explicit model-control mode, so it never reloads by itself)."""
+    triton = settings.triton
+    if _is_current(triton, _served_config(triton), configured_sha256(settings.paths, triton.model_path)):
+        return
+    with file_lock(settings.paths.run / f"{PROCESS_NAME}.lock"):
+        _write_repository(settings)
+        url = f"{base_url(triton)}/v2/repository/models/{triton.model_name}/load"
+        # Triton answers once the new model is loaded (it keeps serving the old one until then).
+        _http_json(url, method="POST", timeout=triton.ready_timeout_s)
+        what = f"Triton model {triton.model_name!r}"
+        processes.wait_until(lambda: model_ready(triton), triton.ready_timeout_s, what)
+
+
+def _http_json(url: str, method: str = "GET", timeout: float = 10.0) -> dict[str, Any]:
+    request = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            body = response.read()
+    except urllib.error.HTTPError as exc:
+        detail = exc.read().decode(errors="replace")[:2000]
+        raise ServiceError(f"Triton answered {exc.code} to {method} {url}: {detail}") from None
+    except OSError as exc:
+        raise ServiceError(f"{method} {url} failed: {exc}") from None
+    return json.loads(body) if body.strip() else {}
+
+
 def _prepare(settings: Settings) -> tuple[list[str], dict[str, str]]:
     """Environments, model, repository and backend directory; returns the server's argv and environment."""
     paths = settings.paths
     triton = settings.triton
     python = ensure_env(paths, "serving")
-    onnx_path = ensure_default_model(paths)
-    sidecar = read_sidecar(onnx_path)
-    spec = ModelSpec.from_dict(sidecar) if sidecar else inspect_onnx(onnx_path, python)
-    extra = {"artifact_version": str(sidecar["version"]), "artifact_sha256": str(sidecar["sha256"])} if sidecar else {}
-    write_model_repository(
-        paths.model_repository,
-        triton.model_name,
-        onnx_path,
-        spec,
-        max_batch_size=triton.max_batch_size,
-        parameters=extra,
-    )
+    _write_repository(settings)
     layout = _serving_layout(python)
     tritonserver_root = Path(layout["purelib"]) / "pytriton" / "tritonserver"
     backends = _assemble_backends(paths, tritonserver_root, layout["version"])

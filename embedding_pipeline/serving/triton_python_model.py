@@ -2,8 +2,9 @@
 
 Copied verbatim into the model repository as ``<model>/1/model.py``; Triton imports it in its backend stub
 process (the ``serving`` environment), so it may import only numpy, onnxruntime and Triton's own utilities —
-never ``embedding_pipeline``. The bundled Triton has only the python backend; a stock Triton container could load
-the same ``model.onnx`` with its onnxruntime backend instead.
+never ``embedding_pipeline``. The bundled Triton has only the python backend; for NVIDIA's Triton containers the
+``onnxruntime`` repository flavour serves the same ``model.onnx`` with their ONNX Runtime backend instead (see
+:mod:`embedding_pipeline.serving.repository`).
 
 Tensor names, types and shapes come from ``config.pbtxt``; ORT thread counts from its ``parameters``
 (``intra_op_num_threads``, ``inter_op_num_threads``).
