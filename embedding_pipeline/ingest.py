@@ -206,23 +206,41 @@ def embed_drop(settings: Settings, drop_name: str, embedder: Embedder) -> dict[s
     Vectors of items the preprocess stage marked as reused are copied from the drop's previous embeddings
     (same id, sha256 and model), with the item's current metadata.
     """
+    from collections import deque
+
     started = time.perf_counter()
     files = drop_files(settings, drop_name)
     metadata = {i.id: json.dumps(i.metadata, sort_keys=True, default=str) for i in read_manifest(settings, drop_name)}
     model = embedder.model_version_label()
     reused = set(arrow.read_json(files.preprocessed, "reused.json", []))
     count, carried, dim, infer_s = 0, 0, None, 0.0
-    with arrow.DropWriter(files.embeddings) as writer:
+    tables: deque = deque()
+
+    def tensor_batches():
+        # Pulled by the embedder's stream, so the next file is read while earlier batches are being inferred.
         for table in arrow.read_batches(files.preprocessed):
-            t0 = time.perf_counter()
-            vectors = embedder.embed(arrow.tensors_of(table))
-            infer_s += time.perf_counter() - t0
-            dim = int(vectors.shape[1])
-            rows = table.select(["id", "drop", "sha256", "uri"]).to_pydict()
-            rows["model"] = [model] * table.num_rows
-            rows["metadata"] = [metadata.get(i, "{}") for i in rows["id"]]
-            writer.write(arrow.embedding_table(rows, vectors, arrow.embedding_schema(dim, {"model": model})))
-            count += table.num_rows
+            tables.append(table)
+            yield arrow.tensors_of(table)
+
+    stream = getattr(embedder, "embed_stream", None)  # an embedder without one is called batch by batch
+    results = stream(tensor_batches()) if stream else map(embedder.embed, tensor_batches())
+    with arrow.DropWriter(files.embeddings) as writer:
+        try:
+            while True:
+                t0 = time.perf_counter()
+                vectors = next(results, None)
+                infer_s += time.perf_counter() - t0
+                if vectors is None:
+                    break
+                table = tables.popleft()  # results come in order, one per table
+                dim = int(vectors.shape[1])
+                rows = table.select(["id", "drop", "sha256", "uri"]).to_pydict()
+                rows["model"] = [model] * table.num_rows
+                rows["metadata"] = [metadata.get(i, "{}") for i in rows["id"]]
+                writer.write(arrow.embedding_table(rows, vectors, arrow.embedding_schema(dim, {"model": model})))
+                count += table.num_rows
+        finally:
+            getattr(results, "close", lambda: None)()  # cancels batches still queued if writing failed
         if reused:
             # The old folder is still in place: the writer swaps it out only at commit.
             for table in arrow.read_batches(files.embeddings):

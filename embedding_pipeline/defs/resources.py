@@ -23,23 +23,28 @@ def _overlay(base: S, resource: ConfigurableResource) -> S:
 
 
 class TritonResource(ConfigurableResource):
-    """The model server that turns tensors into embeddings (NVIDIA Triton, HTTP)."""
+    """The model server that turns tensors into embeddings (NVIDIA Triton, HTTP or gRPC)."""
 
     url: Optional[str] = None
     model_name: Optional[str] = None
     model_version: Optional[str] = None
     timeout_s: Optional[float] = None
     ready_timeout_s: Optional[float] = None
+    protocol: Optional[str] = None
+    concurrency: Optional[int] = None
+    retries: Optional[int] = None
+    retry_backoff_s: Optional[float] = None
+    shared_memory: Optional[str] = None
 
     def settings(self) -> TritonSettings:
         return _overlay(load_settings().triton, self)
 
     def embedder(self):
-        """A new client, ready to use; the caller closes it (clients are not thread-safe, so don't share)."""
+        """A new client, ready to use, with ``concurrency`` requests in flight; the caller closes it."""
         from embedding_pipeline.serving.client import TritonEmbedder
 
         s = self.settings()
-        client = TritonEmbedder(s.url, s.model_name, s.model_version, s.timeout_s)
+        client = TritonEmbedder.from_settings(s)
         try:
             client.wait_ready(s.ready_timeout_s)
         except Exception:
