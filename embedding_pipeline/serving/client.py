@@ -570,6 +570,7 @@ class TritonEmbedder:
         self._finalizer = weakref.finalize(self, self._pool.close)
         self._lock = threading.Lock()
         self._spec: ModelInputSpec | None = None
+        self._config: dict[str, Any] | None = None
         self._metadata: dict[str, Any] | None = None
 
     @classmethod
@@ -664,12 +665,21 @@ class TritonEmbedder:
                 )
             return self._metadata
 
+    def config(self) -> dict[str, Any]:
+        """The model's configuration as the server reports it (cached after the first call)."""
+        with self._lock:
+            if self._config is None:
+                self._config = self._call(
+                    lambda t: t.config(self.model_name, self.model_version), "reading model config"
+                )
+            return self._config
+
     def input_spec(self) -> ModelInputSpec:
         """The model's input/output as the server describes it (cached after the first call)."""
         metadata = self.metadata()
+        config = self.config()
         with self._lock:
             if self._spec is None:
-                config = self._call(lambda t: t.config(self.model_name, self.model_version), "reading model config")
                 self._spec = self._spec_from(metadata, config)
             return self._spec
 
@@ -694,11 +704,18 @@ class TritonEmbedder:
         )
 
     def model_version_label(self) -> str:
-        """``"<name>:<version>"`` of the model that answers, e.g. ``"image_embedder:1"``."""
+        """``"<name>:<version>"`` of the model that answers, e.g. ``"image_embedder:1"``, plus
+        ``"@<12 hex>"`` of the served ONNX file when its config records it (repositories this pipeline writes do).
+
+        Stored with every vector: replacing the model file behind the same name and version changes the label, so
+        old vectors are never taken for the new model's.
+        """
         metadata = self.metadata()
         versions = metadata.get("versions") or []
         version = self.model_version or max(versions, key=lambda v: (len(v), v), default="?")
-        return f"{metadata.get('name', self.model_name)}:{version}"
+        label = f"{metadata.get('name', self.model_name)}:{version}"
+        artifact = _parameter(self.config(), "artifact_sha256")
+        return f"{label}@{artifact[:12]}" if artifact else label
 
     def statistics(self) -> ModelStatistics:
         """The server's inference counters for this model (requests, rows, executions, batch sizes)."""
@@ -856,3 +873,11 @@ def _missing_model_problem(model: str, version: str, index: list[dict[str, Any]]
         for e in entries
     )
     return f"the server is up and lists model {model!r}, but it is not ready ({states})"
+
+
+def _parameter(config: dict[str, Any], key: str) -> str:
+    """A string parameter of a model config (``parameters { key: ... value: { string_value: ... } }``)."""
+    value = (config.get("parameters") or {}).get(key) or {}
+    if not isinstance(value, dict):
+        return ""
+    return str(value.get("string_value") or value.get("stringValue") or "")

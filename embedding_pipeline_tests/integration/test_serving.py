@@ -60,14 +60,18 @@ def reference(triton_settings):
     return lambda batch: session.run(None, {name: batch})[0]
 
 
-def test_input_spec_comes_from_the_server(embedder):
+def test_input_spec_comes_from_the_server(embedder, triton_settings):
     spec = embedder.input_spec()
     assert spec.datatype == "UINT8"
     assert spec.shape == (SIZE, SIZE, 3)
     assert spec.output_dim == 1280
     assert spec.max_batch_size == 32
     assert (spec.name, spec.output_name) == ("image", "embedding")
-    assert embedder.model_version_label() == "image_embedder:1"
+    # The label names the served file too, so a replaced model never passes for the old one.
+    from embedding_pipeline.serving.models import default_model_path, file_sha256
+
+    sha = file_sha256(default_model_path(triton_settings.paths))
+    assert embedder.model_version_label() == f"image_embedder:1@{sha[:12]}"
 
 
 def test_triton_matches_onnxruntime_in_process(embedder, reference, photos):
