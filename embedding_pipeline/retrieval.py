@@ -26,7 +26,7 @@ class ImageSearcher:
 
         self.settings = settings or load_settings()
         t = self.settings.triton
-        self.embedder = embedder or TritonEmbedder(t.url, t.model_name, t.model_version, t.timeout_s)
+        self.embedder = embedder or TritonEmbedder.from_settings(t)
         self._index = index
         self._preprocessor: Preprocessor | None = None
 
@@ -50,8 +50,16 @@ class ImageSearcher:
             raise ValueError(f"query image: {prepared.errors[0]}")
         return self.embedder.embed(prepared.tensors)[0]
 
-    def search(self, image: ImageInput, top_k: int = 10, filter: str | None = None) -> list[Hit]:
-        return self.index.search(self.embed(image), top_k=top_k, filter=filter)[0]
+    def search(
+        self,
+        image: ImageInput,
+        top_k: int = 10,
+        filter: str | None = None,
+        search_params: dict[str, Any] | None = None,
+    ) -> list[Hit]:
+        """``search_params`` overrides the configured index search parameters for this query (e.g. ``{"ef": 128}``
+        for HNSW, ``{"nprobe": 32}`` for IVF_FLAT)."""
+        return self.index.search(self.embed(image), top_k=top_k, filter=filter, search_params=search_params)[0]
 
     def close(self) -> None:
         self.embedder.close()
@@ -66,8 +74,13 @@ class ImageSearcher:
 
 
 def search(
-    image: ImageInput, top_k: int = 10, filter: str | None = None, settings: Settings | None = None
+    image: ImageInput,
+    top_k: int = 10,
+    filter: str | None = None,
+    settings: Settings | None = None,
+    search_params: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Top-k most similar indexed images: dicts with id, score, uri, drop, sha256, model and metadata."""
     with ImageSearcher(settings) as searcher:
-        return [hit.as_dict() for hit in searcher.search(image, top_k=top_k, filter=filter)]
+        hits = searcher.search(image, top_k=top_k, filter=filter, search_params=search_params)
+        return [hit.as_dict() for hit in hits]

@@ -1,23 +1,59 @@
-"""The image collection in Milvus: schema, index, idempotent upserts, per-drop deletes and search.
+"""The image collection in Milvus: schema, indexes, idempotent upserts, per-drop deletes and search.
 
 One row per image id (VARCHAR primary key), so re-ingesting a drop overwrites rather than duplicates. The vector
-dimension comes from the model; a collection that exists with another dimension is refused, never mixed.
+dimension comes from the model; a collection that exists with another dimension, index type or metric is refused,
+never mixed. Indexes are built once, when the collection is created; the collection is loaded before searching.
+
+Works the same against the embedded milvus-lite server and a remote Milvus (URI + token or user/password, TLS,
+database); error messages name the URI, never a password.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import re
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 
-from embedding_pipeline.settings import MilvusSettings
+from embedding_pipeline.index import params as index_params
+from embedding_pipeline.index.filters import (
+    VARCHAR_MAX,
+    TypeMismatch,
+    check_declared,
+    presence_field,
+    rewrite_filter,
+    typed_values,
+    value_field,
+)
+from embedding_pipeline.settings import ConfigError, MilvusSettings
+
+log = logging.getLogger(__name__)
 
 ID_MAX = 512
 URI_MAX = 4096
 SCALAR_FIELDS = ("uri", "sha256", "drop", "model", "metadata")
-
+VECTOR_FIELD = "embedding"
+CONSISTENCY_LEVELS = ("Strong", "Session", "Bounded", "Eventually")
+# Milvus refuses messages over 64 MB (proxy.grpc.serverMaxRecvSize); stay far below it whatever the row size.
+MAX_UPSERT_BYTES = 16 * 1024 * 1024
+# Scalar index types per declared type, best first. Milvus 2.4+ and milvus-lite take INVERTED for all four (milvus-lite
+# takes nothing else); Milvus 2.3 takes only Trie for VARCHAR and STL_SORT for numbers and cannot index BOOL (a BOOL
+# column is still a plain scan, far cheaper than parsing JSON).
+SCALAR_INDEX_CANDIDATES: dict[str, tuple[str, ...]] = {
+    "VARCHAR": ("INVERTED", "Trie"),
+    "INT64": ("INVERTED", "STL_SORT"),
+    "DOUBLE": ("INVERTED", "STL_SORT"),
+    "BOOL": ("INVERTED",),
+}
+SCALAR_INDEX_MILVUS_2_3: dict[str, tuple[str, ...]] = {
+    "VARCHAR": ("Trie",), "INT64": ("STL_SORT",), "DOUBLE": ("STL_SORT",), "BOOL": (),
+}
+_DATA_TYPES = ("VARCHAR", "INT64", "DOUBLE", "BOOL")
 
 # pymilvus pings every 10 s, even on idle connections; gRPC servers that keep gRPC's default ping policy
 # (milvus-lite's does) answer a third ping within 5 minutes with GOAWAY "too_many_pings", which breaks the
@@ -26,15 +62,74 @@ SCALAR_FIELDS = ("uri", "sha256", "drop", "model", "metadata")
 GRPC_OPTIONS = {"grpc.keepalive_time_ms": 600_000, "grpc.keepalive_permit_without_calls": 0}
 
 
-def connect(settings: MilvusSettings, timeout: float = 30.0):
-    """A pymilvus ``MilvusClient`` for ``settings`` (raises whatever pymilvus raises when it cannot connect)."""
-    from pymilvus import MilvusClient
+def redact(uri: str) -> str:
+    """``uri`` without a password in its user-info part (safe to show in messages and logs)."""
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    host = parts.hostname or ""
+    netloc = f"{parts.username}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
 
-    kwargs: dict[str, Any] = {"uri": settings.uri, "token": settings.token, "timeout": timeout,
-                              "grpc_options": GRPC_OPTIONS}
+
+def connection_kwargs(settings: MilvusSettings) -> dict[str, Any]:
+    """MilvusClient keyword arguments for ``settings``: credentials, TLS, database. Raises ConfigError naming the
+    setting that is inconsistent or points at a missing file."""
+    if settings.token and (settings.user or settings.password):
+        raise ConfigError("set either milvus.token or milvus.user + milvus.password, not both")
+    if bool(settings.user) != bool(settings.password):
+        raise ConfigError("milvus.user and milvus.password must be set together")
+    token = settings.token or (f"{settings.user}:{settings.password}" if settings.user else "")
+    secure = settings.secure or urlsplit(settings.uri).scheme == "https"
+    kwargs: dict[str, Any] = {"uri": settings.uri, "token": token, "grpc_options": GRPC_OPTIONS}
     if settings.db_name:
         kwargs["db_name"] = settings.db_name
-    return MilvusClient(**kwargs)
+    if not secure and (settings.ca_pem_path or settings.server_name):
+        raise ConfigError(
+            "milvus.ca_pem_path / milvus.server_name are TLS settings, but TLS is off: set milvus.secure: true "
+            "or use an https:// URI"
+        )
+    if secure:
+        kwargs["secure"] = True
+        if settings.ca_pem_path:
+            ca = Path(settings.ca_pem_path).expanduser()
+            if not ca.is_file():
+                raise ConfigError(f"milvus.ca_pem_path: no certificate file at {ca}")
+            # pymilvus verifies the server against ``server_pem_path`` (root certificates) for one-way TLS; its
+            # ``ca_pem_path`` is used only together with a client certificate.
+            kwargs["server_pem_path"] = str(ca)
+        if settings.server_name:
+            kwargs["server_name"] = settings.server_name
+    return kwargs
+
+
+def connect(settings: MilvusSettings, timeout: float = 30.0):
+    """A pymilvus ``MilvusClient`` for ``settings`` (raises whatever pymilvus raises when it cannot connect).
+
+    Each client gets its own channel (``dedicated``): pymilvus otherwise shares one per address + token, and a
+    client asking for other TLS settings (another CA, no TLS) would silently ride on a channel opened with the first
+    client's. Session consistency is unaffected: pymilvus keeps the last-write timestamps per process.
+    """
+    from pymilvus import MilvusClient
+
+    return MilvusClient(timeout=timeout, dedicated=True, **connection_kwargs(settings))
+
+
+def connection_problem(settings: MilvusSettings, exc: BaseException) -> str:
+    """A message for a failed connection that says what to check; names the URI, never a secret."""
+    from embedding_pipeline.processes import port_open
+
+    where = redact(settings.uri)
+    text = str(exc)
+    if "database" in text.lower() and ("not exist" in text.lower() or "not found" in text.lower()):
+        return f"database {settings.db_name!r} does not exist on Milvus at {where} (milvus.db_name): {text}"
+    if not port_open(settings.host, settings.port, timeout=2):
+        return f"cannot connect to Milvus at {where}: nothing answers at {settings.host}:{settings.port}"
+    tls = " and the TLS settings (milvus.secure, milvus.ca_pem_path, milvus.server_name)"
+    return (
+        f"Milvus at {where} refused the connection: check the credentials (milvus.token, or milvus.user + "
+        f"milvus.password){tls}: {text}"
+    )
 
 
 class CollectionError(RuntimeError):
@@ -69,21 +164,53 @@ def quote(value: str) -> str:
 
 
 class ImageIndex:
-    """A client for one image collection. Connects lazily; safe to create outside a Dagster run."""
+    """A client for one image collection. Connects lazily; safe to create outside a Dagster run.
 
-    def __init__(self, settings: MilvusSettings):
+    Raises :class:`ConfigError` at once if the index parameters or declared filter fields are invalid.
+    """
+
+    def __init__(self, settings: MilvusSettings, connect_timeout: float = 30.0):
         self.settings = settings
+        # A refused TLS handshake is retried by gRPC until this runs out, so it bounds how long a bad CA takes.
+        self.connect_timeout = connect_timeout
         self.collection = settings.collection
+        self.declared = check_declared(settings.filter_fields)
+        index_params.check_settings(settings)
+        connection_kwargs(settings)  # inconsistent credentials or TLS settings fail here, before any call
         self._client = None
+        self._filter_fields: dict[str, str] | None = None
+        # Milvus 2.3 answers a delete without a timestamp, so a Session read after it may not see it: reads that
+        # follow a delete through this client run Strong instead (milvus-lite is always strong: no cost there).
+        self._deleted = False
+        # Rows whose metadata value did not fit a declared key's type (stored, typed column empty), newest last.
+        self.type_mismatches: list[TypeMismatch] = []
 
     @property
     def client(self):
         if self._client is None:
             try:
-                self._client = connect(self.settings)
+                client = connect(self.settings, timeout=self.connect_timeout)
             except Exception as exc:  # noqa: BLE001 - pymilvus raises several types for "cannot connect"
-                raise CollectionError(f"cannot connect to Milvus at {self.settings.uri}: {exc}") from exc
+                raise CollectionError(connection_problem(self.settings, exc)) from exc
+            self._check_database(client)
+            self._client = client
         return self._client
+
+    def _check_database(self, client) -> None:  # noqa: ANN001 - a MilvusClient
+        """Milvus 2.3 answers calls in a missing database as if it were empty: say so instead."""
+        db = self.settings.db_name
+        if not db:
+            return
+        try:
+            databases = client.list_databases()
+        except Exception:  # noqa: BLE001 - no privilege to list, or no databases at all: the calls will tell
+            return
+        if db not in databases:
+            client.close()
+            raise CollectionError(
+                f"database {db!r} does not exist on Milvus at {redact(self.settings.uri)} (milvus.db_name); "
+                f"create it first (it has: {', '.join(databases)})"
+            )
 
     def close(self) -> None:
         if self._client is not None:
@@ -101,18 +228,28 @@ class ImageIndex:
     def exists(self) -> bool:
         return bool(self.client.has_collection(self.collection))
 
+    def _describe(self) -> dict[str, Any]:
+        try:
+            return self.client.describe_collection(self.collection)
+        except Exception as exc:  # noqa: BLE001 - pymilvus raises MilvusException for a missing collection
+            if not self.exists():
+                raise CollectionError(
+                    f"collection {self.collection!r} does not exist on Milvus at {redact(self.settings.uri)}"
+                    + (f" (database {self.settings.db_name!r})" if self.settings.db_name else "")
+                ) from exc
+            raise
+
     def dimension(self) -> int | None:
         """The vector dimension of the existing collection, or None if it doesn't exist."""
         if not self.exists():
             return None
-        info = self.client.describe_collection(self.collection)
-        for f in info["fields"]:
-            if f["name"] == "embedding":
+        for f in self._describe()["fields"]:
+            if f["name"] == VECTOR_FIELD:
                 return int(f["params"]["dim"])
         raise CollectionError(f"collection {self.collection!r} has no 'embedding' field; it was not made by this pipeline")
 
     def ensure_collection(self, dim: int) -> None:
-        """Create the collection with its index if missing, check its dimension, and load it for search."""
+        """Create the collection with its indexes if missing, check it fits the settings, and load it."""
         if self.settings.embedding_dim is not None and self.settings.embedding_dim != dim:
             raise CollectionError(
                 f"MILVUS_EMBEDDING_DIM is {self.settings.embedding_dim} but the model produces {dim}-d vectors"
@@ -125,41 +262,163 @@ class ImageIndex:
                 f"collection {self.collection!r} holds {existing}-d vectors but the model produces {dim}-d; "
                 "use another collection name (MILVUS_COLLECTION) rather than mixing dimensions"
             )
+        else:
+            self._check_vector_index()
+        self.filter_fields()
         self.client.load_collection(self.collection)
+
+    def _check_vector_index(self) -> None:
+        try:
+            info = self.describe_index()
+        except Exception:  # noqa: BLE001 - no index to compare (a collection made elsewhere): nothing to refuse
+            return
+        for key, wanted in (("index_type", self.settings.index_type), ("metric_type", self.settings.metric_type)):
+            have = info.get(key)
+            if have and have != wanted:
+                raise CollectionError(
+                    f"collection {self.collection!r} has a {info.get('index_type')}/{info.get('metric_type')} "
+                    f"vector index but the settings ask for {self.settings.index_type}/{self.settings.metric_type}; "
+                    "an index is built once, with the collection: use another collection name (MILVUS_COLLECTION)"
+                )
+
+    def filter_fields(self) -> dict[str, str]:
+        """Declared metadata key -> type, as the existing collection holds them (its schema is the authority).
+
+        A key declared in the settings but missing from the collection is refused: the columns are fixed when the
+        collection is created. Keys the collection declares beyond the settings are used as well, so rows stay
+        complete and filters stay fast whatever the reader's settings say.
+        """
+        if self._filter_fields is not None:
+            return self._filter_fields
+        fields = {f["name"]: f for f in self._describe()["fields"]}
+        found: dict[str, str] = {}
+        for name, f in fields.items():
+            key = name[len("meta_") :] if name.startswith("meta_") else None
+            if key and presence_field(key) in fields:
+                found[key] = _type_name(f["type"])
+        missing = {k: t for k, t in self.declared.items() if found.get(k) != t}
+        if missing:
+            wanted = ", ".join(f"{k} ({t})" for k, t in missing.items())
+            have = ", ".join(f"{k} ({t})" for k, t in found.items()) or "none"
+            raise CollectionError(
+                f"collection {self.collection!r} was created without the declared filter field(s) {wanted} "
+                f"(it has: {have}); declared fields are fixed when a collection is created: use a new collection "
+                "(MILVUS_COLLECTION) for milvus.filter_fields to apply"
+            )
+        self._filter_fields = found
+        return found
 
     def _create(self, dim: int) -> None:
         from pymilvus import DataType, MilvusClient
 
         schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
         schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=ID_MAX)
-        schema.add_field("embedding", DataType.FLOAT_VECTOR, dim=dim)
+        schema.add_field(VECTOR_FIELD, DataType.FLOAT_VECTOR, dim=dim)
         schema.add_field("uri", DataType.VARCHAR, max_length=URI_MAX)
         schema.add_field("sha256", DataType.VARCHAR, max_length=64)
         schema.add_field("drop", DataType.VARCHAR, max_length=256)
         schema.add_field("model", DataType.VARCHAR, max_length=256)
         schema.add_field("metadata", DataType.JSON)
-        index = self.client.prepare_index_params()
-        index.add_index(
-            field_name="embedding",
-            index_type=self.settings.index_type,
-            metric_type=self.settings.metric_type,
-            params=dict(self.settings.index_params) if self.settings.index_type != "FLAT" else {},
-        )
-        self.client.create_collection(self.collection, schema=schema, index_params=index)
+        for key, kind in self.declared.items():
+            extra = {"max_length": VARCHAR_MAX} if kind == "VARCHAR" else {}
+            schema.add_field(value_field(key), getattr(DataType, kind), **extra)
+            schema.add_field(presence_field(key), DataType.BOOL)
+        try:
+            self.client.create_collection(
+                self.collection, schema=schema, consistency_level=self.settings.consistency_level
+            )
+        except Exception:
+            if self.exists():  # another process created it meanwhile: check it like any existing one
+                self._check_vector_index()
+                return
+            raise
+        try:
+            index = self.client.prepare_index_params()
+            # Parameters go nested under "params": the wire form both Milvus 2.x and milvus-lite read (milvus-lite
+            # drops them when they come as separate keys, which is how pymilvus sends a flat dict).
+            index.add_index(
+                field_name=VECTOR_FIELD,
+                index_type=self.settings.index_type,
+                metric_type=self.settings.metric_type,
+                params={"params": index_params.build_params(self.settings)},
+            )
+            self.client.create_index(self.collection, index)
+            for key, kind in self.declared.items():
+                self._create_scalar_index(value_field(key), kind)
+                self._create_scalar_index(presence_field(key), "BOOL")
+        except Exception as exc:
+            # The collection is new and empty: remove it rather than leave one without its indexes behind.
+            self.client.drop_collection(self.collection)
+            raise CollectionError(f"building the indexes of collection {self.collection!r} failed: {exc}") from exc
+
+    def _scalar_candidates(self, kind: str) -> tuple[str, ...]:
+        """Index types to try for a declared type on this server (asking a 2.3 server for INVERTED only earns an
+        error in its log)."""
+        try:
+            version = str(self.client.get_server_version())
+        except Exception:  # noqa: BLE001 - unknown server: try everything
+            version = ""
+        match = re.match(r"v?(\d+)\.(\d+)", version)
+        if match and (int(match.group(1)), int(match.group(2))) < (2, 4):
+            return SCALAR_INDEX_MILVUS_2_3[kind]
+        return SCALAR_INDEX_CANDIDATES[kind]
+
+    def _create_scalar_index(self, field_name: str, kind: str) -> str | None:
+        """The first scalar index type the engine accepts for this field, built; None if it takes none."""
+        refusals = []
+        for index_type in self._scalar_candidates(kind):
+            index = self.client.prepare_index_params()
+            index.add_index(field_name=field_name, index_type=index_type, index_name=field_name)
+            try:
+                self.client.create_index(self.collection, index)
+                return index_type
+            except Exception as exc:  # noqa: BLE001 - the engine says no: try the next type
+                refusals.append(f"{index_type}: {str(exc)[:160]}")
+        log.info("no scalar index on %s.%s (%s); filters on it scan the column", self.collection, field_name,
+                 "; ".join(refusals))
+        return None
 
     def describe_index(self) -> dict[str, Any]:
-        return dict(self.client.describe_index(self.collection, "embedding"))
+        """The vector index: ``index_type``, ``metric_type``, ``params`` (the build parameters) and build state."""
+        raw = dict(self.client.describe_index(self.collection, VECTOR_FIELD) or {})
+        return _normalise_index(raw)
+
+    def scalar_indexes(self) -> dict[str, str | None]:
+        """Column -> scalar index type (None where the engine built none) for the declared filter fields."""
+        names = set(self.client.list_indexes(self.collection))
+        out: dict[str, str | None] = {}
+        for key in self.filter_fields():
+            for column in (value_field(key), presence_field(key)):
+                info = self.client.describe_index(self.collection, column) if column in names else None
+                out[column] = info.get("index_type") if info else None
+        return out
 
     # -- writes ----------------------------------------------------------------------------------------------
 
     def upsert(self, rows: Sequence[dict[str, Any]]) -> int:
-        """Insert or overwrite rows by id, in batches kept well under the engine's message size limit."""
+        """Insert or overwrite rows by id, in calls kept well under the engine's message size limit."""
+        fields = self.filter_fields()
         done = 0
-        step = self.settings.insert_batch_size
-        for start in range(0, len(rows), step):
-            chunk = [_row(r) for r in rows[start : start + step]]
+        for batch in _batches(rows, self.settings.insert_batch_size, MAX_UPSERT_BYTES):
+            chunk = []
+            problems: list[TypeMismatch] = []
+            for r in batch:
+                row = _row(r)
+                if fields:
+                    columns, mismatches = typed_values(row["id"], row["metadata"], fields)
+                    row.update(columns)
+                    problems.extend(mismatches)
+                chunk.append(row)
             result = self.client.upsert(self.collection, chunk)
             done += int(result["upsert_count"])
+            if problems:
+                self.type_mismatches.extend(problems)
+                first = problems[0]
+                log.warning(
+                    "%d metadata value(s) do not fit their declared filter field type; the rows are stored with the "
+                    "typed column empty (first: id %r, key %r, %s: %s)",
+                    len(problems), first.id, first.key, first.declared, first.reason,
+                )
         return done
 
     def _iterate(self, filter: str, fields: list[str]) -> Iterable[dict[str, Any]]:
@@ -193,6 +452,7 @@ class ImageIndex:
         for start in range(0, len(ids), 1000):
             result = self.client.delete(self.collection, ids=ids[start : start + 1000])
             deleted += len(result) if isinstance(result, list) else int(result.get("delete_count", 0))
+            self._deleted = True
         return deleted
 
     def delete_drop(self, drop: str) -> int:
@@ -200,16 +460,36 @@ class ImageIndex:
 
     # -- reads -----------------------------------------------------------------------------------------------
 
-    def count(self, filter: str = "") -> int:
-        rows = self.client.query(self.collection, filter=filter, output_fields=["count(*)"])
+    def rewrite(self, filter: str | None) -> str:
+        """``filter`` with comparisons on declared metadata keys moved to their typed columns."""
+        if not filter:
+            return ""
+        return rewrite_filter(filter, self.filter_fields())
+
+    def count(self, filter: str = "", consistency_level: str | None = None) -> int:
+        rows = self._call(
+            "count", filter,
+            lambda expr, extra: self.client.query(self.collection, filter=expr, output_fields=["count(*)"], **extra),
+            consistency_level,
+        )
         return int(rows[0]["count(*)"])
 
     def count_drop(self, drop: str) -> int:
         return self.count(f"drop == {quote(drop)}")
 
+    def ids(self, filter: str = "", consistency_level: str | None = None, limit: int = 16384) -> set[str]:
+        """Ids of the rows matching ``filter`` (at most ``limit``)."""
+        rows = self._call(
+            "query", filter,
+            lambda expr, extra: self.client.query(self.collection, filter=expr, output_fields=["id"], limit=limit,
+                                                  **extra),
+            consistency_level,
+        )
+        return {r["id"] for r in rows}
+
     def vectors(self, ids: Sequence[str]) -> dict[str, np.ndarray]:
-        rows = self.client.get(self.collection, ids=list(ids), output_fields=["embedding"])
-        return {r["id"]: np.asarray(r["embedding"], dtype=np.float32) for r in rows}
+        rows = self.client.get(self.collection, ids=list(ids), output_fields=[VECTOR_FIELD])
+        return {r["id"]: np.asarray(r[VECTOR_FIELD], dtype=np.float32) for r in rows}
 
     def search(
         self,
@@ -217,28 +497,115 @@ class ImageIndex:
         top_k: int = 10,
         filter: str | None = None,
         search_params: dict[str, Any] | None = None,
+        consistency_level: str | None = None,
     ) -> list[list[Hit]]:
-        """Top-k hits for each query vector; ``filter`` is a Milvus boolean expression."""
+        """Top-k hits for each query vector; ``filter`` is a Milvus boolean expression.
+
+        ``search_params`` overrides the configured ones for this query (keys are checked against the index type);
+        ``consistency_level`` overrides the collection's (``Strong``, ``Session``, ``Bounded``, ``Eventually``).
+        """
         if top_k < 1:
             raise ValueError("top_k must be >= 1")
-        params = dict(self.settings.search_params if search_params is None else search_params)
-        if self.settings.index_type == "FLAT":
-            params = {}
+        params = index_params.search_params(self.settings, search_params, top_k)
         data = np.asarray(vectors, dtype=np.float32)
         if data.ndim == 1:
             data = data[None, :]
-        try:
-            result = self.client.search(
+        result = self._call(
+            "search", filter,
+            lambda expr, extra: self.client.search(
                 self.collection,
                 data=data.tolist(),
                 limit=top_k,
-                filter=filter or "",
+                filter=expr,
                 output_fields=list(SCALAR_FIELDS),
                 search_params={"metric_type": self.settings.metric_type, "params": params},
-            )
-        except Exception as exc:  # noqa: BLE001 - pymilvus wraps server-side parse errors in MilvusException
-            raise CollectionError(f"search failed (filter {filter!r}): {exc}") from exc
+                **extra,
+            ),
+            consistency_level,
+        )
         return [[_hit(h) for h in hits] for hits in result]
+
+    def _call(self, what: str, filter: str | None, call, consistency_level: str | None):  # noqa: ANN001
+        """Run a filtered read: rewrite the filter, apply the consistency level, load the collection if the
+        server released it (a restarted Milvus), and name the filter when the engine refuses it."""
+        extra: dict[str, Any] = {}
+        if consistency_level is not None:
+            if consistency_level not in CONSISTENCY_LEVELS:
+                raise ValueError(
+                    f"consistency_level must be one of {', '.join(CONSISTENCY_LEVELS)}, not {consistency_level!r}"
+                )
+            extra["consistency_level"] = consistency_level
+        elif self._deleted and self.settings.consistency_level == "Session":
+            extra["consistency_level"] = "Strong"
+        expr = self.rewrite(filter)
+        try:
+            try:
+                return call(expr, extra)
+            except Exception as exc:  # noqa: BLE001
+                if "not loaded" not in str(exc).lower():
+                    raise
+                self.client.load_collection(self.collection)
+                return call(expr, extra)
+        except CollectionError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - pymilvus wraps server-side parse errors in MilvusException
+            shown = f"filter {filter!r}" + (f", run as {expr!r}" if expr != (filter or "") else "")
+            raise CollectionError(f"{what} failed ({shown}): {exc}") from exc
+
+
+def _type_name(data_type: Any) -> str:
+    name = getattr(data_type, "name", str(data_type))
+    return name if name in _DATA_TYPES else str(name)
+
+
+def _normalise_index(raw: dict[str, Any]) -> dict[str, Any]:
+    """describe_index output in one shape: engines return build parameters nested (a dict or JSON text) or as
+    top-level string values."""
+    known = {"index_type", "metric_type", "field_name", "index_name", "total_rows", "indexed_rows",
+             "pending_index_rows", "state", "params"}
+    params = raw.get("params")
+    if isinstance(params, str):
+        params = json.loads(params or "{}")
+    if params is None:
+        params = {k: v for k, v in raw.items() if k not in known}
+    out = {k: v for k, v in raw.items() if k in known}
+    out["params"] = {k: _number(v) for k, v in dict(params).items()}
+    return out
+
+
+def _number(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            try:
+                return float(value)
+            except ValueError:
+                return value
+    return value
+
+
+def _row_bytes(row: dict[str, Any]) -> int:
+    """About what a row costs in an upsert message: 4 bytes per vector component plus its text."""
+    vector = row["embedding"]
+    size = 4 * (vector.size if isinstance(vector, np.ndarray) else len(vector))
+    size += len(json.dumps(row.get("metadata") or {}, default=str).encode())
+    size += sum(len(str(row.get(k, "")).encode()) for k in ("id", "uri", "sha256", "drop", "model"))
+    return size + 64  # field headers and the declared columns
+
+
+def _batches(rows: Sequence[dict[str, Any]], max_rows: int, max_bytes: int) -> Iterator[Sequence[dict[str, Any]]]:
+    """Consecutive slices of ``rows`` with at most ``max_rows`` rows and about ``max_bytes`` bytes each."""
+    start = 0
+    while start < len(rows):
+        end, size = start, 0
+        while end < len(rows) and end - start < max_rows:
+            size += _row_bytes(rows[end])
+            if size > max_bytes and end > start:
+                break
+            end += 1
+        yield rows[start:end]
+        start = end
 
 
 def _row(r: dict[str, Any]) -> dict[str, Any]:

@@ -10,15 +10,20 @@ from __future__ import annotations
 import sys
 
 from embedding_pipeline import processes
+from embedding_pipeline.index.client import redact
 from embedding_pipeline.settings import Settings
 
 NAME = "milvus"
 
 
 def milvus_ready(settings: Settings) -> bool:
-    """True if a Milvus server answers at the configured URI."""
-    from embedding_pipeline.index.client import connect
+    """True if a Milvus server answers at the configured URI (with the configured credentials and TLS).
 
+    Inconsistent connection settings raise :class:`ConfigError` rather than reading as "not ready".
+    """
+    from embedding_pipeline.index.client import connect, connection_kwargs
+
+    connection_kwargs(settings.milvus)
     if settings.milvus.is_local and not processes.port_open(settings.milvus.host, settings.milvus.port):
         return False
     try:
@@ -39,9 +44,10 @@ def start_milvus(settings: Settings, timeout_s: float = 60.0) -> None:
     if milvus_ready(settings):
         return
     if not settings.milvus.is_local:
-        raise processes.ServiceError(
-            f"Milvus at {settings.milvus.uri} is not reachable; the pipeline only starts servers on loopback URIs"
-        )
+        from embedding_pipeline.index.client import connection_problem
+
+        problem = connection_problem(settings.milvus, RuntimeError("no answer to list_collections"))
+        raise processes.ServiceError(f"{problem}; the pipeline only starts servers on loopback URIs")
     paths = settings.paths
     paths.milvus_data.mkdir(parents=True, exist_ok=True)
     argv = [
@@ -57,7 +63,7 @@ def start_milvus(settings: Settings, timeout_s: float = 60.0) -> None:
         str(settings.milvus.port),
     ]
     proc = processes.start(paths.run, paths.logs, NAME, argv)
-    processes.wait_until(lambda: milvus_ready(settings), timeout_s, f"Milvus at {settings.milvus.uri}", proc)
+    processes.wait_until(lambda: milvus_ready(settings), timeout_s, f"Milvus at {redact(settings.milvus.uri)}", proc)
 
 
 def stop_milvus(settings: Settings) -> bool:
@@ -67,7 +73,7 @@ def stop_milvus(settings: Settings) -> bool:
 def milvus_status(settings: Settings) -> dict:
     proc = processes.read(settings.paths.run, NAME)
     return {
-        "uri": settings.milvus.uri,
+        "uri": redact(settings.milvus.uri),
         "managed_pid": proc.pid if proc else None,
         "ready": milvus_ready(settings),
     }

@@ -38,6 +38,9 @@ ENV_REQUIREMENTS: dict[str, tuple[str, ...]] = {
         "onnxruntime",
         "numpy<2",
     ),
+    # The full Milvus server (binaries inside the wheel; the last release with Linux wheels), for remote-server
+    # and authorization tests; see embedding_pipeline.index.standalone.
+    "milvus-standalone": ("milvus==2.3.5",),
 }
 
 MARKER = "embedding_pipeline_env.json"

@@ -16,6 +16,7 @@ import pytest
 
 from embedding_pipeline.settings import CONFIG_ENV, Settings, load_settings
 from embedding_pipeline.state import CACHE_ENV, HOME_ENV
+from embedding_pipeline_tests.integration.milvus_servers import milvus_lite, standalone_milvus  # noqa: F401 - fixtures
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
