@@ -71,6 +71,8 @@ def ingest(settings: Settings, path: Path, name: str | None = None) -> dict[str,
     job = defs.resolve_job_def("ingest_drop")
     result = job.execute_in_process(instance=instance, partition_key=drop, tags={"drop": drop}, raise_on_error=False)
     summary: dict[str, Any] = {"drop": drop, "run_id": result.run_id, "success": result.success}
+    if not result.success:
+        summary["errors"] = step_errors(result.all_events)
     try:
         report = stages.item_report(settings, drop)
     except OSError:
@@ -82,3 +84,19 @@ def ingest(settings: Settings, path: Path, name: str | None = None) -> dict[str,
         {k: r[k] for k in ("id", "uri", "status", "error_kind", "error", "stage")} for r in report if r["status"] != "ok"
     ]
     return summary
+
+
+def step_errors(events: list[Any]) -> list[dict[str, str]]:
+    """The failed steps of a run with their error messages (what a user needs to see first when a run fails)."""
+    errors = []
+    for event in events:
+        if event.is_step_failure and event.step_failure_data is not None:
+            error = event.step_failure_data.error
+            # A step that raised from inside a Dagster wrapper carries the real exception as its cause.
+            while error is not None and error.cause is not None and "DagsterExecutionStepExecutionError" in (
+                error.cls_name or ""
+            ):
+                error = error.cause
+            message = error.message.strip() if error is not None else "unknown error"
+            errors.append({"step": event.step_key or "", "error": message})
+    return errors

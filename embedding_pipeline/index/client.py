@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -225,8 +226,32 @@ class ImageIndex:
 
     # -- collection ------------------------------------------------------------------------------------------
 
+    @contextmanager
+    def _guard(self, what: str) -> Iterator[None]:
+        """Turn whatever pymilvus raises into a :class:`CollectionError` naming the operation, the collection and
+        the server (a dead server otherwise surfaces as a bare "Fail connecting to server on host:port")."""
+        try:
+            yield
+        except (CollectionError, ConfigError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - pymilvus and gRPC raise many types
+            where = redact(self.settings.uri)
+            raise CollectionError(f"{what} on collection {self.collection!r} at Milvus {where} failed: {exc}") from exc
+
+    def _loaded(self, call):  # noqa: ANN001, ANN202 - any read on the collection
+        """Run ``call()``; if the server released the collection (a restarted Milvus does), load it and retry once."""
+        try:
+            return call()
+        except Exception as exc:  # noqa: BLE001
+            text = str(exc).lower()
+            if "not loaded" not in text and "released" not in text:
+                raise
+            self.client.load_collection(self.collection)
+            return call()
+
     def exists(self) -> bool:
-        return bool(self.client.has_collection(self.collection))
+        with self._guard("checking the collection"):
+            return bool(self.client.has_collection(self.collection))
 
     def _describe(self) -> dict[str, Any]:
         try:
@@ -265,7 +290,8 @@ class ImageIndex:
         else:
             self._check_vector_index()
         self.filter_fields()
-        self.client.load_collection(self.collection)
+        with self._guard("loading"):
+            self.client.load_collection(self.collection)
 
     def _check_vector_index(self) -> None:
         try:
@@ -409,7 +435,8 @@ class ImageIndex:
                     row.update(columns)
                     problems.extend(mismatches)
                 chunk.append(row)
-            result = self.client.upsert(self.collection, chunk)
+            with self._guard(f"upserting {len(chunk)} rows"):
+                result = self.client.upsert(self.collection, chunk)
             done += int(result["upsert_count"])
             if problems:
                 self.type_mismatches.extend(problems)
@@ -423,10 +450,14 @@ class ImageIndex:
 
     def _iterate(self, filter: str, fields: list[str]) -> Iterable[dict[str, Any]]:
         """All rows matching ``filter``, page by page (a plain query is capped at 16,384 rows)."""
-        iterator = self.client.query_iterator(self.collection, batch_size=1000, filter=filter, output_fields=fields)
+        with self._guard(f"reading rows ({filter})"):
+            iterator = self._loaded(
+                lambda: self.client.query_iterator(self.collection, batch_size=1000, filter=filter, output_fields=fields)
+            )
         try:
             while True:
-                page = iterator.next()
+                with self._guard(f"reading rows ({filter})"):
+                    page = iterator.next()
                 if not page:
                     return
                 yield from page
@@ -450,7 +481,8 @@ class ImageIndex:
             return 0
         deleted = 0
         for start in range(0, len(ids), 1000):
-            result = self.client.delete(self.collection, ids=ids[start : start + 1000])
+            with self._guard(f"deleting {len(ids[start : start + 1000])} rows"):
+                result = self.client.delete(self.collection, ids=ids[start : start + 1000])
             deleted += len(result) if isinstance(result, list) else int(result.get("delete_count", 0))
             self._deleted = True
         return deleted
@@ -488,7 +520,8 @@ class ImageIndex:
         return {r["id"] for r in rows}
 
     def vectors(self, ids: Sequence[str]) -> dict[str, np.ndarray]:
-        rows = self.client.get(self.collection, ids=list(ids), output_fields=[VECTOR_FIELD])
+        with self._guard("reading vectors"):
+            rows = self._loaded(lambda: self.client.get(self.collection, ids=list(ids), output_fields=[VECTOR_FIELD]))
         return {r["id"]: np.asarray(r[VECTOR_FIELD], dtype=np.float32) for r in rows}
 
     def search(
@@ -539,18 +572,13 @@ class ImageIndex:
             extra["consistency_level"] = "Strong"
         expr = self.rewrite(filter)
         try:
-            try:
-                return call(expr, extra)
-            except Exception as exc:  # noqa: BLE001
-                if "not loaded" not in str(exc).lower():
-                    raise
-                self.client.load_collection(self.collection)
-                return call(expr, extra)
+            return self._loaded(lambda: call(expr, extra))
         except CollectionError:
             raise
         except Exception as exc:  # noqa: BLE001 - pymilvus wraps server-side parse errors in MilvusException
             shown = f"filter {filter!r}" + (f", run as {expr!r}" if expr != (filter or "") else "")
-            raise CollectionError(f"{what} failed ({shown}): {exc}") from exc
+            where = redact(self.settings.uri)
+            raise CollectionError(f"{what} failed ({shown}) on Milvus at {where}: {exc}") from exc
 
 
 def _type_name(data_type: Any) -> str:
