@@ -10,7 +10,7 @@ import hashlib
 import itertools
 import json
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
@@ -28,6 +28,9 @@ EXAMPLES = 5
 
 
 class Embedder(Protocol):
+    """What the embed stage needs from a model client. An ``embed_stream(batches) -> Iterator[np.ndarray]`` method
+    is used when present (the Triton client has one: requests stay in flight while the next file is read)."""
+
     def embed(self, batch: np.ndarray) -> np.ndarray: ...
 
     def model_version_label(self) -> str: ...
@@ -206,8 +209,6 @@ def embed_drop(settings: Settings, drop_name: str, embedder: Embedder) -> dict[s
     Vectors of items the preprocess stage marked as reused are copied from the drop's previous embeddings
     (same id, sha256 and model), with the item's current metadata.
     """
-    from collections import deque
-
     started = time.perf_counter()
     files = drop_files(settings, drop_name)
     metadata = {i.id: json.dumps(i.metadata, sort_keys=True, default=str) for i in read_manifest(settings, drop_name)}
@@ -313,6 +314,11 @@ def index_drop(settings: Settings, drop_name: str, index) -> dict[str, Any]:
         "drop_rows": index.count_drop(drop_name) if present else 0,
         "collection": index.collection,
         "collection_rows": index.count() if present else 0,
+        # Values that did not fit a declared filter field's type: the rows are stored, the typed column is empty.
+        "metadata_type_mismatches": [
+            {"id": m.id, "key": m.key, "declared": m.declared, "reason": m.reason}
+            for m in getattr(index, "type_mismatches", [])[:EXAMPLES]
+        ],
         "seconds": round(elapsed, 3),
         "vectors_per_s": round(upserted / elapsed, 1) if elapsed and upserted else 0.0,
     }

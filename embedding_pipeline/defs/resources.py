@@ -66,6 +66,13 @@ class MilvusResource(ConfigurableResource):
     index_params: Optional[dict[str, Any]] = None
     search_params: Optional[dict[str, Any]] = None
     insert_batch_size: Optional[int] = None
+    user: Optional[str] = None
+    password: Optional[str] = None
+    secure: Optional[bool] = None
+    ca_pem_path: Optional[str] = None
+    server_name: Optional[str] = None
+    consistency_level: Optional[str] = None
+    filter_fields: Optional[dict[str, str]] = None
 
     def settings(self) -> MilvusSettings:
         return _overlay(load_settings().milvus, self)
