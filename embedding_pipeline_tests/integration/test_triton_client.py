@@ -276,7 +276,10 @@ def test_spec_is_what_the_onnx_model_declares(stack, protocol):
     assert (spec.output_name, spec.output_datatype) == (declared_out.name, "FP32")
     assert spec.output_dim == declared_out.shape[-1] == 1280
     assert spec.max_batch_size == stack.triton.max_batch_size
-    assert label == f"{stack.triton.model_name}:1"
+    # The label names the served file (its config's artifact_sha256), over either protocol.
+    from embedding_pipeline.serving.models import file_sha256
+
+    assert label == f"{stack.triton.model_name}:1@{file_sha256(path)[:12]}"
 
 
 # -- batching and concurrency ----------------------------------------------------------------------------------------
