@@ -110,9 +110,25 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _csv(kind, text: str) -> list:  # noqa: ANN001 - int or str
+    """A comma-separated option value ("10000,100000"), each part converted by ``kind``."""
+    try:
+        return [kind(part.strip().replace("_", "")) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated values, got {text!r}") from None
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    if args.what == "preprocess":
+    if args.what is None:
+        from embedding_pipeline.bench import seed as bench
+
+        with bench.terminate_as_interrupt():  # SIGTERM cleans up like Ctrl-C: servers stopped, temp home removed
+            result = bench.run(
+                settings, sizes=args.sizes, stores=args.stores, index_type=args.index_type, queries=args.queries,
+                images=args.images or bench.DEFAULT_IMAGES, dim=args.dim, budget_s=args.search_budget_s,
+            )
+    elif args.what == "preprocess":
         from embedding_pipeline.bench import preprocess as bench
 
         result = bench.run(settings, count=args.images or 512)
@@ -139,6 +155,29 @@ def cmd_items(args: argparse.Namespace) -> int:
         for r in report:
             detail = f"{r['error_kind']}: {r['error']}" if r["error"] else r["stage"]
             print(f"{r['status']:<8} {r['id']:<40} {detail}")
+    return 0
+
+
+def cmd_model_repository(args: argparse.Namespace) -> int:
+    """Write a ready-to-serve Triton model repository for the configured (or given) model."""
+    from embedding_pipeline.serving.models import MODEL_PATH_SETTING, model_artifact
+    from embedding_pipeline.serving.repository import write_model_repository
+
+    settings = _settings(args)
+    max_batch = settings.triton.max_batch_size if args.max_batch_size is None else args.max_batch_size
+    model = Path(args.model) if args.model else settings.triton.model_path
+    artifact = model_artifact(settings.paths, model, max_batch, "--model" if args.model else MODEL_PATH_SETTING)
+    name = args.name or settings.triton.model_name
+    write_model_repository(
+        Path(args.out_dir), name, artifact.path, artifact.spec, max_batch_size=max_batch,
+        parameters=artifact.parameters, flavour=args.flavour, instances=args.instances, gpu=not args.cpu,
+        accelerator="tensorrt" if args.tensorrt else None, tensorrt_precision=args.tensorrt or "FP16",
+    )
+    image, embedding = artifact.spec.inputs[0], artifact.spec.outputs[0]
+    print(f"wrote {Path(args.out_dir) / name} ({args.flavour} flavour) from {artifact.path}")
+    print(f"  input {image.name!r} {image.datatype} {list(image.shape)}, "
+          f"output {embedding.name!r} {embedding.datatype} {list(embedding.shape)}")
+    print(f"serve it with: tritonserver --model-repository={Path(args.out_dir).resolve()}")
     return 0
 
 
@@ -169,10 +208,37 @@ def build_parser() -> argparse.ArgumentParser:
     it.add_argument("--failed", action="store_true", help="only items that failed or were skipped")
     it.add_argument("--json", action="store_true")
     it.set_defaults(func=cmd_items)
-    be = sub.add_parser("bench", help="benchmarks that print figures against baselines measured in the same run")
-    be.add_argument("what", choices=["preprocess", "ingest"])
-    be.add_argument("--images", type=int, help="images to process (default 512 / 5000)")
+    mr = sub.add_parser("model-repository", help="write a ready-to-serve Triton model repository for the model")
+    mr.add_argument("out_dir", help="repository folder (created; the model goes into OUT_DIR/NAME)")
+    mr.add_argument("--flavour", choices=["python", "onnxruntime"], default="python",
+                    help="python: python backend + ONNX Runtime (the bundled server); onnxruntime: NVIDIA's "
+                    "Triton containers' ONNX Runtime backend")
+    mr.add_argument("--model", help="ONNX file (default: triton.model_path, else the default model)")
+    mr.add_argument("--name", help="model name (default: triton.model_name)")
+    mr.add_argument("--max-batch-size", type=int, help="default: triton.max_batch_size")
+    mr.add_argument("--instances", type=int, default=1, help="model instances (default 1)")
+    mr.add_argument("--cpu", action="store_true", help="onnxruntime flavour: KIND_CPU instances instead of KIND_GPU")
+    mr.add_argument("--tensorrt", nargs="?", const="FP16", choices=["FP16", "FP32"],
+                    help="onnxruntime flavour: run through TensorRT (precision, default FP16)")
+    mr.set_defaults(func=cmd_model_repository)
+    be = sub.add_parser(
+        "bench", help="benchmarks that print figures against baselines measured in the same run; without a "
+        "subcommand: embedding extraction, insert and search, on servers started for the run")
+    be.add_argument("what", nargs="?", choices=["preprocess", "ingest"],
+                    help="preprocess: decode + JAX vs Pillow; ingest: memory of a whole drop (default: neither)")
+    be.add_argument("--images", type=int, help="photos to embed / images to process (default 3000 / 512 / 5000)")
     be.add_argument("--baseline-images", type=int, default=500, help="ingest: the small drop compared against")
+    be.add_argument("--sizes", type=lambda v: _csv(int, v), default=[10_000, 100_000],
+                    help="collection sizes, comma-separated (default 10000,100000)")
+    be.add_argument("--stores", type=lambda v: _csv(str, v), default=["lite", "standalone"],
+                    help="lite (milvus-lite) and/or standalone (Milvus 2.3.5), comma-separated (default both)")
+    be.add_argument("--index-type", choices=["FLAT", "IVF_FLAT", "HNSW"], type=str.upper,
+                    help="vector index (default: milvus.index_type)")
+    be.add_argument("--queries", type=int, default=1000, help="search queries per kind (default 1000)")
+    be.add_argument("--dim", type=int, help="vector dimension (default: the model's; another one skips real "
+                    "embeddings and measures recall on synthetic vectors)")
+    be.add_argument("--search-budget-s", type=float, default=60.0,
+                    help="stop a kind of search after this many seconds (default 60; JSON-path filters are slow)")
     be.add_argument("--json", action="store_true")
     be.set_defaults(func=cmd_bench)
     return parser

@@ -1,5 +1,7 @@
 """The benchmark commands run and report coherent figures (small sizes: the figures themselves are for humans)."""
 
+from pathlib import Path
+
 import pytest
 
 from embedding_pipeline.bench import ingest as bench_ingest
@@ -27,3 +29,72 @@ def test_bench_ingest_reports_peak_memory_of_both_drops(stack, capsys):
     assert "success: True" in out and "60 indexed" in out and "peak RSS, 20 images (baseline)" in out
     with ImageIndex(stack.milvus.model_copy(update={"collection": bench_ingest.COLLECTION})) as index:
         assert not index.exists()  # the benchmark cleans up after itself
+
+
+def test_bench_runs_every_section_on_both_stores_and_leaves_nothing_running(tmp_path, monkeypatch, capsys):
+    """The full benchmark at small sizes, through the CLI, on fresh servers in a temporary home of its own."""
+    import json
+
+    from embedding_pipeline.bench import seed
+    from embedding_pipeline.bench.servers import processes_using
+    from embedding_pipeline.settings import CONFIG_ENV
+    from embedding_pipeline.state import HOME_ENV
+
+    config = tmp_path / "embedding_pipeline.yaml"
+    config.write_text("{}\n")  # defaults only, whatever configuration the developer has lying around
+    monkeypatch.setenv(HOME_ENV, str(tmp_path / "home"))
+    monkeypatch.setenv(CONFIG_ENV, str(config))
+    argv = ["bench", "--sizes", "2000", "--queries", "100", "--images", "128", "--stores", "lite,standalone", "--json"]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert {"config", "extraction", "runs", "targets", "all_targets_met", "cleanup", "seconds"} <= set(result)
+
+    ext = result["extraction"]
+    assert ext["images"] == 128 and ext["dim"] == 1280 and ext["tensor"] == "HWC uint8 [224, 224, 3]"
+    for key in ("seconds", "images_per_s", "ms_per_image", "model_only_images_per_s"):
+        assert ext[key] > 0, key
+    assert ext["ratio_to_model_only"] == pytest.approx(ext["images_per_s"] / ext["model_only_images_per_s"], rel=0.01)
+    assert ext["ms_per_image"] == pytest.approx(1000 / ext["images_per_s"], rel=0.01)
+
+    assert [(r["store"], r["size"]) for r in result["runs"]] == [("lite", 2000), ("standalone", 2000)]
+    for run in result["runs"]:
+        where = run["store"]
+        assert run["index_type"] == "HNSW" and run["index_params"] == {"M": 16, "efConstruction": 256}, where
+        ours, raw = run["insert"]["ours"], run["insert"]["raw_pymilvus"]
+        assert ours["rows"] == raw["rows"] == 2000, where
+        assert ours["vectors_per_s"] > 0 and raw["vectors_per_s"] > 0 and run["index_build"]["seconds"] >= 0, where
+        assert run["index_build"]["indexed_rows"] >= 2000, where
+        s = run["search"]
+        for kind in ("unfiltered", "filtered_declared", "filtered_json_path", "numpy_brute_force"):
+            f = s[kind]
+            assert f["queries"] == 100, (where, kind)
+            assert 0 < f["p50_ms"] <= f["p95_ms"] <= f["p99_ms"] and f["avg_ms"] > 0, (where, kind)
+        assert s["unfiltered"]["short_results"] == 0, where  # 10 hits every time
+        for kind in ("filtered_declared", "filtered_json_path"):
+            # An engine may return fewer than 10 filtered hits (Milvus 2.3's HNSW sometimes does): counted, reported.
+            assert 0 <= s[kind]["short_results"] <= 100, (where, kind)
+        # Every filtered hit really carries the value asked for.
+        assert s["filtered_declared"]["wrong_hits"] == 0 and s["filtered_json_path"]["wrong_hits"] == 0, where
+        # The declared key runs on its typed column, the undeclared one stays a JSON path.
+        assert "meta_category" in s["filtered_declared"]["run_as"], where
+        assert s["filtered_json_path"]["run_as"] == s["filtered_json_path"]["filter"], where
+        recall = s["recall"]
+        assert 0.0 <= recall["recall_at_10"] <= 1.0, where
+        assert recall["vectors"] == "real photo embeddings" and recall["queries"] == 25, where
+        assert recall["real_rows"] == 128 - 25 and recall["synthetic_rows"] == 2000 - 103, where
+        # Real embeddings: a photo variant's nearest stored neighbour is mostly a variant of the same photo.
+        assert recall["same_photo_top1"] >= 0.8, where
+
+    # One extraction target, then insert, filter and recall targets per run; each says whether it was met.
+    assert len(result["targets"]) == 1 + 3 * len(result["runs"])
+    assert all(isinstance(t["met"], bool) and t["target"] for t in result["targets"])
+    assert result["all_targets_met"] == all(t["met"] for t in result["targets"])
+
+    # Nothing left behind: no process using the temporary home, the home itself gone.
+    home = result["cleanup"]["home"]
+    assert result["cleanup"] == {"home": home, "home_removed": True, "leftover_pids": []}
+    assert not Path(home).exists() and processes_using(Path(home)) == []
+    assert not list((tmp_path / "home").glob("bench-*"))
+
+    text = seed.render(result)
+    assert "end to end / model only" in text and "recall@10 vs exact" in text and "Targets met:" in text
