@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,7 @@ VECTOR_FIELD = "embedding"
 CONSISTENCY_LEVELS = ("Strong", "Session", "Bounded", "Eventually")
 # Milvus refuses messages over 64 MB (proxy.grpc.serverMaxRecvSize); stay far below it whatever the row size.
 MAX_UPSERT_BYTES = 16 * 1024 * 1024
+UPSERT_IN_FLIGHT = 2
 # Scalar index types per declared type, best first. Milvus 2.4+ and milvus-lite take INVERTED for all four (milvus-lite
 # takes nothing else); Milvus 2.3 takes only Trie for VARCHAR and STL_SORT for numbers and cannot index BOOL (a BOOL
 # column is still a plain scan, far cheaper than parsing JSON).
@@ -422,31 +424,59 @@ class ImageIndex:
     # -- writes ----------------------------------------------------------------------------------------------
 
     def upsert(self, rows: Sequence[dict[str, Any]]) -> int:
-        """Insert or overwrite rows by id, in calls kept well under the engine's message size limit."""
+        """Insert or overwrite rows by id, in calls kept well under the engine's message size limit.
+
+        Up to ``UPSERT_IN_FLIGHT`` calls are in flight, so packing one call (client CPU, ~0.1 ms per 1280-d row)
+        overlaps the server storing the previous one. Rows repeating an id go one call at a time, so the last
+        value given always wins.
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
         fields = self.filter_fields()
+        in_flight = UPSERT_IN_FLIGHT if len({r["id"] for r in rows}) == len(rows) else 1
         done = 0
-        for batch in _batches(rows, self.settings.insert_batch_size, MAX_UPSERT_BYTES):
-            chunk = []
-            problems: list[TypeMismatch] = []
-            for r in batch:
-                row = _row(r)
-                if fields:
-                    columns, mismatches = typed_values(row["id"], row["metadata"], fields)
-                    row.update(columns)
-                    problems.extend(mismatches)
-                chunk.append(row)
-            with self._guard(f"upserting {len(chunk)} rows"):
-                result = self.client.upsert(self.collection, chunk)
-            done += int(result["upsert_count"])
+        # (rows in the call, their type mismatches, the call) in submission order
+        pending: deque[tuple[int, list[TypeMismatch], Any]] = deque()
+
+        def collect() -> int:
+            count, problems, future = pending.popleft()
+            with self._guard(f"upserting {count} rows"):
+                result = future.result()
             if problems:
-                self.type_mismatches.extend(problems)
-                first = problems[0]
-                log.warning(
-                    "%d metadata value(s) do not fit their declared filter field type; the rows are stored with the "
-                    "typed column empty (first: id %r, key %r, %s: %s)",
-                    len(problems), first.id, first.key, first.declared, first.reason,
-                )
+                self._report_mismatches(problems)
+            return int(result["upsert_count"])
+
+        client = self.client
+        with ThreadPoolExecutor(max_workers=in_flight, thread_name_prefix="milvus-upsert") as pool:
+            try:
+                for batch in _batches(rows, self.settings.insert_batch_size, MAX_UPSERT_BYTES):
+                    chunk = []
+                    problems: list[TypeMismatch] = []
+                    for r in batch:
+                        row = _row(r)
+                        if fields:
+                            columns, mismatches = typed_values(row["id"], row["metadata"], fields)
+                            row.update(columns)
+                            problems.extend(mismatches)
+                        chunk.append(row)
+                    if len(pending) >= in_flight:
+                        done += collect()
+                    pending.append((len(chunk), problems, pool.submit(client.upsert, self.collection, chunk)))
+                while pending:
+                    done += collect()
+            finally:
+                for _, _, future in pending:
+                    future.cancel()
         return done
+
+    def _report_mismatches(self, problems: list[TypeMismatch]) -> None:
+        self.type_mismatches.extend(problems)
+        first = problems[0]
+        log.warning(
+            "%d metadata value(s) do not fit their declared filter field type; the rows are stored with the "
+            "typed column empty (first: id %r, key %r, %s: %s)",
+            len(problems), first.id, first.key, first.declared, first.reason,
+        )
 
     def _iterate(self, filter: str, fields: list[str]) -> Iterable[dict[str, Any]]:
         """All rows matching ``filter``, page by page (a plain query is capped at 16,384 rows)."""
