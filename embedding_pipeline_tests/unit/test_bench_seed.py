@@ -92,3 +92,24 @@ def test_bench_command_line():
     assert build_parser().parse_args(["bench", "preprocess"]).what == "preprocess"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["bench", "--sizes", "ten"])
+
+
+def test_search_p99_target_takes_the_best_store_at_100k_and_more():
+    from embedding_pipeline.bench.seed import targets
+
+    def run(store, size, p99):
+        return {"store": store, "size": size, "index_type": "HNSW",
+                "insert": {"ours": {"vectors_per_s": 6000.0}, "target_vectors_per_s": 5000, "target_met": True},
+                "search": {"unfiltered": {"p99_ms": p99}, "declared_filter_to_unfiltered_p50": 1.1,
+                           "target_declared_filter_ratio": 2.0, "declared_filter_target_met": True}}
+
+    extraction = {"ratio_to_model_only": 0.8, "target_ratio": 0.6, "target_met": True}
+    result = {"extraction": extraction,
+              "runs": [run("lite", 10_000, 3.0), run("lite", 100_000, 60.0), run("standalone", 100_000, 8.5)]}
+    (p99,) = [t for t in targets(result) if t["what"].startswith("unfiltered search p99")]
+    assert (p99["where"], p99["value"], p99["met"]) == ("standalone 100,000", 8.5, True)
+    result["runs"][2] = run("standalone", 100_000, 12.0)
+    (p99,) = [t for t in targets(result) if t["what"].startswith("unfiltered search p99")]
+    assert not p99["met"]
+    small = {"extraction": extraction, "runs": [run("lite", 10_000, 3.0)]}
+    assert not [t for t in targets(small) if t["what"].startswith("unfiltered search p99")]
