@@ -509,8 +509,11 @@ def test_embedders_opened_and_closed_many_times_leak_no_descriptors(stack, image
 
     cycle()
     before = len(os.listdir("/proc/self/fd"))
-    for _ in range(10):
+    cycles = 15
+    for _ in range(cycles):
         cycle()
     # Each cycle's worker threads are gone; what they held (sockets, event loops, shared memory) went with them.
-    assert len(os.listdir("/proc/self/fd")) <= before + 2
+    # A leak costs at least one descriptor per worker per cycle (the gevent loop leaked two); gRPC's own
+    # process-wide pollers may open a few lazily, so allow less than one per cycle.
+    assert len(os.listdir("/proc/self/fd")) - before < cycles
     assert _our_shm_files() == []
