@@ -306,6 +306,8 @@ def index_drop(settings: Settings, drop_name: str, index) -> dict[str, Any]:
             rows.append({**row, "embedding": vectors[k]})
         upserted += index.upsert(rows) if rows else 0
     stale = index.delete_ids(set(stored) - ids) if present else 0
+    if upserted or stale:
+        index.flush()
     elapsed = time.perf_counter() - started
     return {
         "upserted": upserted,

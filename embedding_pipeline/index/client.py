@@ -517,6 +517,12 @@ class ImageIndex:
             self._deleted = True
         return deleted
 
+    def flush(self) -> None:
+        """Persist what was written so far: a drop's rows must outlive a server crash that happens later (an
+        unflushed milvus-lite segment was lost with everything in it when the server was killed mid-upsert)."""
+        with self._guard("flushing"):
+            self.client.flush(self.collection)
+
     def delete_drop(self, drop: str) -> int:
         return self.delete_ids(self.drop_ids(drop))
 
