@@ -12,7 +12,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import tempfile
 import threading
 import time
@@ -26,18 +25,6 @@ from embedding_pipeline.state import CACHE_ENV
 STORES = ("lite", "standalone")
 
 
-def free_ports(count: int) -> list[int]:
-    """Loopback ports free right now; every socket stays open until all are picked, so the ports differ."""
-    sockets = []
-    try:
-        for _ in range(count):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind(("127.0.0.1", 0))
-            sockets.append(sock)
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 def cpu_seconds(pid: int) -> float | None:
@@ -114,7 +101,7 @@ class BenchHome:
         os.environ[CACHE_ENV] = str(self.base.paths.cache)
         try:
             self.root = Path(tempfile.mkdtemp(prefix="bench-", dir=self.base.paths.root))
-            http, grpc, metrics, milvus = free_ports(4)
+            http, grpc, metrics, milvus = processes.free_ports(4)
         except BaseException:
             self.close()
             raise

@@ -267,7 +267,7 @@ class StandaloneMilvus:
         if reusable:
             ports = saved
         else:
-            fresh = iter(free_ports(len(PORT_NAMES)))
+            fresh = iter(processes.free_ports(len(PORT_NAMES)))
             ports = {name: self.port if name == "proxy_port" and self.port else next(fresh) for name in PORT_NAMES}
         record.write_text(json.dumps(ports))
         return ports
@@ -404,18 +404,6 @@ def port_free(port: int) -> bool:
             return False
 
 
-def free_ports(count: int) -> list[int]:
-    """Distinct loopback ports free right now (all sockets stay open until every port is picked)."""
-    sockets = []
-    try:
-        for _ in range(count):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind(("127.0.0.1", 0))
-            sockets.append(sock)
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 def _client(server: StandaloneMilvus, password: str, timeout: float = 5.0):

@@ -8,12 +8,13 @@ The session's settings are exported through the environment, so Dagster code and
 from __future__ import annotations
 
 import os
-import socket
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
+from embedding_pipeline.processes import free_ports
 from embedding_pipeline.settings import CONFIG_ENV, Settings, load_settings
 from embedding_pipeline.state import CACHE_ENV, HOME_ENV
 from embedding_pipeline_tests.integration.milvus_servers import milvus_lite, standalone_milvus  # noqa: F401 - fixtures
@@ -24,18 +25,6 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 os.environ.setdefault(CACHE_ENV, str(REPO_ROOT / ".embedding_pipeline" / "cache"))
 
 
-def free_ports(count: int) -> list[int]:
-    """Ports free right now; all sockets stay open until every port is picked, so the ports differ."""
-    sockets = []
-    try:
-        for _ in range(count):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind(("127.0.0.1", 0))
-            sockets.append(sock)
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 def write_config(home: Path, settle_s: float = 0.0) -> Path:
@@ -54,27 +43,37 @@ def stack_env(home: Path, config: Path) -> dict[str, str]:
     return {HOME_ENV: str(home), CONFIG_ENV: str(config), "DAGSTER_HOME": str(home / "dagster_home")}
 
 
-@pytest.fixture(scope="session")
-def stack(tmp_path_factory) -> Iterator[Settings]:
-    """Real Triton (default model) and Milvus for the session; this process's environment points at them."""
+@contextmanager
+def running_stack(home: Path, config: Path) -> Iterator[Settings]:
+    """Triton and Milvus started for ``home`` + ``config``, with this process's environment (and so Dagster code
+    and child processes) pointing at them until the block ends; then they are stopped and the environment restored."""
     from embedding_pipeline import services
 
-    home = tmp_path_factory.mktemp("stack_home")
-    env = stack_env(home, write_config(home))
+    env = stack_env(home, config)
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    settings = load_settings()
-    services.prepare_dagster_home(settings)
     try:
-        services.start_services(settings)
-        yield settings
+        settings = load_settings()
+        services.prepare_dagster_home(settings)
+        try:
+            services.start_services(settings)
+            yield settings
+        finally:
+            services.stop_services(settings)
     finally:
-        services.stop_services(settings)
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory) -> Iterator[Settings]:
+    """Real Triton (default model) and Milvus for the session; this process's environment points at them."""
+    home = tmp_path_factory.mktemp("stack_home")
+    with running_stack(home, write_config(home)) as settings:
+        yield settings
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,8 @@ from typing import Iterator
 
 import pytest
 
-from embedding_pipeline.index.standalone import ServerTls, StandaloneMilvus, free_ports
+from embedding_pipeline.index.standalone import ServerTls, StandaloneMilvus
+from embedding_pipeline.processes import free_ports
 from embedding_pipeline.settings import MilvusSettings, Settings, load_settings
 from embedding_pipeline.state import HOME_ENV, StatePaths
 

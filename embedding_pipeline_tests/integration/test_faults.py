@@ -26,9 +26,8 @@ import yaml
 from embedding_pipeline import ingest, processes, runs, services
 from embedding_pipeline.bench import synthetic
 from embedding_pipeline.index.client import ImageIndex
-from embedding_pipeline.settings import CONFIG_ENV, Settings, load_settings
-from embedding_pipeline.state import HOME_ENV
-from embedding_pipeline_tests.integration.conftest import write_config
+from embedding_pipeline.settings import Settings
+from embedding_pipeline_tests.integration.conftest import running_stack, write_config
 
 pytestmark = pytest.mark.integration
 
@@ -44,18 +43,8 @@ def fault_stack(tmp_path_factory) -> Iterator[Settings]:
     config["triton"].update(ready_timeout_s=3, retries=2, retry_backoff_s=0.2, timeout_s=10)
     config["milvus"].update(insert_batch_size=2)
     config_path.write_text(yaml.safe_dump(config))
-    mp = pytest.MonkeyPatch()
-    mp.setenv(HOME_ENV, str(home))
-    mp.setenv(CONFIG_ENV, str(config_path))
-    mp.setenv("DAGSTER_HOME", str(home / "dagster_home"))
-    settings = load_settings()
-    services.prepare_dagster_home(settings)
-    try:
-        services.start_services(settings)
+    with running_stack(home, config_path) as settings:
         yield settings
-    finally:
-        services.stop_services(settings)
-        mp.undo()
 
 
 def _kill(settings: Settings, name: str) -> None:

@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 import yaml
 
-from embedding_pipeline import processes, runs, services
+from embedding_pipeline import processes, runs
+from embedding_pipeline.processes import free_ports
 from embedding_pipeline.index.client import ImageIndex
 from embedding_pipeline.preprocess.preprocessor import for_model, from_settings
 from embedding_pipeline.preprocess.spec import TensorSpec
@@ -27,10 +28,10 @@ from embedding_pipeline.serving.client import TritonEmbedder
 from embedding_pipeline.serving.models import file_sha256
 from embedding_pipeline.serving.repository import RepositoryError
 from embedding_pipeline.serving.server import PROCESS_NAME, start_triton
-from embedding_pipeline.settings import Settings, load_settings
+from embedding_pipeline.settings import Settings
 from embedding_pipeline.sources.samples import load_photo
 from embedding_pipeline_tests import tiny_model
-from embedding_pipeline_tests.integration.conftest import free_ports, stack_env, write_config
+from embedding_pipeline_tests.integration.conftest import running_stack, write_config
 
 pytestmark = pytest.mark.integration
 
@@ -54,21 +55,8 @@ def own_stack(tmp_path_factory) -> Iterator[Settings]:
     data["triton"]["model_path"] = str(model)
     data["preprocess"] = {"mean": list(MEAN), "std": list(STD)}
     config.write_text(yaml.safe_dump(data))
-    env = stack_env(home, config)
-    saved = {key: os.environ.get(key) for key in env}
-    os.environ.update(env)
-    settings = load_settings()
-    try:
-        services.prepare_dagster_home(settings)
-        services.start_services(settings)
+    with running_stack(home, config) as settings:
         yield settings
-    finally:
-        services.stop_services(settings)
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 @pytest.fixture(scope="module")
