@@ -221,6 +221,15 @@ class DagsterSettings(_Section):
     drop_settle_s: float = Field(
         10.0, ge=0, description="A folder drop without a _READY marker counts as complete after this long unchanged."
     )
+    step_retries: int = Field(
+        2, ge=0, le=10, description="Retries of a step that talks to Triton or Milvus (Dagster RetryPolicy)."
+    )
+    step_retry_delay_s: float = Field(
+        2.0, ge=0, description="Delay before a step's first retry; doubles per retry, with jitter."
+    )
+    rescan_cron: str = Field(
+        "0 3 * * *", description="When the rescan_drops schedule (off until started) re-ingests changed drops."
+    )
 
 
 class Settings(_Section):

@@ -3,7 +3,7 @@
 
 from typing import Any
 
-from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, asset
+from dagster import AssetExecutionContext, Backoff, Jitter, MaterializeResult, MetadataValue, RetryPolicy, asset
 
 from embedding_pipeline import ingest
 from embedding_pipeline.defs.partitions import drops_partitions
@@ -11,6 +11,25 @@ from embedding_pipeline.defs.resources import MilvusResource, TritonResource
 from embedding_pipeline.settings import load_settings
 
 GROUP = "image_ingest"
+# Who gets asked about these assets in the UI (Dagster owners are e-mail addresses or "team:<name>").
+OWNERS = ["team:ml-platform"]
+# Steps are serialised per shared service across all runs (limits set in the instance's dagster.yaml): one step
+# streams batches to Triton, one writes Milvus, so concurrent drops queue instead of overloading either server.
+TRITON_POOL, MILVUS_POOL = "triton", "milvus"
+
+
+def _retry_policy() -> RetryPolicy:
+    """Retries with exponential backoff for steps that call a server: a restarting Triton or Milvus is survived."""
+    dagster = load_settings().dagster
+    return RetryPolicy(
+        max_retries=dagster.step_retries,
+        delay=dagster.step_retry_delay_s,
+        backoff=Backoff.EXPONENTIAL,
+        jitter=Jitter.PLUS_MINUS,
+    )
+
+
+RETRY = _retry_policy()
 
 
 def _metadata(summary: dict[str, Any]) -> dict[str, Any]:
@@ -25,7 +44,14 @@ def _metadata(summary: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-@asset(partitions_def=drops_partitions, group_name=GROUP, kinds={"python"}, tags={"stage": "sources"})
+@asset(
+    partitions_def=drops_partitions,
+    group_name=GROUP,
+    owners=OWNERS,
+    kinds={"python"},
+    tags={"stage": "sources"},
+    code_version="1",
+)
 def raw_image_manifest(context: AssetExecutionContext) -> MaterializeResult:
     """Every item of the drop — image files and manifest rows — with its id, URI, metadata, sha256 and status.
 
@@ -42,8 +68,11 @@ def raw_image_manifest(context: AssetExecutionContext) -> MaterializeResult:
     partitions_def=drops_partitions,
     group_name=GROUP,
     deps=[raw_image_manifest],
+    owners=OWNERS,
     kinds={"jax", "arrow"},
     tags={"stage": "preprocess"},
+    code_version="1",
+    retry_policy=RETRY,
 )
 def preprocessed_batches(context: AssetExecutionContext, triton: TritonResource) -> MaterializeResult:
     """The drop's images decoded with Pillow and resized / centre-cropped by a JAX `jit`+`vmap` kernel into
@@ -66,8 +95,12 @@ def preprocessed_batches(context: AssetExecutionContext, triton: TritonResource)
     partitions_def=drops_partitions,
     group_name=GROUP,
     deps=[preprocessed_batches],
+    owners=OWNERS,
     kinds={"triton", "arrow"},
     tags={"stage": "embed"},
+    code_version="1",
+    pool=TRITON_POOL,
+    retry_policy=RETRY,
 )
 def image_embeddings(context: AssetExecutionContext, triton: TritonResource) -> MaterializeResult:
     """One L2-normalised vector per image from the model served by Triton, stored as Arrow with the item's
@@ -81,8 +114,12 @@ def image_embeddings(context: AssetExecutionContext, triton: TritonResource) -> 
     partitions_def=drops_partitions,
     group_name=GROUP,
     deps=[image_embeddings],
+    owners=OWNERS,
     kinds={"milvus"},
     tags={"stage": "index"},
+    code_version="1",
+    pool=MILVUS_POOL,
+    retry_policy=RETRY,
 )
 def milvus_collection(context: AssetExecutionContext, milvus: MilvusResource) -> MaterializeResult:
     """The drop's vectors upserted by image id into the Milvus collection (re-running a drop never

@@ -35,6 +35,7 @@ def write_config(home: Path, settle_s: float = 0.0) -> Path:
         f"triton:\n  url: 127.0.0.1:{triton}\n  grpc_port: {grpc}\n  metrics_port: {metrics}\n"
         f"milvus:\n  uri: http://127.0.0.1:{milvus}\n"
         f"dagster:\n  webserver_port: {web}\n  sensor_interval_s: 1\n  drop_settle_s: {settle_s}\n"
+        "  step_retries: 1\n  step_retry_delay_s: 1\n"
     )
     return config
 
