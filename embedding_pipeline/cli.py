@@ -158,6 +158,89 @@ def cmd_items(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_delete_drop(args: argparse.Namespace) -> int:
+    """Delete a drop through the `delete_drop` job (a dry run without --yes), so it shows in the run history."""
+    from embedding_pipeline import retention
+    from embedding_pipeline.defs.retention import execute_delete_drop
+    from embedding_pipeline.index.server import start_milvus
+
+    settings = _settings(args)
+    retention.check_name(args.drop)
+    start_milvus(settings)  # its rows are in Milvus: a local one is started like `ingest` does
+    outcome = execute_delete_drop(args.drop, dry_run=not args.yes)
+    if not outcome["success"]:
+        for error in outcome["errors"]:
+            print(f"error: {error['error']}", file=sys.stderr)
+        return 1
+    summary = outcome["summary"]
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    verb = "would delete" if summary["dry_run"] else "deleted"
+    print(f"{verb} drop {args.drop!r} (run {outcome['run_id']}):")
+    for p in summary["paths"]:
+        print(f"  {p['kind']:<13} {p['path']}  ({p['files']} files, {p['bytes']} bytes)")
+    for collection, count in sorted(summary.get("deleted_rows", summary["rows"]).items()):
+        print(f"  {'milvus rows':<13} {collection}: {count}")
+    print(f"  {'partition':<13} {'drops/' + args.drop if summary['partition'] else '(none)'}")
+    if summary["dry_run"]:
+        print("dry run: nothing was deleted; add --yes to delete")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    """List the per-model collections, or switch search to one (as a run of ``switch_search_collection``)."""
+    from embedding_pipeline.index.collections import ModelCollections
+
+    settings = _settings(args)
+    if args.action == "switch":
+        from dagster import DagsterInstance
+
+        from embedding_pipeline import runs
+        from embedding_pipeline.defs import defs
+        from embedding_pipeline.services import use_dagster_home
+
+        use_dagster_home(settings)
+        config = {"ops": {"switch_collection": {"config": {"target": args.to or "", "force": args.force}}}}
+        result = defs.resolve_job_def("switch_search_collection").execute_in_process(
+            run_config=config, instance=DagsterInstance.get(), raise_on_error=False
+        )
+        if not result.success:
+            for error in runs.step_errors(result.all_events):
+                print(f"error: {error['error']}", file=sys.stderr)
+            return 1
+    with ModelCollections(settings.milvus) as collections:
+        infos = collections.describe()
+    if args.json:
+        print(json.dumps([i.as_dict() for i in infos], indent=2))
+        return 0
+    if not infos:
+        print(f"no collections behind {settings.milvus.collection!r} yet")
+    for info in infos:
+        mark = "*" if info.search else " "
+        print(f"{mark} {info.name}  model {info.model or '?'}  dim {info.dimension}  rows {info.rows}  "
+              f"drops {len(info.drops)}")
+    print(f"(* = the collection search uses through {settings.milvus.collection!r})")
+    return 0
+
+
+def cmd_reembed(args: argparse.Namespace) -> int:
+    """Submit a backfill of ingest_drop over every drop; the Dagster daemon runs it."""
+    from dagster import DagsterInstance
+
+    from embedding_pipeline.defs.models import launch_reembed_backfill, observe_model
+    from embedding_pipeline.services import use_dagster_home
+
+    settings = _settings(args)
+    use_dagster_home(settings)
+    instance = DagsterInstance.get()
+    label = observe_model(instance)  # recorded first: the UI then shows every embedded drop as stale
+    backfill_id, drops = launch_reembed_backfill(instance)
+    print(f"backfill {backfill_id}: {len(drops)} drop(s) to re-embed with {label}; the Dagster daemon runs it "
+          "(`embedding-pipeline up` starts one). Then: embedding-pipeline models switch")
+    return 0
+
+
 def cmd_model_repository(args: argparse.Namespace) -> int:
     """Write a ready-to-serve Triton model repository for the configured (or given) model."""
     from embedding_pipeline.serving.models import MODEL_PATH_SETTING, model_artifact
@@ -208,6 +291,20 @@ def build_parser() -> argparse.ArgumentParser:
     it.add_argument("--failed", action="store_true", help="only items that failed or were skipped")
     it.add_argument("--json", action="store_true")
     it.set_defaults(func=cmd_items)
+    dd = sub.add_parser("delete-drop", help="delete a drop: source, files, Milvus rows, partition (dry run "
+                        "without --yes)")
+    dd.add_argument("drop", help="drop (partition) name")
+    dd.add_argument("--yes", action="store_true", help="really delete (default: only show what would go)")
+    dd.add_argument("--json", action="store_true")
+    dd.set_defaults(func=cmd_delete_drop)
+    mo = sub.add_parser("models", help="the collections per model behind milvus.collection; switch search")
+    mo.add_argument("action", nargs="?", choices=["list", "switch"], default="list")
+    mo.add_argument("--to", help="switch: a collection or model label (default: the model Triton serves now)")
+    mo.add_argument("--force", action="store_true", help="switch even if the collection lacks drops")
+    mo.add_argument("--json", action="store_true")
+    mo.set_defaults(func=cmd_models)
+    sub.add_parser("reembed", help="re-embed every drop with the current model (a backfill the daemon runs)"
+                   ).set_defaults(func=cmd_reembed)
     mr = sub.add_parser("model-repository", help="write a ready-to-serve Triton model repository for the model")
     mr.add_argument("out_dir", help="repository folder (created; the model goes into OUT_DIR/NAME)")
     mr.add_argument("--flavour", choices=["python", "onnxruntime"], default="python",

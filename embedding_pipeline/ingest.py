@@ -276,25 +276,73 @@ def embed_drop(settings: Settings, drop_name: str, embedder: Embedder) -> dict[s
     }
 
 
-def index_drop(settings: Settings, drop_name: str, index) -> dict[str, Any]:
+def embeddings_version(settings: Settings, drop_name: str, model: str) -> str:
+    """The data version of a drop's embeddings: the model label and a digest of the (id, sha256) pairs embedded,
+    so it changes with the model or the content and with nothing else."""
+    digest = hashlib.sha256()
+    for table in arrow.read_batches(drop_files(settings, drop_name).embeddings, columns=["id", "sha256"]):
+        for item_id, sha in zip(table.column("id").to_pylist(), table.column("sha256").to_pylist()):
+            digest.update(f"{item_id}\0{sha}\n".encode())
+    return f"{model}#{digest.hexdigest()[:16]}"
+
+
+def index_drop(settings: Settings, drop_name: str, target) -> dict[str, Any]:
     """Upsert the drop's new or changed rows by id and remove rows of this drop that are no longer in it.
 
-    Rows already in Milvus with the same sha256, model, URI and metadata are left alone, so re-running a drop
-    writes nothing.
+    ``target`` is a :class:`~embedding_pipeline.index.collections.ModelCollections` (the drop goes into the
+    collection of the model that embedded it, behind the alias search uses) or an ``ImageIndex`` of one named
+    collection. Rows already in Milvus with the same sha256, model, URI and metadata are left alone, so re-running
+    a drop writes nothing.
     """
     started = time.perf_counter()
     files = drop_files(settings, drop_name)
     tables = arrow.read_batches(files.embeddings)
     first = next(tables, None)
+    placement = None
+    if first is None:
+        if hasattr(target, "index_for_model"):
+            # No good image left: the drop has no rows in any model's collection.
+            removed = target.remove_drop(drop_name)
+            return {"upserted": 0, "unchanged": 0, "removed_stale": removed, "drop_rows": 0,
+                    "collection": "", "search_collection": target.search_collection() or "",
+                    "seconds": round(time.perf_counter() - started, 3)}
+        index = target
+    else:
+        dim = first.schema.field("embedding").type.list_size
+        model = str(first.column("model")[0].as_py())
+        if hasattr(target, "index_for_model"):
+            index, placement = target.index_for_model(model, dim)
+        else:
+            index = target
+            index.ensure_collection(dim)
+    try:
+        summary = _write_drop(drop_name, index, first, tables)
+    finally:
+        if placement is not None:
+            index.close()
+    if placement is not None:
+        summary["model"] = model
+        summary["search_collection"] = placement.search_collection or ""
+        # Search stays on another model's collection until the switch (see the switch_search_collection job).
+        summary["switch_pending"] = placement.switch_pending
+    summary["seconds"] = round(time.perf_counter() - started, 3)
+    summary["vectors_per_s"] = round(summary["upserted"] / summary["seconds"], 1) if summary["seconds"] and \
+        summary["upserted"] else 0.0
+    return summary
+
+
+def _write_drop(drop_name: str, index, first, tables) -> dict[str, Any]:
     present = first is not None or index.exists()
-    if first is not None:
-        index.ensure_collection(first.schema.field("embedding").type.list_size)
     stored = index.drop_rows(drop_name) if present else {}
+    model = str(first.column("model")[0].as_py()) if first is not None else None
     ids: set[str] = set()
     upserted = unchanged = 0
     for table in itertools.chain([first] if first is not None else [], tables):
         vectors = arrow.vectors_of(table)
         cols = table.select(["id", "sha256", "uri", "model", "metadata"]).to_pydict()
+        if any(m != model for m in cols["model"]):
+            # The embed stage writes one model per drop; anything else would mix models in one collection.
+            raise RuntimeError(f"drop {drop_name!r}: its embeddings come from more than one model; re-run the drop")
         rows = []
         for k, item_id in enumerate(cols["id"]):
             ids.add(item_id)
@@ -308,7 +356,6 @@ def index_drop(settings: Settings, drop_name: str, index) -> dict[str, Any]:
     stale = index.delete_ids(set(stored) - ids) if present else 0
     if upserted or stale:
         index.flush()
-    elapsed = time.perf_counter() - started
     return {
         "upserted": upserted,
         "unchanged": unchanged,
@@ -321,8 +368,6 @@ def index_drop(settings: Settings, drop_name: str, index) -> dict[str, Any]:
             {"id": m.id, "key": m.key, "declared": m.declared, "reason": m.reason}
             for m in getattr(index, "type_mismatches", [])[:EXAMPLES]
         ],
-        "seconds": round(elapsed, 3),
-        "vectors_per_s": round(upserted / elapsed, 1) if elapsed and upserted else 0.0,
     }
 
 

@@ -232,6 +232,15 @@ class DagsterSettings(_Section):
     )
 
 
+class QualitySettings(_Section):
+    unit_norm: bool = Field(
+        True,
+        description="The model returns L2-normalised vectors (the default model does): a vector whose norm is not 1 "
+        "fails the blocking norm check. Set false for a model that does not normalise; then only zero vectors fail.",
+    )
+    norm_tolerance: float = Field(1e-3, gt=0, lt=1, description="How far from 1 a vector's L2 norm may be.")
+
+
 class Settings(_Section):
     home: Path = Field(default_factory=state_home, description="State directory (EMBEDDING_PIPELINE_HOME).")
     drops_dir: Path | None = Field(None, description="Drop folder; default <home>/drops (EMBEDDING_PIPELINE_DROPS).")
@@ -240,6 +249,7 @@ class Settings(_Section):
     sources: SourceSettings = Field(default_factory=SourceSettings)
     preprocess: PreprocessSettings = Field(default_factory=PreprocessSettings)
     dagster: DagsterSettings = Field(default_factory=DagsterSettings)
+    quality: QualitySettings = Field(default_factory=QualitySettings)
 
     @property
     def paths(self) -> StatePaths:

@@ -3,12 +3,24 @@
 
 from typing import Any
 
-from dagster import AssetExecutionContext, Backoff, Jitter, MaterializeResult, MetadataValue, RetryPolicy, asset
+from dagster import (
+    AssetExecutionContext,
+    AssetKey,
+    Backoff,
+    DataVersion,
+    Jitter,
+    MaterializeResult,
+    MetadataValue,
+    RetryPolicy,
+    asset,
+)
 
 from embedding_pipeline import ingest
+from embedding_pipeline.defs import metadata as ui
 from embedding_pipeline.defs.partitions import drops_partitions
 from embedding_pipeline.defs.resources import MilvusResource, TritonResource
 from embedding_pipeline.settings import load_settings
+from embedding_pipeline.sources.drops import DROP_SIGNATURE_KEY, drop_signature, find_drop
 
 GROUP = "image_ingest"
 # Who gets asked about these assets in the UI (Dagster owners are e-mail addresses or "team:<name>").
@@ -33,15 +45,8 @@ RETRY = _retry_policy()
 
 
 def _metadata(summary: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in summary.items():
-        if isinstance(value, (dict, list)):
-            out[key] = MetadataValue.json(value)
-        elif key.endswith("bytes"):
-            out[key] = MetadataValue.int(int(value))
-        else:
-            out[key] = value
-    return out
+    """A stage summary as materialization metadata (numbers, JSON, and a failures table; see defs/metadata.py)."""
+    return ui.summary_metadata(summary)
 
 
 @asset(
@@ -56,12 +61,22 @@ def raw_image_manifest(context: AssetExecutionContext) -> MaterializeResult:
     """Every item of the drop — image files and manifest rows — with its id, URI, metadata, sha256 and status.
 
     Each item is read once and checked to be an image; unreadable items are recorded as `failed` with a
-    reason and never stop the good ones.
+    reason and never stop the good ones. Its metadata previews the first good items as thumbnails.
     """
-    summary = ingest.build_manifest(load_settings(), context.partition_key)
+    settings = load_settings()
+    # Taken before the items are read: a file changing meanwhile makes the next rescan see a change.
+    signature = drop_signature(find_drop(settings.drops, context.partition_key))
+    summary = ingest.build_manifest(settings, context.partition_key)
+    summary[DROP_SIGNATURE_KEY] = signature
+    summary["items_per_s"] = round(summary["items"] / summary["seconds"], 1) if summary["seconds"] else 0.0
     if summary["failed"]:
         context.log.warning(f"{summary['failed']} item(s) failed: {summary['failure_examples']}")
-    return MaterializeResult(metadata=_metadata(summary))
+    files = ingest.drop_files(settings, context.partition_key)
+    extra = {ui.ROW_COUNT_KEY: summary["items"], **ui.output_schema_metadata(files.manifest)}
+    preview = ui.drop_preview(settings, context.partition_key)
+    if preview is not None:
+        extra["preview"] = preview
+    return MaterializeResult(metadata={**_metadata(summary), **extra})
 
 
 @asset(
@@ -83,18 +98,22 @@ def preprocessed_batches(context: AssetExecutionContext, triton: TritonResource)
     with triton.embedder() as embedder:
         model_input = embedder.input_spec()
         model = embedder.model_version_label()
+    settings = load_settings()
     summary = ingest.preprocess_drop(
-        load_settings(), context.partition_key, (model_input.datatype, tuple(model_input.shape)), model
+        settings, context.partition_key, (model_input.datatype, tuple(model_input.shape)), model
     )
     if summary["failed"]:
         context.log.warning(f"{summary['failed']} image(s) could not be decoded: {summary['failure_examples']}")
-    return MaterializeResult(metadata=_metadata(summary))
+    files = ingest.drop_files(settings, context.partition_key)
+    extra = {ui.ROW_COUNT_KEY: summary["images"], **ui.output_schema_metadata(files.preprocessed)}
+    return MaterializeResult(metadata={**_metadata(summary), **extra})
 
 
 @asset(
     partitions_def=drops_partitions,
     group_name=GROUP,
-    deps=[preprocessed_batches],
+    # The served model (an observable source, defs/models.py): a new model makes every embedded drop stale.
+    deps=[preprocessed_batches, AssetKey("embedding_model")],
     owners=OWNERS,
     kinds={"triton", "arrow"},
     tags={"stage": "embed"},
@@ -105,9 +124,13 @@ def preprocessed_batches(context: AssetExecutionContext, triton: TritonResource)
 def image_embeddings(context: AssetExecutionContext, triton: TritonResource) -> MaterializeResult:
     """One L2-normalised vector per image from the model served by Triton, stored as Arrow with the item's
     lineage (drop, sha256, URI) and the model name and version."""
+    settings = load_settings()
     with triton.embedder() as embedder:
-        summary = ingest.embed_drop(load_settings(), context.partition_key, embedder)
-    return MaterializeResult(metadata=_metadata(summary))
+        summary = ingest.embed_drop(settings, context.partition_key, embedder)
+    version = ingest.embeddings_version(settings, context.partition_key, summary["model"])
+    files = ingest.drop_files(settings, context.partition_key)
+    extra = {ui.ROW_COUNT_KEY: summary["embeddings"], **ui.output_schema_metadata(files.embeddings)}
+    return MaterializeResult(metadata={**_metadata(summary), **extra}, data_version=DataVersion(version))
 
 
 @asset(
@@ -122,15 +145,44 @@ def image_embeddings(context: AssetExecutionContext, triton: TritonResource) -> 
     retry_policy=RETRY,
 )
 def milvus_collection(context: AssetExecutionContext, milvus: MilvusResource) -> MaterializeResult:
-    """The drop's vectors upserted by image id into the Milvus collection (re-running a drop never
-    duplicates, and unchanged rows are not rewritten), the vector index ensured, the collection loaded for
-    search. Its metadata sums up the whole drop: items ok, failed and skipped, failures by kind."""
+    """The drop's vectors upserted by image id into the Milvus collection of the model that embedded them
+    (one collection per model, `<milvus.collection>__<model>`; re-running a drop never duplicates, and unchanged
+    rows are not rewritten), the vector index ensured, the collection loaded. Search uses the alias
+    `milvus.collection`, which stays on the previous model's collection until `switch_search_collection` moves
+    it. Its metadata tells the whole drop on one page: seconds and images/s of every stage, items ok, failed and
+    skipped, failures by kind with examples, and thumbnails of the first items."""
+    from embedding_pipeline.index.collections import ModelCollections
+
     settings = load_settings()
-    with milvus.index() as index:
-        summary = ingest.index_drop(settings, context.partition_key, index)
-        summary["index"] = index.describe_index()
-    summary.update(ingest.report_summary(ingest.item_report(settings, context.partition_key)))
-    return MaterializeResult(metadata=_metadata(summary))
+    with ModelCollections(milvus.settings()) as collections:
+        summary = ingest.index_drop(settings, context.partition_key, collections)
+        if summary["collection"]:
+            with collections.index(summary["collection"]) as index:
+                summary["index"] = index.describe_index()
+    if summary.get("switch_pending"):
+        context.log.info(
+            f"drop written to {summary['collection']}; search still uses {summary['search_collection']} until "
+            "the switch_search_collection job runs"
+        )
+    report = ingest.item_report(settings, context.partition_key)
+    summary.update(ingest.report_summary(report))
+    story = _drop_story(context, settings, summary, report)
+    # The story first: the UI lists metadata in this order.
+    return MaterializeResult(metadata={**story, **{k: v for k, v in _metadata(summary).items() if k not in story}})
+
+
+def _drop_story(context: AssetExecutionContext, settings, summary: dict[str, Any], report: list) -> dict[str, Any]:
+    """What the last asset adds so its page tells the whole drop: every stage's time and rate (earlier stages'
+    figures come from their materializations in the instance), all failures by kind, and a preview."""
+    drop = context.partition_key
+    stages = {**ui.earlier_stage_metadata(context.instance, drop), "index": summary}
+    extra = {ui.ROW_COUNT_KEY: summary.get("drop_rows", 0), **ui.stage_timings(stages, summary["items_ok"])}
+    failures = [r for r in report if r["status"] == "failed"]
+    extra["failures"] = MetadataValue.md(ui.failure_table(summary["failures_by_kind"], failures))
+    preview = ui.drop_preview(settings, drop)
+    if preview is not None:
+        extra["preview"] = preview
+    return extra
 
 
 ingest_assets = [raw_image_manifest, preprocessed_batches, image_embeddings, milvus_collection]

@@ -36,33 +36,53 @@ class SearchQuery(Config):
     filter: str = ""
 
 
-@op(out=Out(dict), description="Embed the query image through the same preprocessing and Triton model as ingest.")
-def embed_query(context: OpExecutionContext, config: SearchQuery, triton: TritonResource) -> dict[str, Any]:
+@op(out=Out(dict), description="Embed the query image through the same preprocessing as ingest and the Triton model "
+    "that built the collection search uses (the alias `milvus.collection` resolved).")
+def embed_query(
+    context: OpExecutionContext, config: SearchQuery, triton: TritonResource, milvus: MilvusResource
+) -> dict[str, Any]:
     from embedding_pipeline.retrieval import ImageSearcher
     from embedding_pipeline.settings import load_settings
+    from embedding_pipeline.sources.inputs import read_image_input
+    from embedding_pipeline.thumbnails import thumbnail_uri
 
-    with triton.embedder() as embedder:
-        vector = ImageSearcher(load_settings(), embedder=embedder).embed(config.image)
-    context.log.info(f"embedded {config.image} → {vector.shape[0]}-d vector")
-    return {"image": config.image, "vector": vector.tolist(), "top_k": config.top_k, "filter": config.filter}
+    settings = load_settings().model_copy(update={"triton": triton.settings(), "milvus": milvus.settings()})
+    # Read once (a URL is fetched once): the bytes are embedded and shown as the query's thumbnail.
+    image = read_image_input(config.image, settings.sources)
+    with ImageSearcher(settings) as searcher:
+        vector = searcher.embed(image)
+        collection = searcher.collection
+        model = searcher.embedder.model_version_label()
+    context.log.info(f"embedded {config.image} → {vector.shape[0]}-d vector with {model} for collection {collection}")
+    return {"image": config.image, "vector": vector.tolist(), "top_k": config.top_k, "filter": config.filter,
+            "collection": collection, "thumbnail": thumbnail_uri(image, max_pixels=settings.preprocess.max_pixels)}
 
 
 @op(ins={"query": In(dict)}, out=Out(list), description="Top-k nearest images in Milvus, with the filter applied.")
 def search_collection(context: OpExecutionContext, query: dict[str, Any], milvus: MilvusResource) -> list:
-    with milvus.index() as index:
+    from embedding_pipeline.index.client import ImageIndex
+
+    # The collection the query was embedded for, not the alias: a switch in between cannot mix models.
+    with ImageIndex(milvus.settings().model_copy(update={"collection": query["collection"]})) as index:
         hits = index.search([query["vector"]], top_k=query["top_k"], filter=query["filter"] or None)[0]
     return [{**h.as_dict(), "query": query["image"]} for h in hits]
 
 
-@op(ins={"hits": In(list)}, description="Report the hits as run metadata: a table of id, score and URI.")
-def report_results(context: OpExecutionContext, hits: list) -> None:
-    lines = ["| rank | id | score | uri |", "|---|---|---|---|"]
+@op(
+    ins={"query": In(dict), "hits": In(list)},
+    description="Report the hits as run metadata: the query's thumbnail and a table of rank, id, score, thumbnail "
+    "and URI.",
+)
+def report_results(context: OpExecutionContext, query: dict, hits: list) -> None:
+    from embedding_pipeline.defs import metadata as ui
+    from embedding_pipeline.settings import load_settings
+
     for rank, h in enumerate(hits, 1):
-        lines.append(f"| {rank} | {h['id']} | {h['score']:.4f} | {h['uri']} |")
         context.log.info(f"hit {rank}: id={h['id']} score={h['score']:.4f} uri={h['uri']}")
+    table = ui.search_results(query["image"], query.get("thumbnail"), hits, ui.hit_thumbnails(load_settings(), hits))
     context.add_output_metadata(
         {
-            "hits": MetadataValue.md("\n".join(lines)),
+            "hits": MetadataValue.md(table),
             "top_hit": hits[0]["id"] if hits else "",
             "top_score": float(hits[0]["score"]) if hits else 0.0,
             "count": len(hits),
@@ -72,4 +92,5 @@ def report_results(context: OpExecutionContext, hits: list) -> None:
 
 @job(description="Search the image collection by image: embed the query → search Milvus → report the hits.")
 def search_images():
-    report_results(search_collection(embed_query()))
+    query = embed_query()
+    report_results(query, search_collection(query))

@@ -1,4 +1,12 @@
-"""The drop sensor: each complete new drop becomes a partition and one ingest run."""
+"""The drop sensor: each complete new drop becomes a partition and one ingest run.
+
+Its memory is the instance's dynamic partitions, not a private cursor: a drop is new while it is not a partition
+of ``drops``. Partitions live in the instance's storage, so they survive daemon restarts like a cursor would, and
+they are shared with everything else that registers drops — ``embedding-pipeline ingest`` adds the partition before
+it places the drop, and a partition added in the UI counts too — where a cursor private to the sensor would
+re-ingest those drops. A daemon stopped for a while finds, on its next tick, exactly the drops that arrived
+meanwhile. run_key = drop name on top: Dagster never creates a second run for a drop from this sensor.
+"""
 
 
 from dagster import DefaultSensorStatus, RunRequest, SensorEvaluationContext, SensorResult, SkipReason, sensor
@@ -8,6 +16,9 @@ from embedding_pipeline.defs.partitions import drops_partitions
 from embedding_pipeline.settings import load_settings
 from embedding_pipeline.sources.drops import complete_drops, scan
 
+# Tags on every run the sensor and the schedule request: which drop, and what asked for it.
+DROP_TAG, TRIGGER_TAG = "drop", "trigger"
+
 _interval = load_settings().dagster.sensor_interval_s
 
 
@@ -16,7 +27,8 @@ _interval = load_settings().dagster.sensor_interval_s
     minimum_interval_seconds=_interval,
     default_status=DefaultSensorStatus.RUNNING,
     description="Watches the drop directory; a drop counts as complete when it holds a _READY file or has not "
-    "changed for `drop_settle_s` seconds. Each new complete drop is added as a partition and ingested once.",
+    "changed for `drop_settle_s` seconds. Each new complete drop is added as a partition and ingested once. "
+    "Changed drops and failed runs are picked up by the `rescan_drops` schedule.",
 )
 def drop_sensor(context: SensorEvaluationContext):
     settings = load_settings()
@@ -28,6 +40,8 @@ def drop_sensor(context: SensorEvaluationContext):
         return SkipReason(f"no new complete drop in {settings.drops}{note}")
     return SensorResult(
         # run_key = drop name: Dagster never launches two runs for one drop from this sensor.
-        run_requests=[RunRequest(run_key=name, partition_key=name, tags={"drop": name}) for name in new],
+        run_requests=[
+            RunRequest(run_key=name, partition_key=name, tags={DROP_TAG: name, TRIGGER_TAG: "sensor"}) for name in new
+        ],
         dynamic_partitions_requests=[drops_partitions.build_add_request(new)],
     )

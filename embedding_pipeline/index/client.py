@@ -40,6 +40,8 @@ ID_MAX = 512
 URI_MAX = 4096
 SCALAR_FIELDS = ("uri", "sha256", "drop", "model", "metadata")
 VECTOR_FIELD = "embedding"
+# Collection property naming the model whose vectors the collection holds (set once, when it is created).
+MODEL_PROPERTY = "embedding_pipeline.model"
 CONSISTENCY_LEVELS = ("Strong", "Session", "Bounded", "Eventually")
 # Milvus refuses messages over 64 MB (proxy.grpc.serverMaxRecvSize); stay far below it whatever the row size.
 MAX_UPSERT_BYTES = 16 * 1024 * 1024
@@ -172,8 +174,10 @@ class ImageIndex:
     Raises :class:`ConfigError` at once if the index parameters or declared filter fields are invalid.
     """
 
-    def __init__(self, settings: MilvusSettings, connect_timeout: float = 30.0):
+    def __init__(self, settings: MilvusSettings, connect_timeout: float = 30.0, model_label: str = ""):
+        """``model_label`` is recorded on the collection if this client creates it (see :meth:`recorded_model`)."""
         self.settings = settings
+        self.model_label = model_label
         # A refused TLS handshake is retried by gRPC until this runs out, so it bounds how long a bad CA takes.
         self.connect_timeout = connect_timeout
         self.collection = settings.collection
@@ -266,6 +270,11 @@ class ImageIndex:
                 ) from exc
             raise
 
+    def recorded_model(self) -> str:
+        """The model label recorded on the collection when it was created ("" for one made without it)."""
+        properties = self._describe().get("properties") or {}
+        return str(properties.get(MODEL_PROPERTY, ""))
+
     def dimension(self) -> int | None:
         """The vector dimension of the existing collection, or None if it doesn't exist."""
         if not self.exists():
@@ -352,8 +361,12 @@ class ImageIndex:
             schema.add_field(value_field(key), getattr(DataType, kind), **extra)
             schema.add_field(presence_field(key), DataType.BOOL)
         try:
+            # The model is a collection property: both Milvus 2.3 and milvus-lite keep those (milvus-lite drops
+            # a collection's description).
+            properties = {MODEL_PROPERTY: self.model_label} if self.model_label else {}
             self.client.create_collection(
-                self.collection, schema=schema, consistency_level=self.settings.consistency_level
+                self.collection, schema=schema, consistency_level=self.settings.consistency_level,
+                **({"properties": properties} if properties else {}),
             )
         except Exception:
             if self.exists():  # another process created it meanwhile: check it like any existing one

@@ -2,7 +2,9 @@
 
 ``start_triton`` is idempotent: a server that already serves the model at ``settings.triton.url`` is used as is
 — except that a server this pipeline started reloads the model when the configured ONNX file (the default model,
-or ``triton.model_path``) or ``triton.max_batch_size`` no longer matches what it serves. Only loopback URLs are
+or ``triton.model_path``) or ``triton.max_batch_size`` no longer matches what it serves. The model it replaces
+stays loaded as ``<model_name>_<sha12 of its file>`` while a Milvus collection holds its vectors, so search keeps
+embedding queries with the model that built the collection it searches until search is switched to the new one. Only loopback URLs are
 ever started locally; for a remote URL the model must already be ready. The server runs from the ``serving``
 environment (numpy < 2, onnxruntime), the way a Triton container would run beside the pipeline.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import urllib.error
@@ -21,7 +24,7 @@ from typing import Any
 from embedding_pipeline import processes
 from embedding_pipeline.processes import ServiceError
 from embedding_pipeline.serving.environments import env_dir, ensure_env, file_lock
-from embedding_pipeline.serving.models import configured_sha256, model_artifact
+from embedding_pipeline.serving.models import ModelArtifact, configured_sha256, model_artifact
 from embedding_pipeline.serving.repository import write_model_repository
 from embedding_pipeline.settings import Settings, TritonSettings
 from embedding_pipeline.state import StatePaths
@@ -108,10 +111,10 @@ def _bind_address(triton: TritonSettings) -> str:
     return "127.0.0.1" if triton.host == "localhost" else triton.host
 
 
-def _write_repository(settings: Settings) -> bool:
+def _write_repository(settings: Settings, artifact: ModelArtifact | None = None) -> bool:
     """The model repository for the configured model (default or ``triton.model_path``); True if files changed."""
     triton = settings.triton
-    artifact = model_artifact(settings.paths, triton.model_path, triton.max_batch_size)
+    artifact = artifact or model_artifact(settings.paths, triton.model_path, triton.max_batch_size)
     return write_model_repository(
         settings.paths.model_repository,
         triton.model_name,
@@ -135,15 +138,119 @@ def _reload_if_changed(settings: Settings) -> None:
     """Rewrite the repository and reload the model in the server we started if it serves another model file or
     batch limit than configured (the server runs in explicit model-control mode, so it never reloads by itself)."""
     triton = settings.triton
-    if _is_current(triton, _served_config(triton), configured_sha256(settings.paths, triton.model_path)):
+    served = _served_config(triton)
+    if _is_current(triton, served, configured_sha256(settings.paths, triton.model_path)):
         return
+    # Checked before anything changes: a file the pipeline cannot serve leaves the running model alone.
+    artifact = model_artifact(settings.paths, triton.model_path, triton.max_batch_size)
     with file_lock(settings.paths.run / f"{PROCESS_NAME}.lock"):
-        _write_repository(settings)
-        url = f"{base_url(triton)}/v2/repository/models/{triton.model_name}/load"
+        old_sha = _config_parameter(served, "artifact_sha256")
+        archived = _archive_served_model(settings, old_sha) if old_sha and old_sha != artifact.sha256 else None
+        if archived:
+            # Loaded before the configured model changes, so a search on the old model's collection never fails.
+            _load(triton, archived)
+        _write_repository(settings, artifact)
         # Triton answers once the new model is loaded (it keeps serving the old one until then).
-        _http_json(url, method="POST", timeout=triton.ready_timeout_s)
+        _load(triton, triton.model_name)
         what = f"Triton model {triton.model_name!r}"
         processes.wait_until(lambda: model_ready(triton), triton.ready_timeout_s, what)
+        _retire_unused_archives(settings, artifact.sha256)
+
+
+def archived_model_name(model_name: str, sha256: str) -> str:
+    """The name a replaced model keeps serving under: ``<model_name>_<first 12 hex of its file's sha256>``."""
+    return f"{model_name}_{sha256[:12]}"
+
+
+def _config_parameter(config: dict[str, Any], key: str) -> str:
+    return str(((config.get("parameters") or {}).get(key) or {}).get("string_value") or "")
+
+
+def _load(triton: TritonSettings, model: str) -> None:
+    _http_json(f"{base_url(triton)}/v2/repository/models/{model}/load", method="POST", timeout=triton.ready_timeout_s)
+
+
+def _archive_served_model(settings: Settings, sha256: str) -> str | None:
+    """Copy the repository entry of the model being replaced to its archived name (config renamed); returns the
+    name, or None when the entry no longer holds that model (its files were replaced already)."""
+    repo, name = settings.paths.model_repository, settings.triton.model_name
+    archived = archived_model_name(name, sha256)
+    target = repo / archived
+    if target.is_dir():
+        return archived
+    config = repo / name / "config.pbtxt"
+    if not config.is_file() or sha256 not in config.read_text():
+        return None
+    staging = repo.parent / f".{archived}.staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(repo / name, staging)
+    staged = staging / "config.pbtxt"
+    staged.write_text(staged.read_text().replace(f'name: "{name}"', f'name: "{archived}"', 1))
+    os.replace(staging, target)
+    return archived
+
+
+def _archives(settings: Settings) -> dict[str, str]:
+    """Archived models in the repository: directory name -> the 12 hex of its file's sha256."""
+    repo, prefix = settings.paths.model_repository, f"{settings.triton.model_name}_"
+    if not repo.is_dir():
+        return {}
+    return {
+        entry.name: entry.name[len(prefix):]
+        for entry in repo.iterdir()
+        if entry.is_dir() and entry.name.startswith(prefix) and re.fullmatch(r"[0-9a-f]{12}", entry.name[len(prefix):])
+    }
+
+
+def _artifacts_in_use(settings: Settings) -> set[str] | None:
+    """The 12-hex file hashes of the models whose vectors the collections behind ``milvus.collection`` hold;
+    None when Milvus cannot tell (not running, unreachable): then nothing is retired."""
+    from embedding_pipeline.index.collections import ModelCollections
+    from embedding_pipeline.serving.client import ModelLabel
+
+    milvus = settings.milvus
+    if not processes.port_open(milvus.host, milvus.port, timeout=2):
+        return None
+    try:
+        with ModelCollections(milvus, connect_timeout=5) as collections:
+            labels = collections.labels()
+    except Exception:  # noqa: BLE001 - Milvus unusable: keep every archived model
+        return None
+    hashes = set()
+    for label in labels:
+        try:
+            hashes.add(ModelLabel.parse(label).artifact[:12])
+        except ValueError:
+            continue
+    return hashes
+
+
+def _retire_unused_archives(settings: Settings, configured_sha: str) -> None:
+    """Unload and delete archived models that no collection uses any more, or that are the configured model
+    again (it serves under its own name)."""
+    in_use = _artifacts_in_use(settings)
+    if in_use is None:
+        return
+    triton = settings.triton
+    for archived, sha12 in _archives(settings).items():
+        if sha12 in in_use and not configured_sha.startswith(sha12):
+            continue
+        try:
+            _http_json(f"{base_url(triton)}/v2/repository/models/{archived}/unload", method="POST")
+        except ServiceError:
+            pass  # not loaded: nothing to unload
+        shutil.rmtree(settings.paths.model_repository / archived, ignore_errors=True)
+
+
+def _archives_to_load(settings: Settings, configured_sha: str) -> list[str]:
+    """Archived models a freshly started server loads besides the configured one: those a collection still uses
+    (all of them when Milvus cannot tell), unless it is the configured model itself."""
+    archives = _archives(settings)
+    in_use = _artifacts_in_use(settings)
+    return sorted(
+        name for name, sha12 in archives.items()
+        if (in_use is None or sha12 in in_use) and not configured_sha.startswith(sha12)
+    )
 
 
 def _http_json(url: str, method: str = "GET", timeout: float = 10.0) -> dict[str, Any]:
@@ -164,7 +271,8 @@ def _prepare(settings: Settings) -> tuple[list[str], dict[str, str]]:
     paths = settings.paths
     triton = settings.triton
     python = ensure_env(paths, "serving")
-    _write_repository(settings)
+    artifact = model_artifact(paths, triton.model_path, triton.max_batch_size)
+    _write_repository(settings, artifact)
     layout = _serving_layout(python)
     tritonserver_root = Path(layout["purelib"]) / "pytriton" / "tritonserver"
     backends = _assemble_backends(paths, tritonserver_root, layout["version"])
@@ -176,6 +284,7 @@ def _prepare(settings: Settings) -> tuple[list[str], dict[str, str]]:
         # Explicit control: only our model loads, whatever else sits in the repository.
         "--model-control-mode=explicit",
         f"--load-model={triton.model_name}",
+        *(f"--load-model={name}" for name in _archives_to_load(settings, artifact.sha256)),
         f"--http-address={address}",
         f"--http-port={triton.port}",
         f"--grpc-address={address}",

@@ -15,6 +15,7 @@ and renaming at the end is always safe.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import time
@@ -22,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 READY_MARKER = "_READY"
+# Metadata key of the raw_image_manifest materialization that records what the drop held when it was read.
+DROP_SIGNATURE_KEY = "drop_signature"
 MANIFEST_SUFFIXES = (".jsonl", ".csv")
 _IN_FLIGHT_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload")
 # Partition keys appear in paths and expressions: keep them plain.
@@ -92,3 +95,33 @@ def find_drop(drops_dir: Path, name: str) -> Drop:
     if not DROP_NAME.match(name) or not path.exists():
         raise FileNotFoundError(f"no drop named {name!r} in {drops_dir}")
     return Drop(name, path)
+
+
+def drop_signature(drop: Drop) -> str:
+    """A short fingerprint of what the drop holds now: every file's relative path, size and mtime (ns).
+
+    Files are chosen like the ingest stage chooses them (hidden and in-flight names and the ``_READY`` marker left
+    out, symlinked folders not entered; a link counts by its target path), so a re-scan of an unchanged drop gives
+    the same value, and adding, removing, replacing or editing a file (a manifest too) gives another. File contents
+    are not read: a scan stays cheap on large drops. URLs a manifest lists are not fetched either.
+    """
+    digest = hashlib.sha256()
+    if drop.path.is_file():
+        entries = [(drop.path.name, drop.path)]
+    else:
+        entries = []
+        for dirpath, dirnames, filenames in os.walk(drop.path, followlinks=False):
+            dirnames[:] = sorted(d for d in dirnames if not ignored(Path(d)))
+            for name in filenames:
+                if not ignored(Path(name)) and name != READY_MARKER:
+                    path = Path(dirpath) / name
+                    entries.append((path.relative_to(drop.path).as_posix(), path))
+    for relative, path in sorted(entries):
+        try:
+            stat = os.lstat(path)
+            target = os.readlink(path) if os.path.islink(path) else ""
+        except OSError:  # removed while we looked: that is a change too
+            stat, target = None, "<gone>"
+        size, mtime = (stat.st_size, stat.st_mtime_ns) if stat else (-1, -1)
+        digest.update(f"{relative}\0{size}\0{mtime}\0{target}\n".encode())
+    return digest.hexdigest()[:16]

@@ -20,12 +20,37 @@ def test_definitions_load_with_assets_jobs_sensor():
         assert assets_def.partitions_def.name == "drops"
     assert {j.name for j in repo.get_all_jobs()} >= {"ingest_drop", "search_images"}
     assert repo.get_sensor_def("drop_sensor")
+    assert repo.get_schedule_def("rescan_drops")
 
 
 def test_package_exposes_definitions_for_dagster_cli():
     import embedding_pipeline
 
     assert embedding_pipeline.definitions is defs
+
+
+def test_asset_checks_run_per_drop_in_ingest_drop_and_gate_indexing():
+    from embedding_pipeline.defs.checks import quality_checks
+
+    specs = {(s.asset_key.to_user_string(), s.name): s for checks in quality_checks for s in checks.check_specs}
+    assert set(specs) == {
+        ("image_embeddings", "embeddings_match_ok_items"),
+        ("image_embeddings", "dimension_matches_model"),
+        ("image_embeddings", "vectors_are_finite"),
+        ("image_embeddings", "vectors_are_normalised"),
+        ("milvus_collection", "rows_match_embeddings"),
+        ("milvus_collection", "index_as_configured"),
+        ("milvus_collection", "self_retrieval"),
+    }
+    for (asset, _), spec in specs.items():
+        assert spec.partitions_def.name == "drops"  # one result per drop
+        assert spec.blocking == (asset == "image_embeddings")
+        assert spec.description
+    job = defs.resolve_job_def("ingest_drop")
+    assert {spec.key for spec in specs.values()} <= set(job.asset_layer.asset_graph.asset_check_keys)
+    # Blocking in practice: the indexing step waits on the embeddings checks' step.
+    upstream = job.graph.dependency_structure.all_upstream_outputs_from_node("milvus_collection")
+    assert {o.node_name for o in upstream} == {"image_embeddings", "image_embeddings_checks"}
 
 
 @pytest.fixture
@@ -46,6 +71,8 @@ def test_sensor_requests_one_run_per_complete_new_drop(drops_env):
         assert isinstance(result, SensorResult)
         assert [r.partition_key for r in result.run_requests] == ["cats"]
         assert result.run_requests[0].tags["drop"] == "cats"
+        assert result.run_requests[0].tags["trigger"] == "sensor"
+        assert result.run_requests[0].run_key == "cats"
         assert result.dynamic_partitions_requests[0].partition_keys == ["cats"]
         instance.add_dynamic_partitions("drops", ["cats"])
         again = drop_sensor(build_sensor_context(instance=instance))

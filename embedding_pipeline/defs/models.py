@@ -1,0 +1,155 @@
+"""Model versions in Dagster: the served model as an observable source, re-embedding every drop as a backfill,
+and the switch of search to the new model's collection.
+
+* ``embedding_model`` observes the label of the model Triton serves (``<name>:<version>@<sha12 of the file>``) and
+  uses it as its data version; ``image_embeddings`` depends on it, so after a model change (and an observation:
+  *Observe sources* in the UI, or ``embedding-pipeline reembed``) every embedded drop shows as stale.
+* Re-embedding is a backfill of the ``ingest_drop`` job over all ``drops`` partitions, executed by the daemon
+  (``Materialize all`` / *Launch backfill* in the UI, or :func:`launch_reembed_backfill`). Each run writes its drop
+  into the new model's collection; search stays on the old one meanwhile.
+* ``switch_search_collection`` moves the search alias to the new model's collection once it holds every drop.
+"""
+
+from typing import Any
+
+from dagster import (
+    AssetSelection,
+    Config,
+    DagsterInstance,
+    DataVersion,
+    MetadataValue,
+    OpExecutionContext,
+    define_asset_job,
+    job,
+    observable_source_asset,
+    op,
+)
+
+from embedding_pipeline.defs.partitions import drops_partitions
+from embedding_pipeline.defs.resources import MilvusResource, TritonResource
+
+MODEL_GROUP = "models"
+INGEST_JOB = "ingest_drop"
+LOCATION_NAME = "embedding_pipeline"
+REPOSITORY_NAME = "__repository__"
+REEMBED_TAG = "reembed"
+
+
+@observable_source_asset(
+    group_name=MODEL_GROUP,
+    description="The embedding model Triton serves under `triton.model_name`. Its data version is the model's "
+    "label (`<name>:<version>@<sha12 of the ONNX file>`): when the model changes, every embedded drop becomes "
+    "stale. Observe it after changing the model (or run `embedding-pipeline reembed`, which observes it first).",
+    tags={"stage": "model"},
+)
+def embedding_model(triton: TritonResource) -> DataVersion:
+    with triton.embedder() as embedder:
+        return DataVersion(embedder.model_version_label())
+
+
+observe_embedding_model = define_asset_job(
+    "observe_embedding_model",
+    selection=AssetSelection.assets(embedding_model.key),
+    description="Record the label of the model Triton serves now (the data version of `embedding_model`).",
+)
+
+
+class SwitchConfig(Config):
+    """Which collection search should use: a collection name or a model label; empty means the collection of the
+    model Triton serves now. ``force`` switches even if drops are missing from it."""
+
+    target: str = ""
+    force: bool = False
+
+
+@op(description="Point the search alias at the chosen model's collection (one atomic alter_alias), after checking "
+    "that it holds every drop: each drop's rows equal its embeddings for that model. Refuses, listing the "
+    "missing drops, unless forced.")
+def switch_collection(
+    context: OpExecutionContext, config: SwitchConfig, triton: TritonResource, milvus: MilvusResource
+) -> None:
+    from embedding_pipeline.index.collections import ModelCollections, embedded_counts, model_collection_name
+    from embedding_pipeline.settings import load_settings
+
+    settings = load_settings()
+    drops = context.instance.get_dynamic_partitions(drops_partitions.name)
+    with ModelCollections(milvus.settings()) as collections:
+        if config.target:
+            collection = collections.resolve_target(config.target)
+        else:
+            with triton.embedder() as embedder:
+                label = embedder.model_version_label()
+            collection = model_collection_name(collections.alias, label)
+        label = collections.model_of(collection) if collection in collections.names() else label
+        result = collections.switch(collection, embedded_counts(settings.paths.data, drops, label), config.force)
+    context.log.info(f"search alias {result['alias']!r}: {result['from']} -> {result['to']} (model {label})")
+    context.add_output_metadata({key: _value(value) for key, value in result.items()})
+
+
+def _value(value: Any) -> Any:
+    if value is None:
+        return ""
+    return MetadataValue.json(value) if isinstance(value, (list, dict)) else value
+
+
+@job(description="Switch search to another model's collection (by default: the model Triton serves now) once it "
+     "holds every drop. Re-embed all drops first (a backfill of ingest_drop over all partitions).")
+def switch_search_collection():
+    switch_collection()
+
+
+model_assets = [embedding_model]
+model_jobs = [observe_embedding_model, switch_search_collection]
+
+
+def observe_model(instance: DagsterInstance) -> str:
+    """Record an observation of ``embedding_model`` in ``instance``; returns the label observed."""
+    from embedding_pipeline.defs import defs
+
+    result = defs.resolve_job_def(observe_embedding_model.name).execute_in_process(instance=instance)
+    observations = [e for e in result.all_events if e.event_type_value == "ASSET_OBSERVATION"]
+    data = observations[-1].event_specific_data.asset_observation
+    return str(data.tags.get("dagster/data_version", ""))
+
+
+def launch_reembed_backfill(instance: DagsterInstance, tags: dict[str, str] | None = None) -> tuple[str, list[str]]:
+    """Submit a backfill of ``ingest_drop`` over every ``drops`` partition to ``instance``; the daemon runs it.
+
+    Returns the backfill id and the partitions. The backfill names the code location by name, as the UI does,
+    so the daemon runs it with the code it loads itself.
+    """
+    import sys
+
+    from dagster._core.execution.backfill import BulkActionStatus, PartitionBackfill
+    from dagster._core.remote_origin import InProcessCodeLocationOrigin
+    from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
+    from dagster._core.utils import make_new_backfill_id
+    from dagster._time import get_current_timestamp
+
+    partitions = list(instance.get_dynamic_partitions(drops_partitions.name))
+    if not partitions:
+        raise ValueError("there are no drops to re-embed (no partitions of 'drops' in the Dagster instance)")
+    origin = InProcessCodeLocationOrigin(
+        LoadableTargetOrigin(executable_path=sys.executable, module_name="embedding_pipeline.defs"),
+        location_name=LOCATION_NAME,
+    )
+    location = origin.create_location(instance)
+    try:
+        repository = location.get_repository(REPOSITORY_NAME)
+        partition_set = next(p for p in repository.get_partition_sets() if p.job_name == INGEST_JOB)
+        backfill = PartitionBackfill(
+            backfill_id=make_new_backfill_id(),
+            partition_set_origin=partition_set.get_remote_origin(),
+            status=BulkActionStatus.REQUESTED,
+            partition_names=partitions,
+            from_failure=False,
+            reexecution_steps=None,
+            tags={REEMBED_TAG: "true", **(tags or {})},
+            backfill_timestamp=get_current_timestamp(),
+            title="Re-embed all drops",
+            description="Every drop through ingest_drop with the model Triton serves now.",
+        )
+        instance.add_backfill(backfill)
+    finally:
+        location.cleanup()
+    return backfill.backfill_id, partitions
