@@ -18,8 +18,9 @@ from typing import Any, Callable, Protocol, Sequence
 import numpy as np
 import pyarrow as pa
 
+from embedding_pipeline import quality
 from embedding_pipeline.preprocess.preprocessor import SourceError, for_model
-from embedding_pipeline.settings import Settings
+from embedding_pipeline.settings import QualitySettings, Settings
 from embedding_pipeline.sources.drops import find_drop
 from embedding_pipeline.sources.items import FAILED, OK, Item, collect_items
 from embedding_pipeline.storage import arrow
@@ -125,12 +126,15 @@ def read_manifest(settings: Settings, drop_name: str) -> list[Item]:
     return items
 
 
-def _embedded_before(folder: Path, model: str) -> dict[str, str]:
-    """id -> sha256 of the rows the drop's current embeddings hold for ``model`` (read column-wise, cheaply)."""
+def _embedded_before(folder: Path, model: str, checks: QualitySettings) -> dict[str, str]:
+    """id -> sha256 of the rows the drop's current embeddings hold for ``model`` whose vector passes the embedding
+    checks (finite, unit norm): a damaged stored vector is computed again, not carried into every later run."""
     done: dict[str, str] = {}
-    for table in arrow.read_batches(folder, columns=["id", "sha256", "model"]):
-        for item_id, sha, row_model in zip(*(table.column(c).to_pylist() for c in ("id", "sha256", "model"))):
-            if row_model == model:
+    for table in arrow.read_batches(folder, columns=["id", "sha256", "model", "embedding"]):
+        sound = quality.sound_vectors(arrow.vectors_of(table), checks.norm_tolerance, checks.unit_norm)
+        columns = zip(*(table.column(c).to_pylist() for c in ("id", "sha256", "model")))
+        for (item_id, sha, row_model), ok in zip(columns, sound):
+            if row_model == model and ok:
                 done[item_id] = sha
     return done
 
@@ -164,7 +168,7 @@ def preprocess_drop(
     files = drop_files(settings, drop_name)
     prep = for_model(settings, model_input[0], model_input[1])
     spec = prep.spec
-    previous = _embedded_before(files.embeddings, model) if model else {}
+    previous = _embedded_before(files.embeddings, model, settings.quality) if model else {}
     items, reused = [], []
     for item in read_manifest(settings, drop_name):
         if item.status != OK:

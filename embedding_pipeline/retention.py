@@ -25,6 +25,7 @@ the sensor ignores, then removed), the partition last, so until the end the drop
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -34,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Protocol
 
+from embedding_pipeline.index.client import CollectionError, ImageIndex, quote, redact
 from embedding_pipeline.ingest import drop_files
 from embedding_pipeline.settings import MilvusSettings, Settings
 from embedding_pipeline.sources.drops import DROP_NAME
@@ -161,44 +163,40 @@ class MilvusDropRows:
     """:class:`DropRows` on a real Milvus; one client per collection, closed by :meth:`close`."""
 
     def __init__(self, settings: MilvusSettings):
-        from embedding_pipeline.index.client import ImageIndex
-
         self.settings = settings
         self._indexes: dict[str, ImageIndex] = {}
         self._lister = ImageIndex(settings)
 
     def collections(self) -> list[str]:
-        from embedding_pipeline.index.client import CollectionError, redact
-
         try:
             names = set(self._lister.client.list_collections())
-            # Only real collections: a row must never be counted (or deleted) twice through an alias of its
-            # collection, whether or not the engine lists aliases among collections.
-            names -= set(self._lister.client.list_aliases().get("aliases") or [])
         except CollectionError:
             raise
         except Exception as exc:  # noqa: BLE001 - pymilvus and gRPC raise many types
             raise CollectionError(f"listing collections at Milvus {redact(self.settings.uri)} failed: {exc}") from exc
+        try:
+            # Only real collections: a row must never be counted (or deleted) twice through an alias of its
+            # collection, whether or not the engine lists aliases among collections.
+            names -= set(self._lister.client.list_aliases().get("aliases") or [])
+        except Exception:  # noqa: BLE001 - an engine without alias listing does not list aliases as collections
+            pass
         return matching_collections(names, self.settings.collection)
 
-    def _index(self, collection: str):  # noqa: ANN202 - an ImageIndex
-        from embedding_pipeline.index.client import ImageIndex
-
+    def _index(self, collection: str) -> ImageIndex:
         if collection not in self._indexes:
             self._indexes[collection] = ImageIndex(self.settings.model_copy(update={"collection": collection}))
         return self._indexes[collection]
 
     def count(self, collection: str, drop: str) -> int:
-        from embedding_pipeline.index.client import quote
-
         # Strong: rows written a moment ago by another process (a run's index step) must be counted.
         return self._index(collection).count(f"drop == {quote(drop)}", consistency_level="Strong")
 
     def delete(self, collection: str, drop: str) -> int:
         index = self._index(collection)
         deleted = index.delete_drop(drop)
-        # Persisted now: a deleted drop must not come back after a server restart.
-        index.flush()
+        if deleted:
+            # Persisted now: a deleted drop must not come back after a server restart.
+            index.flush()
         return deleted
 
     def close(self) -> None:
@@ -346,6 +344,10 @@ def _remove(path: Path) -> None:
         shutil.rmtree(hidden)
     elif _exists(path):
         path.unlink()
+        if path.parent.name != "blobs" and path.parent.parent.name == "blobs":
+            # A blob's fan-out folder (blobs/<sha[:2]>/) goes with its last blob.
+            with contextlib.suppress(OSError):
+                path.parent.rmdir()
 
 
 def _wipe_history(instance: "DagsterInstance", drop: str) -> str:

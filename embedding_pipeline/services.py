@@ -23,11 +23,12 @@ MANAGED = (WEBSERVER, DAEMON, "triton", "milvus")
 LOCATION_NAME = "embedding_pipeline"
 
 
-def prepare_dagster_home(settings: Settings) -> Path:
-    """Write the instance config and a workspace file into the Dagster home; returns the workspace file."""
+def prepare_dagster_home(settings: Settings, instance_yaml: str | None = None) -> Path:
+    """Write the instance config (the packaged one unless ``instance_yaml`` is given) and a workspace file into the
+    Dagster home; returns the workspace file."""
     home = settings.paths.dagster_home
     home.mkdir(parents=True, exist_ok=True)
-    instance = resources.files("embedding_pipeline").joinpath("dagster_instance.yaml").read_text()
+    instance = instance_yaml or resources.files("embedding_pipeline").joinpath("dagster_instance.yaml").read_text()
     (home / "dagster.yaml").write_text(instance)
     workspace = home / "workspace.yaml"
     workspace.write_text(
@@ -91,8 +92,8 @@ def webserver_url(settings: Settings) -> str:
     return f"http://{settings.dagster.webserver_host}:{settings.dagster.webserver_port}"
 
 
-def start_dagster(settings: Settings, timeout_s: float = 120.0) -> None:
-    workspace = prepare_dagster_home(settings)
+def start_dagster(settings: Settings, timeout_s: float = 120.0, instance_yaml: str | None = None) -> None:
+    workspace = prepare_dagster_home(settings, instance_yaml)
     env = child_env(settings)
     paths = settings.paths
     if processes.read(paths.run, DAEMON) is None:

@@ -176,13 +176,17 @@ def _drop_story(context: AssetExecutionContext, settings, summary: dict[str, Any
     figures come from their materializations in the instance), all failures by kind, and a preview."""
     drop = context.partition_key
     stages = {**ui.earlier_stage_metadata(context.instance, drop), "index": summary}
-    extra = {ui.ROW_COUNT_KEY: summary.get("drop_rows", 0), **ui.stage_timings(stages, summary["items_ok"])}
+    timings = ui.stage_timings(stages, summary["items_ok"])
     failures = [r for r in report if r["status"] == "failed"]
-    extra["failures"] = MetadataValue.md(ui.failure_table(summary["failures_by_kind"], failures))
-    preview = ui.drop_preview(settings, drop)
+    story = {
+        "stage_timings": timings.pop("stage_timings"),
+        "failures": MetadataValue.md(ui.failure_table(summary["failures_by_kind"], failures)),
+    }
+    embedded = {r["id"] for r in report if r["stage"] in ("embedded", "reused")}
+    preview = ui.drop_preview(settings, drop, only=embedded, what="embedded items")
     if preview is not None:
-        extra["preview"] = preview
-    return extra
+        story["preview"] = preview
+    return {**story, ui.ROW_COUNT_KEY: summary.get("drop_rows", 0), **timings}
 
 
 ingest_assets = [raw_image_manifest, preprocessed_batches, image_embeddings, milvus_collection]

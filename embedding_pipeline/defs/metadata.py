@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Collection, Iterable, Mapping, Sequence
 
 import pyarrow as pa
 from dagster import AssetKey, AssetRecordsFilter, DagsterInstance, MetadataValue, TableColumn, TableColumnConstraints
@@ -26,13 +26,17 @@ PREVIEW_COLUMNS = 6
 PREVIEW_MAX_CHARS = 90_000
 EXAMPLES_PER_KIND = 2
 CELL_CHARS = 120
+CAPTION_CHARS = 24
+# Ids the pipeline makes up when a drop gives none (content hash, or an error id for an unreadable row): a file
+# name says more to a person.
+GENERATED_ID_PREFIXES = ("sha256-", "error-")
 
 # The keys Dagster itself understands: the asset page shows the column schema and the row count.
 COLUMN_SCHEMA_KEY = "dagster/column_schema"
 ROW_COUNT_KEY = "dagster/row_count"
 
 COLUMN_DESCRIPTIONS = {
-    "id": "Item id, unique within the drop (the manifest's id, or derived from the file name or content).",
+    "id": "Item id, unique within the drop: the manifest's id, or for a file dropped without one its content hash.",
     "uri": "Where the item came from: a file of the drop, a path or an http(s) URL.",
     "metadata": "The item's metadata, a JSON object (from the manifest row).",
     "sha256": "SHA-256 of the item's bytes: the lineage from the stored vector back to the source bytes.",
@@ -78,6 +82,14 @@ def md_code(value: Any, limit: int = 60) -> str:
     return "`" + text.replace("|", "\\|") + "`" if text else ""
 
 
+def item_label(item_id: str, uri: str = "") -> str:
+    """A short human name for an item: its id, or for an id derived from content its file name."""
+    if uri and item_id.startswith(GENERATED_ID_PREFIXES):
+        name = uri.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
+        return name or item_id
+    return item_id
+
+
 def _image(alt: str, uri: str | None) -> str:
     return f"![{md_cell(alt, 60)}]({uri})" if uri else "*(no preview)*"
 
@@ -92,7 +104,7 @@ def thumbnail_grid(cells: Sequence[tuple[str, str | None]], columns: int = PREVI
         row = list(cells[start : start + width])
         row += [("", None)] * (width - len(row))
         lines.append("| " + " | ".join(_image(label, uri) if label else "" for label, uri in row) + " |")
-        lines.append("| " + " | ".join(md_code(label, 40) if label else "" for label, _ in row) + " |")
+        lines.append("| " + " | ".join(md_code(label, CAPTION_CHARS) if label else "" for label, _ in row) + " |")
     return "\n".join(lines)
 
 
@@ -109,7 +121,8 @@ def failure_table(counts: Mapping[str, int], examples: Iterable[Mapping[str, str
             by_kind[kind].append(failure)
     lines = ["| kind | count | examples |", "|---|---:|---|"]
     for kind, count in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
-        shown = [f"**{md_cell(f.get('id', ''), 40)}**: {md_cell(f.get('error', ''))}" for f in by_kind.get(kind, [])]
+        shown = [f"**{md_cell(item_label(f.get('id', ''), f.get('uri', '')), 40)}**: {md_cell(f.get('error', ''))}"
+                 for f in by_kind.get(kind, [])]
         lines.append(f"| {md_code(kind, 40)} | {count} | {'; '.join(shown) if shown else '—'} |")
     return "\n".join(lines)
 
@@ -190,14 +203,15 @@ def output_schema_metadata(path: Path) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- thumbnails
 
 
-def drop_preview(settings: Settings, drop: str, limit: int = PREVIEW_ITEMS,
-                 max_chars: int = PREVIEW_MAX_CHARS) -> MetadataValue | None:
-    """A thumbnail grid of the first good items of the drop (from its manifest), within ``max_chars``."""
+def drop_preview(settings: Settings, drop: str, only: Collection[str] | None = None, what: str = "good items",
+                 limit: int = PREVIEW_ITEMS, max_chars: int = PREVIEW_MAX_CHARS) -> MetadataValue | None:
+    """A thumbnail grid of the first good items of the drop (from its manifest; of those in ``only`` if given),
+    within ``max_chars``; ``what`` names them in the heading."""
     try:
         items = ingest.read_manifest(settings, drop)
     except OSError:
         return None
-    good = [item for item in items if item.status == OK]
+    good = [item for item in items if item.status == OK and (only is None or item.id in only)]
     cells: list[tuple[str, str | None]] = []
     used = 0
     for item in good:
@@ -207,10 +221,10 @@ def drop_preview(settings: Settings, drop: str, limit: int = PREVIEW_ITEMS,
         if uri is not None and used + len(uri) > max_chars:
             break
         used += len(uri or "")
-        cells.append((item.id, uri))
+        cells.append((item_label(item.id, item.uri), uri))
     if not cells:
         return None
-    header = f"{len(cells)} of {len(good)} good items of drop {md_code(drop)}\n\n"
+    header = f"{len(cells)} of {len(good)} {what} of drop {md_code(drop)}\n\n"
     return MetadataValue.md(header + thumbnail_grid(cells))
 
 
@@ -288,24 +302,25 @@ def earlier_stage_metadata(instance: DagsterInstance, drop: str) -> dict[str, Ma
 
 def stage_timings(stages: Mapping[str, Mapping[str, Any]], items_ok: int | None = None) -> dict[str, Any]:
     """A table of seconds, count and rate per stage plus the totals, from each stage's metadata or summary."""
-    lines = ["| stage | asset | seconds | count | rate |", "|---|---|---:|---:|---:|"]
+    # The stage names match the assets' `stage` tags; the asset names are left out so the table fits its column.
+    lines = ["| stage | seconds | count | per second |", "|---|---:|---:|---:|"]
     total = 0.0
     out: dict[str, Any] = {}
-    for stage, asset, count_key, unit in STAGES:
+    for stage, _, count_key, unit in STAGES:
         metadata = stages.get(stage)
         if metadata is None:
-            lines.append(f"| {stage} | {md_code(asset)} | — | — | — |")
+            lines.append(f"| {stage} | — | — | — |")
             continue
         seconds = _number(metadata, "seconds") or 0.0
         count = int(_number(metadata, count_key) or 0)
         rate = count / seconds if seconds else 0.0
         total += seconds
         out[f"{stage}_seconds"] = round(seconds, 3)
-        lines.append(f"| {stage} | {md_code(asset)} | {seconds:.2f} | {count} {unit} | {rate:.1f} {unit}/s |")
+        lines.append(f"| {stage} | {seconds:.2f} | {count} {unit} | {rate:.1f} |")
     out["pipeline_seconds"] = round(total, 3)
     if items_ok is not None:
         out["pipeline_images_per_s"] = round(items_ok / total, 1) if total else 0.0
-        lines.append(f"| **all stages** | | **{total:.2f}** | **{items_ok} images** | "
-                     f"**{out['pipeline_images_per_s']:.1f} images/s** |")
+        lines.append(f"| **all stages** | **{total:.2f}** | **{items_ok} images** | "
+                     f"**{out['pipeline_images_per_s']:.1f}** |")
     out["stage_timings"] = MetadataValue.md("\n".join(lines))
     return out

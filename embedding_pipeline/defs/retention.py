@@ -50,6 +50,7 @@ def delete_drop_data(context: OpExecutionContext, config: DeleteDropConfig, milv
     downloaded blobs no other drop uses), its rows in every collection of the configured name, and its partition.
     Refuses an unknown drop and a drop with a run in progress. A dry run only reports."""
     settings = load_settings().model_copy(update={"milvus": milvus.settings()})
+    retention.check_name(config.drop)
     context.instance.add_run_tags(context.run_id, {DROP_TAG: config.drop})
     if config.dry_run:
         plan = retention.plan_drop_deletion(settings, config.drop, context.instance, this_run=context.run_id)

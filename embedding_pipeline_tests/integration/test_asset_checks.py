@@ -178,12 +178,8 @@ def test_damaged_embeddings_fail_the_blocking_checks_and_indexing_is_skipped(sta
     np.testing.assert_allclose(after[nan_id], before[nan_id], atol=1e-6)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the preprocess stage reuses a stored vector whenever id, sha256 and model match, without checking that "
-    "the vector is finite and normalised, so a damaged vector is carried into every re-run",
-)
 def test_rerun_repairs_damaged_embeddings(stack, damaged_drop):
+    """A damaged stored vector is never reused: a re-run computes it again and the checks pass."""
     drop = damaged_drop[0]
     result = execute(drop)
     found = evaluations(result)

@@ -152,3 +152,40 @@ def test_dry_run_deletes_nothing_then_deletion_leaves_nothing_of_the_drop(two_dr
     again = subprocess.run([CLI, "delete-drop", GONE], env=dict(os.environ), capture_output=True, text=True,
                            timeout=300)
     assert again.returncode == 1 and f"no drop named {GONE!r}" in again.stderr, again.stderr
+
+
+def test_rows_of_a_drop_go_from_every_model_collection_on_milvus_2_3(standalone_milvus, tmp_path):
+    """On a real Milvus 2.3.5: the collections behind the alias are found (the alias itself is not counted twice),
+    counts are exact right after a delete, and a collection of another name is not touched."""
+    from embedding_pipeline.settings import load_settings
+
+    base = f"retention_{os.getpid()}"
+    settings = standalone_milvus.with_(collection=base)
+    names = {"m1": f"{base}__m1", "m2": f"{base}__m2", "other": f"{base}_other"}
+    rng = np.random.default_rng(1)
+    layout = {"m1": {"a": 3, "b": 2}, "m2": {"a": 1}, "other": {"a": 2}}
+    for key, drops in layout.items():
+        with ImageIndex(settings.model_copy(update={"collection": names[key]})) as index:
+            index.ensure_collection(EXTRA_DIM)
+            index.upsert([{"id": f"{key}-{drop}-{i}", "embedding": rng.standard_normal(EXTRA_DIM), "drop": drop}
+                          for drop, n in drops.items() for i in range(n)])
+    rows = retention.MilvusDropRows(settings)
+    admin = ImageIndex(settings)
+    try:
+        admin.client.create_alias(names["m1"], base)  # search's alias, as per-model collections use
+        assert rows.collections() == [names["m1"], names["m2"]]
+        home = load_settings(environ={"EMBEDDING_PIPELINE_HOME": str(tmp_path / "home")})
+        plan = retention.plan_drop_deletion(home.model_copy(update={"milvus": settings}), "a", rows=rows)
+        assert plan.rows == {names["m1"]: 3, names["m2"]: 1} and plan.paths == []
+
+        assert {c: rows.delete(c, "a") for c in rows.collections()} == {names["m1"]: 3, names["m2"]: 1}
+        assert [rows.count(c, "a") for c in rows.collections()] == [0, 0]
+        assert rows.count(names["m1"], "b") == 2
+        with ImageIndex(settings.model_copy(update={"collection": names["other"]})) as other:
+            assert other.count('drop == "a"', consistency_level="Strong") == 2
+    finally:
+        rows.close()
+        admin.client.drop_alias(base)
+        for name in names.values():
+            admin.client.drop_collection(name)
+        admin.close()

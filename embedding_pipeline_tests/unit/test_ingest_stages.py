@@ -13,14 +13,16 @@ MODEL_INPUT = ("UINT8", (16, 16, 3))
 
 
 class FakeEmbedder:
-    """Mean colour per image as a 3-d 'embedding' (a fake: no model, no server). Counts what it embeds."""
+    """Mean colour per image, L2-normalised like a real model's output, as a 3-d 'embedding' (a fake: no model,
+    no server). Counts what it embeds."""
 
     def __init__(self):
         self.embedded = 0
 
     def embed(self, batch: np.ndarray) -> np.ndarray:
         self.embedded += len(batch)
-        return batch.reshape(len(batch), -1, 3).mean(axis=1).astype(np.float32)
+        colours = batch.reshape(len(batch), -1, 3).mean(axis=1).astype(np.float32)
+        return colours / np.linalg.norm(colours, axis=1, keepdims=True)
 
     def model_version_label(self) -> str:
         return "fake:1"

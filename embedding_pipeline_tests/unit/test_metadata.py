@@ -82,14 +82,23 @@ def test_thumbnail_grid_rows_of_images_then_captions():
     assert ui.thumbnail_grid([]) == "*Nothing to preview.*"
 
 
+def test_items_without_their_own_id_are_labelled_by_file_name():
+    assert ui.item_label("chelsea", "/drops/d/cat.jpg") == "chelsea"
+    assert ui.item_label("sha256-0123abcd", "/drops/d/cat.jpg") == "cat.jpg"
+    assert ui.item_label("sha256-0123abcd", "https://example.org/img/dog.png?size=large") == "dog.png"
+    assert ui.item_label("error-77", "") == "error-77"
+
+
 def test_failure_table_by_kind_most_frequent_first_with_examples():
     failures = [{"id": f"u{i}", "error_kind": "http_error", "error": f"HTTP 404 | {i}"} for i in range(3)]
-    failures.append({"id": "t1", "error_kind": "truncated", "error": "image file is truncated"})
+    failures.append({"id": "sha256-99", "error_kind": "truncated", "error": "image file is truncated",
+                     "uri": "/drops/d/broken.jpg"})
     table = ui.failure_table({"truncated": 1, "http_error": 3, "not_image": 2}, failures).splitlines()
     assert table[0] == "| kind | count | examples |"
     assert [row.split("|")[1].strip() for row in table[2:]] == ["`http_error`", "`not_image`", "`truncated`"]
     assert "**u0**: HTTP 404 \\| 0; **u1**" in table[2] and "u2" not in table[2]  # two examples per kind
     assert table[3].endswith("| 2 | — |")
+    assert "**broken.jpg**: image file is truncated" in table[4]
     assert ui.failure_table({}, []) == "No failures."
 
 
@@ -140,6 +149,8 @@ def test_manifest_schema_and_a_preview_of_real_photos_within_budget(settings):
     # A tight budget stops adding thumbnails rather than growing the event.
     assert ui.drop_preview(settings, "photos", max_chars=9_000).value.count("data:image") < 4
     assert ui.drop_preview(settings, "no-such-drop") is None
+    only = ui.drop_preview(settings, "photos", only={"coffee", "rocket"}, what="embedded items").value
+    assert only.startswith("2 of 2 embedded items") and "`coffee`" in only and "`chelsea`" not in only
 
 
 # ---------------------------------------------------------------------------------------------- search
@@ -180,13 +191,13 @@ def test_stage_timings_from_earlier_materializations_in_the_instance():
     assert out["embed_seconds"] == 4.0 and out["pipeline_seconds"] == 8.0
     assert out["pipeline_images_per_s"] == 1.0
     rows = out["stage_timings"].value.splitlines()
-    assert rows[2] == "| manifest | `raw_image_manifest` | 0.50 | 10 items | 20.0 items/s |"
-    assert rows[4] == "| embed | `image_embeddings` | 4.00 | 8 images | 2.0 images/s |"
-    assert rows[5] == "| index | `milvus_collection` | 1.50 | 8 vectors | 5.3 vectors/s |"
-    assert "**8.00**" in rows[6] and "**1.0 images/s**" in rows[6]
+    assert rows[2] == "| manifest | 0.50 | 10 items | 20.0 |"
+    assert rows[4] == "| embed | 4.00 | 8 images | 2.0 |"
+    assert rows[5] == "| index | 1.50 | 8 vectors | 5.3 |"
+    assert rows[6] == "| **all stages** | **8.00** | **8 images** | **1.0** |"
 
 
 def test_stage_timings_mark_a_stage_without_figures():
     out = ui.stage_timings({"index": {"seconds": 2.0, "upserted": 4}}, items_ok=4)
-    assert "| manifest | `raw_image_manifest` | — | — | — |" in out["stage_timings"].value
+    assert "| manifest | — | — | — |" in out["stage_timings"].value
     assert out["pipeline_seconds"] == 2.0 and "manifest_seconds" not in out

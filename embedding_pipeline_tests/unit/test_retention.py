@@ -177,6 +177,7 @@ def test_delete_removes_the_drop_and_leaves_the_other_drop_whole(settings, rows,
     assert sorted(p for p in settings.paths.root.rglob("*") if "dogs" in str(p)) == dogs_before
     assert blob_path(drop_files(settings, "dogs").blobs, SHARED_SHA).is_file()
     assert not [p for p in settings.paths.root.rglob(".*deleting")]
+    assert not (drop_files(settings, "cats").blobs / OWN_SHA[:2]).exists()  # its emptied fan-out folder too
     # Deleted means unknown now.
     with pytest.raises(retention.UnknownDropError):
         retention.delete_drop(settings, "cats", instance, rows=rows)
