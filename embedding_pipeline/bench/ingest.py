@@ -58,7 +58,7 @@ def _ingest_in_child(settings: Settings, home: Path, folder: Path, drop: str) ->
 
 def run(settings: Settings, images: int = 5000, baseline_images: int = 500) -> dict[str, Any]:
     from embedding_pipeline import services
-    from embedding_pipeline.index.client import ImageIndex
+    from embedding_pipeline.index.collections import ModelCollections
 
     started = services.start_services(settings)
     work = Path(tempfile.mkdtemp(prefix="bench-ingest-", dir=settings.paths.root))
@@ -69,12 +69,12 @@ def run(settings: Settings, images: int = 5000, baseline_images: int = 500) -> d
             results[count] = _ingest_in_child(settings, work / f"home-{count}", folder, f"synthetic-{count}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
-        index = ImageIndex(settings.milvus.model_copy(update={"collection": COLLECTION}))
+        # The alias and every per-model collection behind it.
+        collections = ModelCollections(settings.milvus.model_copy(update={"collection": COLLECTION}))
         try:
-            if index.exists():
-                index.client.drop_collection(COLLECTION)
+            collections.drop_all()
         finally:
-            index.close()
+            collections.close()
             services.stop_services(settings, only=started)  # leave running what was running before
     small, large = results[baseline_images], results[images]
     return {

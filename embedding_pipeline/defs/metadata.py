@@ -12,15 +12,23 @@ from pathlib import Path
 from typing import Any, Collection, Iterable, Mapping, Sequence
 
 import pyarrow as pa
-from dagster import AssetKey, AssetRecordsFilter, DagsterInstance, MetadataValue, TableColumn, TableColumnConstraints
-from dagster import TableSchema
+from dagster import (
+    AssetKey,
+    AssetRecordsFilter,
+    DagsterInstance,
+    MetadataValue,
+    TableColumn,
+    TableColumnConstraints,
+    TableSchema,
+)
 
 from embedding_pipeline import ingest, thumbnails
 from embedding_pipeline.settings import Settings
 from embedding_pipeline.sources.items import OK, blob_path
 from embedding_pipeline.storage import arrow
 
-# A grid of 12 thumbnails of ~96 px is ≈ 40–70 KB of markdown; the budget stops earlier for unusually busy images.
+# 12 thumbnails of 96 px are ≈ 20–50 KB of markdown (1.5–4 KB each for photos); the budget stops the grid earlier
+# for unusually busy images.
 PREVIEW_ITEMS = 12
 PREVIEW_COLUMNS = 6
 PREVIEW_MAX_CHARS = 90_000
@@ -44,7 +52,7 @@ COLUMN_DESCRIPTIONS = {
     "source": "Where the bytes are read from now: the local file, or the blob store copy of a download.",
     "status": "ok, failed or skipped.",
     "error": "Why the item failed or was skipped.",
-    "error_kind": "The failure class (fixed vocabulary, see the error kinds table in the README).",
+    "error_kind": "The failure class, from a fixed vocabulary (not_found, not_image, http_error, truncated, ...).",
     "drop": "The drop (partition) the row belongs to.",
     "tensor": "The model's input for this image, exactly as Triton receives it.",
     "embedding": "The image embedding, L2-normalised.",
@@ -207,25 +215,32 @@ def drop_preview(settings: Settings, drop: str, only: Collection[str] | None = N
                  limit: int = PREVIEW_ITEMS, max_chars: int = PREVIEW_MAX_CHARS) -> MetadataValue | None:
     """A thumbnail grid of the first good items of the drop (from its manifest; of those in ``only`` if given),
     within ``max_chars``; ``what`` names them in the heading."""
-    try:
-        items = ingest.read_manifest(settings, drop)
-    except OSError:
-        return None
-    good = [item for item in items if item.status == OK and (only is None or item.id in only)]
+    rows = _manifest_rows(settings, drop, ["id", "uri", "source", "status"])
+    good = [r for r in rows if r["status"] == OK and (only is None or r["id"] in only)]
     cells: list[tuple[str, str | None]] = []
     used = 0
-    for item in good:
+    for row in good:
         if len(cells) >= limit:
             break
-        uri = _thumbnail(settings, item.source)
+        uri = _thumbnail(settings, row["source"])
         if uri is not None and used + len(uri) > max_chars:
             break
         used += len(uri or "")
-        cells.append((item_label(item.id, item.uri), uri))
+        cells.append((item_label(row["id"], row["uri"]), uri))
     if not cells:
         return None
     header = f"{len(cells)} of {len(good)} {what} of drop {md_code(drop)}\n\n"
     return MetadataValue.md(header + thumbnail_grid(cells))
+
+
+def _manifest_rows(settings: Settings, drop: str, columns: list[str]) -> list[dict[str, Any]]:
+    """Only the named columns of the drop's manifest (no per-row JSON parsing: drops can be large); ``[]`` when
+    the drop has no manifest (never materialized, or deleted)."""
+    try:
+        table = arrow.read_table(ingest.drop_files(settings, drop).manifest)
+    except (OSError, pa.ArrowInvalid):
+        return []
+    return table.select(columns).to_pylist()
 
 
 def _thumbnail(settings: Settings, source: str | Path) -> str | None:
@@ -248,10 +263,7 @@ def hit_thumbnails(settings: Settings, hits: Sequence[Mapping[str, Any]], limit:
             continue
         drop = hit.get("drop") or ""
         if drop and drop not in sources:
-            try:
-                sources[drop] = {i.id: i.source for i in ingest.read_manifest(settings, drop)}
-            except (OSError, ValueError):
-                sources[drop] = {}
+            sources[drop] = {r["id"]: r["source"] for r in _manifest_rows(settings, drop, ["id", "source"])}
         source = sources.get(drop, {}).get(hit.get("id", ""))
         if not source and hit.get("sha256"):
             source = str(blob_path(ingest.drop_files(settings, drop).blobs, hit["sha256"]))

@@ -249,11 +249,13 @@ class ModelCollections:
     def _legacy(self, label: str, dim: int) -> ImageIndex:
         index = self.index(self.alias)
         try:
-            index.ensure_collection(dim)
+            # Models first: another model's vectors are the real reason, whatever the dimensions.
             with index._guard("reading models"):
                 others = index.client.query(
                     self.alias, filter=f"model != {quote(label)}", output_fields=["model"], limit=1
                 )
+            if not others:
+                index.ensure_collection(dim)
         except Exception:
             index.close()
             raise
@@ -274,6 +276,18 @@ class ModelCollections:
             with self.index(name) as index:
                 removed += index.delete_drop(drop)
         return removed
+
+    def drop_all(self) -> list[str]:
+        """Remove the alias and every collection behind it (benchmarks and tests cleaning up); returns the
+        collections dropped. The alias goes first: dropping a collection by an alias name is refused by Milvus 2.3
+        and drops the target on milvus-lite."""
+        names = self.names()
+        with self._alias_index._guard("dropping the collections"):
+            if self.alias in (self.client.list_aliases().get("aliases") or []):
+                self.client.drop_alias(self.alias)
+            for name in names:
+                self.client.drop_collection(name)
+        return names
 
     # -- switching ------------------------------------------------------------------------------------------
 

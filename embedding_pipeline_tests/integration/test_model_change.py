@@ -20,7 +20,8 @@ from dagster import AssetKey, DagsterInstance, DagsterRunStatus, RunsFilter
 
 from embedding_pipeline import processes, runs, services
 from embedding_pipeline.defs import defs
-from embedding_pipeline.defs.models import launch_reembed_backfill, observe_model
+from embedding_pipeline.cli import main
+from embedding_pipeline.defs.models import observe_model
 from embedding_pipeline.index.client import quote
 from embedding_pipeline.index.collections import ModelCollections, model_collection_name
 from embedding_pipeline.retrieval import search
@@ -105,7 +106,7 @@ def _stale(instance: DagsterInstance, drop: str) -> str:
     return resolver.get_status(AssetKey("image_embeddings"), drop).value
 
 
-def test_a_model_change_fills_a_new_collection_and_search_switches_atomically(model_stack, tmp_path):
+def test_a_model_change_fills_a_new_collection_and_search_switches_atomically(model_stack, tmp_path, capsys):
     settings, config, model_a, model_b = model_stack
     label_a, label_b = _label(model_a), _label(model_b)
     alias = settings.milvus.collection
@@ -155,9 +156,11 @@ def test_a_model_change_fills_a_new_collection_and_search_switches_atomically(mo
     message = runs.step_errors(refused.all_events)[0]["error"]
     assert "lacks all 2 drop(s)" in message and all(drop in message for drop in DROPS)
 
-    # Re-embed: a backfill of ingest_drop over every drop, executed by the real daemon.
-    backfill_id, partitions = launch_reembed_backfill(instance)
-    assert sorted(partitions) == sorted(DROPS)
+    # Re-embed: a backfill of ingest_drop over every drop (submitted by the CLI), executed by the real daemon.
+    assert main(["reembed"]) == 0
+    backfill = instance.get_backfills(limit=1)[0]
+    backfill_id = backfill.backfill_id
+    assert backfill_id in capsys.readouterr().out and sorted(backfill.partition_names) == sorted(DROPS)
     services.start_dagster(settings_b)
     finished = _wait_for_backfill(instance, backfill_id, len(DROPS))
     assert {r.status for r in finished} == {DagsterRunStatus.SUCCESS}
@@ -178,8 +181,9 @@ def test_a_model_change_fills_a_new_collection_and_search_switches_atomically(mo
     assert _hits(settings_b, stored / "places", "china") == before["china"]
 
     # Switch: the alias moves in one call; search now answers from B's collection, with B.
-    switched = _switch(instance)
-    assert switched.success
+    assert main(["models", "switch", "--json"]) == 0
+    listed = {c["collection"]: c for c in json.loads(capsys.readouterr().out)}
+    assert (listed[name_b]["search"], listed[name_a]["search"]) == (True, False)
     with ModelCollections(settings_b.milvus) as collections:
         assert collections.search_collection() == name_b
         with collections.index(name_a) as index:

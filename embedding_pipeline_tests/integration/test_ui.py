@@ -62,7 +62,7 @@ def _search(settings, query: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def ui(stack, tmp_path_factory):
+def ui(stack, tmp_path_factory, request):
     """The drop ingested, one search run, and the webserver on 127.0.0.1 (stopped at the end)."""
     require_chromium()  # before spending a minute on runs the browser could not look at
     work = tmp_path_factory.mktemp("ui")
@@ -90,7 +90,9 @@ def ui(stack, tmp_path_factory):
         dismiss_welcome(url)
         shots = artifacts_dir("ui")
         yield {"url": url, "search_run": search_run, "shots": shots}
-        print(f"\nUI screenshots: {shots}")
+        # Past pytest's output capture: the path is worth seeing when the tests pass too.
+        with request.config.pluginmanager.get_plugin("capturemanager").global_and_fixture_disabled():
+            print(f"\nUI screenshots: {shots}")
     finally:
         if started:
             processes.stop(paths.run, services.WEBSERVER)

@@ -4,7 +4,6 @@ import base64
 import io
 
 import numpy as np
-import pyarrow as pa
 import pytest
 from dagster import AssetMaterialization, DagsterInstance, MetadataValue
 from PIL import Image
@@ -201,3 +200,27 @@ def test_stage_timings_mark_a_stage_without_figures():
     out = ui.stage_timings({"index": {"seconds": 2.0, "upserted": 4}}, items_ok=4)
     assert "| manifest | — | — | — |" in out["stage_timings"].value
     assert out["pipeline_seconds"] == 2.0 and "manifest_seconds" not in out
+
+
+# ------------------------------------------------------------------------------- the UI check's browser helper
+
+
+def test_missing_browser_skips_unless_system_packages_are_required(monkeypatch, tmp_path):
+    from embedding_pipeline_tests import browser
+
+    monkeypatch.setattr(browser, "CHROMIUM", tmp_path / "no-chromium")
+    monkeypatch.delenv(browser.REQUIRE_ENV, raising=False)
+    with pytest.raises(pytest.skip.Exception, match="no-chromium is missing"):
+        browser.require_chromium()
+    monkeypatch.setenv(browser.REQUIRE_ENV, "1")
+    with pytest.raises(pytest.fail.Exception, match="EMBEDDING_PIPELINE_REQUIRE_SYSTEM_PACKAGES=1 requires it"):
+        browser.require_chromium()
+
+
+def test_screenshots_go_where_the_environment_says(monkeypatch, tmp_path):
+    from embedding_pipeline_tests import browser
+
+    monkeypatch.setenv(browser.ARTIFACTS_ENV, str(tmp_path / "artefacts"))
+    assert browser.artifacts_dir("ui") == tmp_path / "artefacts" / "ui" and (tmp_path / "artefacts" / "ui").is_dir()
+    monkeypatch.delenv(browser.ARTIFACTS_ENV)
+    assert browser.artifacts_dir("ui") == browser.REPO_ROOT / "test-artifacts" / "ui"
