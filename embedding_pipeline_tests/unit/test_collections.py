@@ -242,3 +242,19 @@ def test_a_legacy_collection_is_used_while_its_model_matches_and_refused_otherwi
         with pytest.raises(CollectionError, match="not an alias: there is nothing to switch"):
             c.switch("image_embeddings", {})
     assert milvus.aliases == {}
+
+
+def test_a_drops_rows_are_found_in_the_collection_of_its_embeddings_model(milvus, tmp_path):
+    from embedding_pipeline.index.collections import index_for_drop
+    from embedding_pipeline.settings import Settings
+
+    settings = Settings(home=tmp_path)
+    milvus_settings = MilvusSettings(uri="http://fake:19530", collection="image_embeddings")
+    with collections() as c:
+        for label, dim in ((A, 4), (B, 4)):
+            c.index_for_model(label, dim)[0].close()
+    _write_embeddings(settings.paths.data, "cats", B, 2)
+    with index_for_drop(settings, milvus_settings, "cats") as index:
+        assert index.collection == model_collection_name("image_embeddings", B)
+    with index_for_drop(settings, milvus_settings, "never-embedded") as index:
+        assert index.collection == "image_embeddings"  # the alias: it holds none of the drop's rows
