@@ -238,6 +238,8 @@ def embed_drop(settings: Settings, drop_name: str, embedder: Embedder) -> dict[s
                 if vectors is None:
                     break
                 table = tables.popleft()  # results come in order, one per table
+                if settings.quality.unit_norm:
+                    vectors = quality.unit_normalised(vectors)
                 dim = int(vectors.shape[1])
                 rows = table.select(["id", "drop", "sha256", "uri"]).to_pydict()
                 rows["model"] = [model] * table.num_rows

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from embedding_pipeline import quality
 from embedding_pipeline.index.client import CollectionError, Hit, ImageIndex
 from embedding_pipeline.preprocess.preprocessor import Preprocessor, for_model
 from embedding_pipeline.settings import Settings, load_settings
@@ -110,7 +111,9 @@ class ImageSearcher:
         prepared = preprocessor.prepare([read_image_input(image, self.settings.sources)])
         if prepared.errors[0] is not None:
             raise ValueError(f"query image: {prepared.errors[0]}")
-        return self._embedder.embed(prepared.tensors)[0]
+        vectors = self._embedder.embed(prepared.tensors)
+        # Queries get the same treatment as stored vectors, so scores compare like with like.
+        return (quality.unit_normalised(vectors) if self.settings.quality.unit_norm else vectors)[0]
 
     def search(
         self,

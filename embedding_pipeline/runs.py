@@ -86,17 +86,23 @@ def ingest(settings: Settings, path: Path, name: str | None = None) -> dict[str,
     return summary
 
 
+_WRAPPERS = ("DagsterExecutionStepExecutionError", "RetryRequested")
+
+
 def step_errors(events: list[Any]) -> list[dict[str, str]]:
     """The failed steps of a run with their error messages (what a user needs to see first when a run fails)."""
     errors = []
     for event in events:
         if event.is_step_failure and event.step_failure_data is not None:
             error = event.step_failure_data.error
-            # A step that raised from inside a Dagster wrapper carries the real exception as its cause.
-            while error is not None and error.cause is not None and "DagsterExecutionStepExecutionError" in (
-                error.cls_name or ""
+            retried = error is not None and (error.message or "").startswith("Exceeded max_retries")
+            # A step that raised from inside a Dagster wrapper, or ran out of retries, carries the real exception
+            # as its cause.
+            while error is not None and error.cause is not None and (
+                any(name in (error.cls_name or "") for name in _WRAPPERS)
+                or (error.message or "").startswith("Exceeded max_retries")
             ):
                 error = error.cause
             message = error.message.strip() if error is not None else "unknown error"
-            errors.append({"step": event.step_key or "", "error": message})
+            errors.append({"step": event.step_key or "", "error": message + (" (retries exhausted)" if retried else "")})
     return errors

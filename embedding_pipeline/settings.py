@@ -235,8 +235,9 @@ class DagsterSettings(_Section):
 class QualitySettings(_Section):
     unit_norm: bool = Field(
         True,
-        description="The model returns L2-normalised vectors (the default model does): a vector whose norm is not 1 "
-        "fails the blocking norm check. Set false for a model that does not normalise; then only zero vectors fail.",
+        description="Store and query with L2-normalised vectors: the model's output is divided by its norm, and a "
+        "stored vector whose norm is not 1 fails the blocking norm check. Set false to keep a model's raw vectors "
+        "(e.g. for L2 search on magnitudes); then only zero vectors fail.",
     )
     norm_tolerance: float = Field(1e-3, gt=0, lt=1, description="How far from 1 a vector's L2 norm may be.")
 

@@ -26,6 +26,7 @@ from embedding_pipeline.defs.assets import image_embeddings, milvus_collection
 from embedding_pipeline.defs.partitions import drops_partitions
 from embedding_pipeline.defs.resources import MilvusResource, TritonResource
 from embedding_pipeline.index.client import ImageIndex
+from embedding_pipeline.index.collections import index_for_drop
 from embedding_pipeline.settings import Settings, load_settings
 
 EMBEDDING_CHECKS = {
@@ -106,7 +107,7 @@ def image_embeddings_checks(context: AssetCheckExecutionContext, triton: TritonR
 def _collection_for_drop(milvus: MilvusResource, settings: Settings, drop: str) -> ImageIndex:
     """The Milvus collection that holds ``drop``'s rows (the one `milvus_collection` wrote them to); the caller
     closes it. ``settings`` and ``drop`` name the drop's embeddings, whose ``model`` column tells the model."""
-    return milvus.index()
+    return index_for_drop(settings, milvus.settings(), drop)
 
 
 @multi_asset_check(

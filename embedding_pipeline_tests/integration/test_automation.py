@@ -255,53 +255,58 @@ def step_intervals(instance: DagsterInstance, run_id: str, step: str) -> tuple[f
     return times[DagsterEventType.STEP_START], times[DagsterEventType.STEP_SUCCESS]
 
 
+def waiting_for_triton(instance: DagsterInstance) -> list[tuple[str, str]]:
+    info = instance.event_log_storage.get_concurrency_info("triton")
+    return [(step.run_id, step.step_key) for step in info.pending_steps if step.assigned_timestamp is None]
+
+
+def wait_until(check, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.2)
+
+
 def test_a_dead_run_holding_the_triton_slot_is_canceled_and_frees_the_pool(dagster_stack):
     settings, instance = dagster_stack
     gate = InferenceGate(settings.triton.url)
     worker = None
     try:
-        # The partition first, so the sensor leaves this drop to the run launched below.
-        instance.add_dynamic_partitions("drops", ["held"])
+        # Partitions first, so the sensor leaves these drops to the runs launched below.
+        instance.add_dynamic_partitions("drops", ["held", "waiting"])
         place_drop(settings, "held", photo="astronaut")
-        run_id = launch_ingest(settings, "held", gate.url)
+        place_drop(settings, "waiting", photo="rocket")
+        held = launch_ingest(settings, "held", gate.url)
         assert gate.inference_seen.wait(180), "the run never reached image_embeddings"
-        assert triton_slots(instance) == [(run_id, "image_embeddings")]
+        assert triton_slots(instance) == [(held, "image_embeddings")]
 
-        # Cancel the run in the instance (as "mark as canceled" does, without asking the worker to stop), then kill
-        # its worker: a canceled run whose process died still holding the slot, which it can never release now.
-        # (Freezing the worker instead and terminating through the code server would hang the code server: it
-        # waits for the worker to acknowledge the termination.)
-        worker = worker_pid(instance, run_id)
-        instance.report_run_canceled(instance.get_run_by_id(run_id), "canceled by the test; its worker is killed")
+        # A second run, straight to Triton: it gets through preprocessing, then queues for the slot.
+        waiting = launch_ingest(settings, "waiting", settings.triton.url)
+        wait_until(lambda: waiting_for_triton(instance) == [(waiting, "image_embeddings")], 180,
+                   "the second run never queued for the triton slot")
+        assert triton_slots(instance) == [(held, "image_embeddings")]
+
+        # Cancel the first run in the instance (as "mark as canceled" does, without asking the worker to stop),
+        # then kill its worker: a canceled run whose dead process still holds the slot and can never release it.
+        # (Freezing the worker and terminating through the code server instead hangs the code server: it waits
+        # for the worker to acknowledge the termination.)
+        worker = worker_pid(instance, held)
+        instance.report_run_canceled(instance.get_run_by_id(held), "canceled by the test; its worker is killed")
         os.kill(worker, signal.SIGKILL)
         worker = None
-        time.sleep(1)  # the code server notices the dead worker; the run stays canceled
-        assert instance.get_run_by_id(run_id).status == DagsterRunStatus.CANCELED
-        ended = instance.get_run_record_by_id(run_id).end_time
+        ended = instance.get_run_record_by_id(held).end_time
 
-        # ... and frees the slot the dead run still holds free_slots_after_run_end_seconds after it ended.
-        deadline = time.monotonic() + FREE_SLOTS_AFTER_S + 30
-        while triton_slots(instance):
-            assert time.monotonic() < deadline, f"triton slot still held: {triton_slots(instance)}"
-            time.sleep(0.2)
-        freed_after = time.time() - ended
-        assert freed_after >= FREE_SLOTS_AFTER_S - 0.5, freed_after  # freed by run monitoring, not by the run
-        print(f"triton slot freed {freed_after:.1f} s after the canceled run ended")
-
-        # Two new drops at once: both runs succeed, and never hold a pool's slot at the same time.
-        gate.open.set()
-        staged = {name: stage_drop(settings, name, photo) for name, photo in (("after-1", "chelsea"), ("after-2", "rocket"))}
-        for name, staging in staged.items():  # published together: one sensor tick launches both runs
-            staging.rename(settings.drops / name)
-        first, second = (wait_for_drop_run(instance, d) for d in ("after-1", "after-2"))
-        records = {r.dagster_run.run_id: r for r in instance.get_run_records(RunsFilter(run_ids=[first.run_id,
-                                                                                                 second.run_id]))}
-        spans = sorted((records[r.run_id].start_time, records[r.run_id].end_time) for r in (first, second))
-        assert spans[1][0] < spans[0][1], "the two runs did not overlap: the pool was not put to the test"
-        for step in ("image_embeddings", "milvus_collection"):
-            a, b = sorted(step_intervals(instance, r.run_id, step) for r in (first, second))
-            assert a[1] <= b[0], f"{step} ran in both runs at once: {a} {b}"
-        assert triton_slots(instance) == []
+        # Run monitoring frees the dead run's slot free_slots_after_run_end_seconds after it ended; the waiting
+        # run takes it and succeeds.
+        wait_until(lambda: not any(run == held for run, _ in triton_slots(instance)), FREE_SLOTS_AFTER_S + 30,
+                   f"triton slot still held: {triton_slots(instance)}")
+        run = wait_for_status(instance, waiting, FINISHED)
+        assert run.status == DagsterRunStatus.SUCCESS
+        assert instance.get_run_by_id(held).status == DagsterRunStatus.CANCELED
+        got_slot_after = step_intervals(instance, waiting, "image_embeddings")[0] - ended
+        assert got_slot_after >= FREE_SLOTS_AFTER_S - 0.5, got_slot_after  # freed by run monitoring, not the run
+        print(f"the waiting run got the triton slot {got_slot_after:.1f} s after the canceled run ended")
+        assert triton_slots(instance) == [] and waiting_for_triton(instance) == []
     finally:
         if worker is not None:
             os.kill(worker, signal.SIGKILL)

@@ -287,3 +287,13 @@ def test_collection_outcomes_without_a_collection():
     missing = quality.collection_outcomes(empty, "d", ["a"])
     assert [o.passed for o in missing] == [False, False, True]
     assert missing[0].metadata["missing_ids"] == ["a"]
+
+
+def test_unit_normalised_scales_rows_and_leaves_broken_ones_for_the_checks():
+    vectors = np.array([[3.0, 4.0], [0.0, 0.0], [np.nan, 1.0]], dtype=np.float32)
+    out = quality.unit_normalised(vectors)
+    np.testing.assert_allclose(out[0], [0.6, 0.8], rtol=1e-6)
+    assert out.dtype == np.float32
+    np.testing.assert_array_equal(out[1], [0.0, 0.0])  # a zero vector has no direction: the norm check fails it
+    assert np.isnan(out[2, 0])  # non-finite stays non-finite: the finite check names it
+    assert quality.sound_vectors(out).tolist() == [True, False, False]
