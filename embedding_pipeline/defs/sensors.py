@@ -5,7 +5,7 @@ of ``drops``. Partitions live in the instance's storage, so they survive daemon 
 they are shared with everything else that registers drops — ``embedding-pipeline ingest`` adds the partition before
 it places the drop, and a partition added in the UI counts too — where a cursor private to the sensor would
 re-ingest those drops. A daemon stopped for a while finds, on its next tick, exactly the drops that arrived
-meanwhile. run_key = drop name on top: Dagster never creates a second run for a drop from this sensor.
+meanwhile. On top, Dagster never creates a second run for one run key (drop name + signature) from this sensor.
 """
 
 
@@ -14,7 +14,7 @@ from dagster import DefaultSensorStatus, RunRequest, SensorEvaluationContext, Se
 from embedding_pipeline.defs.jobs import ingest_drop_job
 from embedding_pipeline.defs.partitions import drops_partitions
 from embedding_pipeline.settings import load_settings
-from embedding_pipeline.sources.drops import complete_drops, scan
+from embedding_pipeline.sources.drops import complete_drops, drop_signature, scan
 
 # Tags on every run the sensor and the schedule request: which drop, and what asked for it.
 DROP_TAG, TRIGGER_TAG = "drop", "trigger"
@@ -33,15 +33,21 @@ _interval = load_settings().dagster.sensor_interval_s
 def drop_sensor(context: SensorEvaluationContext):
     settings = load_settings()
     known = set(context.instance.get_dynamic_partitions(drops_partitions.name))
-    new = [d.name for d in complete_drops(settings.drops, settings.dagster.drop_settle_s) if d.name not in known]
+    new = [d for d in complete_drops(settings.drops, settings.dagster.drop_settle_s) if d.name not in known]
     if not new:
         invalid = scan(settings.drops)[1]
         note = f"; ignored names: {invalid[:5]}" if invalid else ""
         return SkipReason(f"no new complete drop in {settings.drops}{note}")
     return SensorResult(
-        # run_key = drop name: Dagster never launches two runs for one drop from this sensor.
+        # run_key = drop name + signature: Dagster never launches two runs for one drop from this sensor, yet a drop
+        # deleted (partition removed) and dropped again under the same name is a new run.
         run_requests=[
-            RunRequest(run_key=name, partition_key=name, tags={DROP_TAG: name, TRIGGER_TAG: "sensor"}) for name in new
+            RunRequest(
+                run_key=f"{d.name}:{drop_signature(d)}",
+                partition_key=d.name,
+                tags={DROP_TAG: d.name, TRIGGER_TAG: "sensor"},
+            )
+            for d in new
         ],
-        dynamic_partitions_requests=[drops_partitions.build_add_request(new)],
+        dynamic_partitions_requests=[drops_partitions.build_add_request([d.name for d in new])],
     )

@@ -73,7 +73,7 @@ def test_sensor_requests_one_run_per_complete_new_drop(drops_env):
         assert [r.partition_key for r in result.run_requests] == ["cats"]
         assert result.run_requests[0].tags["drop"] == "cats"
         assert result.run_requests[0].tags["trigger"] == "sensor"
-        assert result.run_requests[0].run_key == "cats"
+        assert result.run_requests[0].run_key.startswith("cats:")
         assert result.dynamic_partitions_requests[0].partition_keys == ["cats"]
         instance.add_dynamic_partitions("drops", ["cats"])
         again = drop_sensor(build_sensor_context(instance=instance))

@@ -17,7 +17,6 @@ from dagster import (
     DagsterRunStatus,
     DefaultScheduleStatus,
     Jitter,
-    SkipReason,
     build_schedule_context,
     instance_for_test,
 )
@@ -105,7 +104,8 @@ def test_new_drops_get_a_partition_and_a_tagged_run(drops_dir, instance):
     assert tags["cats"]["rescan_reason"] == "new"
     assert tags["cats"]["drop_signature"] == signature
     assert tags["cats"]["dagster/partition"] == "cats"
-    assert {r.run_key for r in data.run_requests} == {f"cats:{signature}", f"urls.jsonl:{tags['urls.jsonl']['drop_signature']}"}
+    keys = {r.run_key for r in data.run_requests}
+    assert keys == {f"cats:{signature}", f"urls.jsonl:{tags['urls.jsonl']['drop_signature']}"}
 
 
 def test_rescanning_an_unchanged_directory_requests_nothing(drops_dir, instance):
