@@ -92,10 +92,20 @@ def webserver_url(settings: Settings) -> str:
     return f"http://{settings.dagster.webserver_host}:{settings.dagster.webserver_port}"
 
 
+def _create_instance_storage(settings: Settings) -> None:
+    """Create (or migrate) the instance's storage once, before the daemon and webserver start: two processes
+    creating a fresh SQLite instance at the same moment can both record the schema version."""
+    from dagster import DagsterInstance
+
+    with DagsterInstance.from_config(str(settings.paths.dagster_home)):
+        pass
+
+
 def start_dagster(settings: Settings, timeout_s: float = 120.0, instance_yaml: str | None = None) -> None:
     workspace = prepare_dagster_home(settings, instance_yaml)
     env = child_env(settings)
     paths = settings.paths
+    _create_instance_storage(settings)
     if processes.read(paths.run, DAEMON) is None:
         processes.start(paths.run, paths.logs, DAEMON, [_tool("dagster-daemon"), "run", "-w", str(workspace)], env=env)
     if processes.read(paths.run, WEBSERVER) is None:

@@ -31,6 +31,7 @@ from embedding_pipeline.settings import load_settings
 from embedding_pipeline.sources.drops import DROP_SIGNATURE_KEY, Drop, complete_drops, drop_signature
 
 SIGNATURE_TAG, REASON_TAG = "drop_signature", "rescan_reason"
+PARTITION_TAG = "dagster/partition"
 MANIFEST_ASSET = AssetKey("raw_image_manifest")
 # A run in one of these states is still working on its drop: requesting another would only queue a duplicate.
 _IN_FLIGHT = {
@@ -69,8 +70,9 @@ def recorded_signature(instance: DagsterInstance, drop: str) -> str | None:
 
 
 def latest_run_status(instance: DagsterInstance, drop: str) -> DagsterRunStatus | None:
-    """Status of the newest run tagged with this drop (every run the sensor, the schedule and the CLI launch)."""
-    runs = instance.get_runs(filters=RunsFilter(tags={DROP_TAG: drop}), limit=1)
+    """Status of the newest run of the drop's partition: Dagster tags every partitioned run with it, whoever launched
+    it (sensor, schedule, CLI, a backfill, the UI)."""
+    runs = instance.get_runs(filters=RunsFilter(tags={PARTITION_TAG: drop}), limit=1)
     return runs[0].status if runs else None
 
 

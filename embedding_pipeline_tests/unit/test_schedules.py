@@ -70,7 +70,7 @@ def record_ingest(instance, drops_dir, name: str, status=DagsterRunStatus.SUCCES
 
 
 def add_fake_run(instance, name: str, status: DagsterRunStatus) -> None:
-    instance.add_run(DagsterRun(job_name="ingest_drop", run_id=str(uuid.uuid4()), tags={"drop": name}, status=status))
+    instance.add_run(DagsterRun(job_name="ingest_drop", run_id=str(uuid.uuid4()), tags={"drop": name, "dagster/partition": name}, status=status))
 
 
 def evaluate(instance):
