@@ -202,22 +202,29 @@ def test_signature_follows_what_ingest_reads(tmp_path):
     assert len({first, *changes}) == len(changes) + 1
 
 
-def test_server_facing_assets_retry_with_exponential_backoff_from_settings_and_use_pools():
+def test_retry_policy_comes_from_settings(tmp_path, monkeypatch):
+    from embedding_pipeline.defs.assets import _retry_policy
+
+    config = tmp_path / "embedding_pipeline.yaml"
+    config.write_text("dagster:\n  step_retries: 4\n  step_retry_delay_s: 0.5\n")
+    monkeypatch.setenv("EMBEDDING_PIPELINE_CONFIG", str(config))
+    policy = _retry_policy()
+    assert (policy.max_retries, policy.delay) == (4, 0.5)
+    assert (policy.backoff, policy.jitter) == (Backoff.EXPONENTIAL, Jitter.PLUS_MINUS)
+
+
+def test_server_facing_assets_retry_with_exponential_backoff_and_use_pools():
     from dagster import AssetKey
 
-    from embedding_pipeline.settings import load_settings
+    from embedding_pipeline.defs.assets import RETRY
 
-    settings = load_settings().dagster
     ops = {name: defs.get_assets_def(AssetKey(name)).op for name in
            ("raw_image_manifest", "preprocessed_batches", "image_embeddings", "milvus_collection")}
     assert ops["raw_image_manifest"].retry_policy is None  # reads local files only: nothing transient to wait out
     for name in ("preprocessed_batches", "image_embeddings", "milvus_collection"):
-        policy = ops[name].retry_policy
-        assert policy is not None, name
-        assert policy.max_retries == settings.step_retries
-        assert policy.delay == settings.step_retry_delay_s
-        assert policy.backoff == Backoff.EXPONENTIAL
-        assert policy.jitter == Jitter.PLUS_MINUS
+        # The policy is fixed when the code location loads (from the settings of that moment: see the test above).
+        assert ops[name].retry_policy == RETRY, name
+        assert RETRY.max_retries >= 1 and RETRY.backoff == Backoff.EXPONENTIAL
     assert {name: op.pool for name, op in ops.items()} == {
         "raw_image_manifest": None,
         "preprocessed_batches": None,
