@@ -4,9 +4,9 @@
 — except that a server this pipeline started reloads the model when the configured ONNX file (the default model,
 or ``triton.model_path``) or ``triton.max_batch_size`` no longer matches what it serves. The model it replaces
 stays loaded as ``<model_name>_<sha12 of its file>`` while a Milvus collection holds its vectors, so search keeps
-embedding queries with the model that built the collection it searches until search is switched to the new one. Only loopback URLs are
-ever started locally; for a remote URL the model must already be ready. The server runs from the ``serving``
-environment (numpy < 2, onnxruntime), the way a Triton container would run beside the pipeline.
+embedding queries with the model that built the collection it searches until search is switched to the new one.
+Only loopback URLs are ever started locally; for a remote URL the model must already be ready. The server runs from
+the ``serving`` environment (numpy < 2, onnxruntime), the way a Triton container would run beside the pipeline.
 """
 
 from __future__ import annotations
