@@ -61,10 +61,13 @@ def cmd_up(args: argparse.Namespace) -> int:
         services.start_services(settings)
         print("starting the Dagster webserver and daemon...", flush=True)
         services.start_dagster(settings)
+        print("starting the HTTP API...", flush=True)
+        services.start_api(settings)
         if not args.no_sample:
             folder = write_sample_drop(settings.drops)
             print(f"sample drop: {folder} (the sensor ingests it within seconds)")
-        print(f"\nDagster UI: {services.webserver_url(settings)}\ndrop folder: {settings.drops}")
+        print(f"\nDagster UI: {services.webserver_url(settings)}\nHTTP API: {services.api_url(settings)} "
+              f"(docs: {services.api_url(settings)}/docs)\ndrop folder: {settings.drops}")
         print("Ctrl-C or `embedding-pipeline down` stops everything.", flush=True)
         while not stopping:
             # `down` from another shell stops the webserver: then this command has nothing left to hold.
@@ -83,6 +86,20 @@ def cmd_down(args: argparse.Namespace) -> int:
 
     stopped = services.stop_all(_settings(args))
     print("stopped: " + (", ".join(stopped) or "nothing was running"))
+    return 0
+
+
+def cmd_serve_api(args: argparse.Namespace) -> int:
+    """Serve the HTTP API in this process (Ctrl-C stops it)."""
+    import uvicorn
+
+    from embedding_pipeline.api.app import create_app
+
+    settings = _settings(args)
+    host = args.host or settings.api.host
+    port = args.port or settings.api.port
+    print(f"HTTP API on http://{host}:{port} (docs: /docs)", flush=True)
+    uvicorn.run(create_app(settings), host=host, port=port, log_level=args.log_level)
     return 0
 
 
@@ -132,6 +149,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from embedding_pipeline.bench import preprocess as bench
 
         result = bench.run(settings, count=args.images or 512)
+    elif args.what == "api":
+        from embedding_pipeline.bench import api as bench
+
+        result = bench.run(settings, requests_per_kind=args.requests, clients=args.clients, url=args.url,
+                           vectors=args.vectors, collection=args.collection)
     else:
         from embedding_pipeline.bench import ingest as bench
 
@@ -276,6 +298,11 @@ def build_parser() -> argparse.ArgumentParser:
     svc = sub.add_parser("services", help="Triton + Milvus only")
     svc.add_argument("action", choices=["start", "stop", "status"])
     svc.set_defaults(func=cmd_services)
+    api = sub.add_parser("serve-api", help="serve the HTTP API (health, collections, insert, search)")
+    api.add_argument("--host", help="bind address (default: api.host, 127.0.0.1)")
+    api.add_argument("--port", type=int, help="port (default: api.port, 18080)")
+    api.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    api.set_defaults(func=cmd_serve_api)
     ing = sub.add_parser("ingest", help="ingest a folder or manifest as a drop, in the Dagster instance")
     ing.add_argument("path")
     ing.add_argument("--drop", help="drop (partition) name; default: the file or folder name")
@@ -321,8 +348,9 @@ def build_parser() -> argparse.ArgumentParser:
     be = sub.add_parser(
         "bench", help="benchmarks that print figures against baselines measured in the same run; without a "
         "subcommand: embedding extraction, insert and search, on servers started for the run")
-    be.add_argument("what", nargs="?", choices=["preprocess", "ingest"],
-                    help="preprocess: decode + JAX vs Pillow; ingest: memory of a whole drop (default: neither)")
+    be.add_argument("what", nargs="?", choices=["preprocess", "ingest", "api"],
+                    help="preprocess: decode + JAX vs Pillow; ingest: memory of a whole drop; api: search latency "
+                    "through the HTTP API under concurrent load (default: none of these)")
     be.add_argument("--images", type=int, help="photos to embed / images to process (default 3000 / 512 / 5000)")
     be.add_argument("--baseline-images", type=int, default=500, help="ingest: the small drop compared against")
     be.add_argument("--sizes", type=lambda v: _csv(int, v), default=[10_000, 100_000],
@@ -336,6 +364,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "embeddings and measures recall on synthetic vectors)")
     be.add_argument("--search-budget-s", type=float, default=60.0,
                     help="stop a kind of search after this many seconds (default 60; JSON-path filters are slow)")
+    be.add_argument("--requests", type=int, default=2000, help="api: search requests per kind (default 2000)")
+    be.add_argument("--clients", type=int, default=8, help="api: concurrent clients (default 8)")
+    be.add_argument("--url", help="api: an HTTP API already running on loopback (default: the configured one, "
+                    "started if needed, with a collection of its own)")
+    be.add_argument("--vectors", type=int, default=10_000, help="api: vectors in its own collection (default 10000)")
+    be.add_argument("--collection", help="api with --url: the collection to search (default: the API's default)")
     be.add_argument("--json", action="store_true")
     be.set_defaults(func=cmd_bench)
     return parser

@@ -17,9 +17,9 @@ from embedding_pipeline.index.server import milvus_status, start_milvus, stop_mi
 from embedding_pipeline.serving.server import start_triton, stop_triton, triton_status
 from embedding_pipeline.settings import CONFIG_ENV, Settings, config_path
 
-WEBSERVER, DAEMON = "dagster-webserver", "dagster-daemon"
-# Every process the pipeline may start, in the order to stop them.
-MANAGED = (WEBSERVER, DAEMON, "triton", "milvus")
+WEBSERVER, DAEMON, API = "dagster-webserver", "dagster-daemon", "api"
+# Every process the pipeline may start, in the order to stop them (the API first: it calls all the others).
+MANAGED = (API, WEBSERVER, DAEMON, "triton", "milvus")
 LOCATION_NAME = "embedding_pipeline"
 
 
@@ -79,7 +79,9 @@ def stop_services(settings: Settings, only: list[str] | None = None) -> list[str
 
 
 def services_status(settings: Settings) -> dict:
-    return {"triton": triton_status(settings), "milvus": milvus_status(settings), "dagster": dagster_status(settings)}
+    api = processes.read(settings.paths.run, API)
+    return {"triton": triton_status(settings), "milvus": milvus_status(settings), "dagster": dagster_status(settings),
+            "api": {"url": api_url(settings), "pid": api.pid if api else None}}
 
 
 def _tool(name: str) -> str:
@@ -122,6 +124,27 @@ def start_dagster(settings: Settings, timeout_s: float = 120.0, instance_yaml: s
 
 def stop_dagster(settings: Settings) -> list[str]:
     return [name for name in (WEBSERVER, DAEMON) if processes.stop(settings.paths.run, name)]
+
+
+def api_url(settings: Settings) -> str:
+    return f"http://{settings.api.host}:{settings.api.port}"
+
+
+def start_api(settings: Settings, timeout_s: float = 120.0) -> None:
+    """Start the HTTP API (``embedding-pipeline serve-api``) as a managed process; wait until it answers."""
+    paths = settings.paths
+    if processes.read(paths.run, API) is not None:
+        return
+    argv = [_tool("embedding-pipeline"), "serve-api", "--host", settings.api.host, "--port", str(settings.api.port)]
+    proc = processes.start(paths.run, paths.logs, API, argv, env=child_env(settings))
+    url = api_url(settings)
+    # Any answer from /health means it serves (503 only says a service behind it is not ready yet).
+    processes.wait_until(lambda: processes.port_open(settings.api.host, settings.api.port), timeout_s,
+                         f"HTTP API at {url}", proc)
+
+
+def stop_api(settings: Settings) -> bool:
+    return processes.stop(settings.paths.run, API)
 
 
 def dagster_status(settings: Settings) -> dict:

@@ -242,6 +242,19 @@ class QualitySettings(_Section):
     norm_tolerance: float = Field(1e-3, gt=0, lt=1, description="How far from 1 a vector's L2 norm may be.")
 
 
+class ApiSettings(_Section):
+    host: str = Field("127.0.0.1", description="Address the HTTP API binds to (embedding-pipeline serve-api).")
+    port: int = Field(18080, ge=1, le=65535, description="Port of the HTTP API (API_PORT).")
+    max_request_bytes: int = Field(
+        20 * 1024 * 1024, ge=1024, description="Larger request bodies (JSON or uploads) are refused with 413."
+    )
+    max_topk: int = Field(1000, ge=1, le=16384, description="Largest topk a search may ask for.")
+    max_inputs: int = Field(10_000, ge=1, description="Most inputs one insert request may carry.")
+    insert_timeout_s: float = Field(
+        600.0, gt=0, description="How long an insert with wait=true waits for its run before answering 504."
+    )
+
+
 class Settings(_Section):
     home: Path = Field(default_factory=state_home, description="State directory (EMBEDDING_PIPELINE_HOME).")
     drops_dir: Path | None = Field(None, description="Drop folder; default <home>/drops (EMBEDDING_PIPELINE_DROPS).")
@@ -251,6 +264,7 @@ class Settings(_Section):
     preprocess: PreprocessSettings = Field(default_factory=PreprocessSettings)
     dagster: DagsterSettings = Field(default_factory=DagsterSettings)
     quality: QualitySettings = Field(default_factory=QualitySettings)
+    api: ApiSettings = Field(default_factory=ApiSettings)
 
     @property
     def paths(self) -> StatePaths:
@@ -291,6 +305,7 @@ ENV_VARS: dict[str, tuple[str | None, str]] = {
     "PREPROCESS_BATCH_SIZE": ("preprocess", "batch_size"),
     "PREPROCESS_RESIZE_POLICY": ("preprocess", "resize_policy"),
     "DAGSTER_WEBSERVER_PORT": ("dagster", "webserver_port"),
+    "API_PORT": ("api", "port"),
 }
 
 

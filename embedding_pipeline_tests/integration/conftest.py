@@ -29,13 +29,14 @@ os.environ.setdefault(CACHE_ENV, str(REPO_ROOT / ".embedding_pipeline" / "cache"
 
 def write_config(home: Path, settle_s: float = 0.0) -> Path:
     """A config file for a fresh home with every port free; returns its path."""
-    triton, grpc, metrics, milvus, web = free_ports(5)
+    triton, grpc, metrics, milvus, web, api = free_ports(6)
     config = home / "embedding_pipeline.yaml"
     config.write_text(
         f"triton:\n  url: 127.0.0.1:{triton}\n  grpc_port: {grpc}\n  metrics_port: {metrics}\n"
         f"milvus:\n  uri: http://127.0.0.1:{milvus}\n"
         f"dagster:\n  webserver_port: {web}\n  sensor_interval_s: 1\n  drop_settle_s: {settle_s}\n"
         "  step_retries: 1\n  step_retry_delay_s: 1\n"
+        f"api:\n  port: {api}\n"
     )
     return config
 

@@ -1,0 +1,279 @@
+"""The HTTP API: health, collections, insert (a Dagster run per request) and search, over the pipeline's own code.
+
+Run it with ``embedding-pipeline serve-api`` (or ``uvicorn embedding_pipeline.api.app:app``); ``up`` starts it
+beside the Dagster UI. Search runs in this long-lived process with warm clients (the Python API's
+``ImageSearcher``); ingest stays in Dagster, where it is queued, retried, recorded and visible.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Callable, Optional
+
+from fastapi import FastAPI, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+
+from embedding_pipeline.api import errors
+from embedding_pipeline.api.errors import ApiError, invalid
+from embedding_pipeline.api.guards import ApiKeyGuard, BodyLimit, api_key_from_env
+from embedding_pipeline.api.inputs import read_query
+from embedding_pipeline.api.models import (
+    CreateCollectionRequest,
+    CreateCollectionResponse,
+    InsertAccepted,
+    InsertRequest,
+    RunReport,
+    SearchRequest,
+    SearchResponse,
+)
+from embedding_pipeline.settings import Settings, load_settings
+
+log = logging.getLogger(__name__)
+
+ERROR_SCHEMA = {
+    "type": "object",
+    "properties": {"error": {"type": "object", "properties": {
+        "code": {"type": "string"}, "message": {"type": "string"}, "details": {}}}},
+}
+_ERRORS = {status: {"description": text, "content": {"application/json": {"schema": ERROR_SCHEMA}}}
+           for status, text in ((401, "Missing or wrong API key"), (413, "Request body too large"),
+                                (422, "Invalid request"), (503, "A service is down"))}
+
+
+@dataclass
+class ApiServices:
+    """What the endpoints call; the defaults are the real services, tests may pass fakes."""
+
+    search: Any  # SearchService
+    collections: Any  # CollectionService
+    runs: Any  # DagsterRuns
+    health: Callable[[], dict[str, Any]]
+
+    def close(self) -> None:
+        for service in (self.search, self.collections, self.runs):
+            close = getattr(service, "close", None)
+            if close is not None:
+                close()
+
+
+def real_services(settings: Settings) -> ApiServices:
+    from embedding_pipeline.api import health
+    from embedding_pipeline.api.collections import CollectionService
+    from embedding_pipeline.api.ingest import DagsterRuns
+    from embedding_pipeline.api.search import SearchService
+
+    runs = DagsterRuns(settings)
+
+    def report() -> dict[str, Any]:
+        return {"triton": health.triton_health(settings), "milvus": health.milvus_health(settings),
+                "dagster": runs.reachable()}
+
+    return ApiServices(SearchService(settings), CollectionService(settings), runs, report)
+
+
+def _search_openapi() -> dict[str, Any]:
+    """The search body: JSON (a path/URL or a vector) or a multipart upload; FastAPI cannot infer both."""
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": SearchRequest.model_json_schema()},
+                "multipart/form-data": {"schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {
+                        "file": {"type": "string", "format": "binary", "description": "The query image."},
+                        "topk": {"type": "integer", "minimum": 1, "default": 10},
+                        "filter_expr": {"type": "string"},
+                        "collection_name": {"type": "string"},
+                    },
+                }},
+            },
+        }
+    }
+
+
+def create_app(settings: Optional[Settings] = None, services: Optional[ApiServices] = None,
+               api_key: Optional[str] = None) -> FastAPI:
+    """The FastAPI app. ``api_key`` defaults to ``$EMBEDDING_PIPELINE_API_KEY`` (no key: no authentication)."""
+    settings = settings or load_settings()
+    api_key = api_key if api_key is not None else api_key_from_env()
+    state: dict[str, ApiServices] = {}
+
+    def svc() -> ApiServices:
+        if "services" not in state:
+            state["services"] = services or real_services(settings)
+        return state["services"]
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        svc()
+        warming = None
+        if services is None:
+            # Warm the default collection's searcher (clients, compiled kernel) so the first query is fast. In the
+            # background: a Triton still starting must not hold up serving /health.
+            warming = threading.Thread(target=_warm, args=(state["services"].search,), name="api-warm", daemon=True)
+            warming.start()
+        try:
+            yield
+        finally:
+            if warming is not None:
+                warming.join(timeout=30)
+            # Dropped, not kept closed: an app started again (a test client's second block) opens fresh ones.
+            await run_in_threadpool(state.pop("services").close)
+
+    app = FastAPI(
+        title="embedding_pipeline",
+        version="1",
+        description="Image embeddings: insert images (a Dagster run per request) and search them by image or vector.",
+        lifespan=lifespan,
+        responses=_ERRORS,
+    )
+    app.state.settings = settings
+    errors.install(app)
+
+    @app.get("/health", summary="Status of Triton, Milvus and the Dagster instance",
+             responses={503: {"description": "Something is down (same shape, status 'unavailable')"}})
+    def health() -> JSONResponse:
+        from embedding_pipeline.api.health import healthy
+
+        report = svc().health()
+        ok = healthy(report)
+        return JSONResponse({"status": "ok" if ok else "unavailable", **report}, status_code=200 if ok else 503)
+
+    @app.post("/collections/create", status_code=201, response_model=CreateCollectionResponse,
+              summary="Create a collection name for the served model (idempotent)",
+              responses={200: {"description": "It exists already with this shape (created: false)",
+                               "model": CreateCollectionResponse},
+                         409: {"description": "It exists with another shape"}})
+    def create_collection(body: CreateCollectionRequest, response: Response) -> dict[str, Any]:
+        result = svc().collections.create(body)
+        if not result["created"]:
+            response.status_code = 200
+        return result
+
+    @app.post("/insert", status_code=202, response_model=InsertAccepted | RunReport,
+              summary="Ingest images as a drop: one Dagster run",
+              responses={200: {"description": "wait=true: the finished run's report", "model": RunReport},
+                         504: {"description": "wait=true and the run did not finish in time"}})
+    def insert(body: InsertRequest, response: Response) -> dict[str, Any]:
+        from embedding_pipeline.api.ingest import manifest_rows
+
+        accepted = svc().runs.insert(body, manifest_rows(settings, body))
+        if not body.wait:
+            return accepted
+        response.status_code = 200
+        return svc().runs.wait(accepted["run_id"], body.timeout_s or settings.api.insert_timeout_s)
+
+    @app.get("/runs/{run_id}", response_model=RunReport, summary="An ingest run: status and per-item failures",
+             responses={404: {"description": "No such run"}})
+    def run_status(run_id: str) -> dict[str, Any]:
+        if not 1 <= len(run_id) <= 64 or not run_id.replace("-", "").isalnum():
+            raise ApiError(404, "not_found", f"no run {run_id!r}")
+        report = svc().runs.report(run_id)
+        if report is None:
+            raise ApiError(404, "not_found", f"no run {run_id!r}")
+        return report
+
+    @app.post("/search", response_model=SearchResponse, openapi_extra=_search_openapi(),
+              summary="Top-k similar images: by image (path, URL or upload) or by vector",
+              responses={404: {"description": "No such collection"}})
+    async def search(request: Request) -> dict[str, Any]:
+        content_type = request.headers.get("content-type", "")
+        if content_type.startswith("multipart/form-data"):
+            body, image = await _multipart_search(request)
+        elif content_type.startswith("application/json") or not content_type:
+            body, image = await _json_search(request), None
+        else:
+            raise ApiError(415, "unsupported_media_type",
+                           f"send application/json or multipart/form-data, not {content_type!r}")
+        if body.topk > settings.api.max_topk:
+            raise invalid("invalid_request", f"topk: at most {settings.api.max_topk} (api.max_topk)",
+                          [{"loc": ["body", "topk"], "msg": f"at most {settings.api.max_topk}"}])
+        service = svc().search
+
+        def run() -> Any:
+            if body.vector is not None:
+                return service.search_vector(body.vector, body.topk, body.filter_expr, body.collection_name,
+                                             body.search_params)
+            data = image if image is not None else read_query(settings, body.query_input)
+            return service.search_image(data, body.topk, body.filter_expr, body.collection_name, body.search_params)
+
+        outcome = await run_in_threadpool(run)
+        return {
+            "results": [{"id": h.id, "score": h.score, "uri": h.uri, "metadata": h.metadata, "drop": h.drop}
+                        for h in outcome.hits],
+            "took_ms": round(outcome.took_ms, 3),
+            "collection": outcome.collection,
+            "resolved_collection": outcome.resolved,
+        }
+
+    async def _json_search(request: Request) -> SearchRequest:
+        raw = await request.body()
+        try:
+            return SearchRequest.model_validate_json(raw or b"null")
+        except ValidationError as exc:
+            raise RequestValidationError(_with_body_loc(exc.errors())) from None
+
+    async def _multipart_search(request: Request) -> tuple[SearchRequest, bytes]:
+        try:
+            form = await request.form(max_files=1, max_fields=8)
+        except Exception as exc:  # noqa: BLE001 - malformed multipart bodies raise several types
+            raise invalid("invalid_request", f"malformed multipart body: {exc}") from None
+        try:
+            upload = form.get("file")
+            if upload is None or isinstance(upload, str):
+                raise invalid("invalid_request", "multipart search needs a file field 'file' holding the image",
+                              [{"loc": ["body", "file"], "msg": "field required"}])
+            unknown = set(form.keys()) - {"file", "topk", "filter_expr", "collection_name"}
+            if unknown:
+                raise invalid("invalid_request", f"unknown form field(s): {', '.join(sorted(unknown))}")
+            data = await upload.read()
+            if not data:
+                raise invalid("bad_image", "the uploaded file is empty")
+            if len(data) > settings.sources.max_image_bytes:
+                raise invalid("too_large", f"the uploaded file has {len(data)} bytes; at most "
+                              f"{settings.sources.max_image_bytes} (sources.max_image_bytes)")
+            fields: dict[str, Any] = {k: form.get(k) for k in ("topk", "filter_expr", "collection_name")
+                                      if form.get(k) not in (None, "")}
+            try:
+                # The vector is a placeholder that satisfies "exactly one query"; the upload is the query.
+                body = SearchRequest.model_validate({**fields, "vector": [0.0]})
+            except ValidationError as exc:
+                raise RequestValidationError(_with_body_loc(exc.errors())) from None
+            return body.model_copy(update={"vector": None}), data
+        finally:
+            await form.close()
+
+    # The last added runs first: the key is checked before a large body is read.
+    app.add_middleware(BodyLimit, max_bytes=settings.api.max_request_bytes)
+    if api_key:
+        app.add_middleware(ApiKeyGuard, api_key=api_key)
+    return app
+
+
+def _warm(search: Any) -> None:
+    try:
+        search.warm()
+    except Exception as exc:  # noqa: BLE001 - no collection yet, or a service still starting: health reports it
+        log.info("search not warmed at start: %s", exc)
+
+
+def _with_body_loc(errors_: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Pydantic's errors located under ``body`` as FastAPI reports them (and without the raw input)."""
+    return [{"loc": ["body", *e.get("loc", ())], "msg": e.get("msg", ""), "type": e.get("type", "")}
+            for e in errors_]
+
+
+def __getattr__(name: str) -> Any:
+    # ``uvicorn embedding_pipeline.api.app:app``: built on first access, so importing this module reads no settings.
+    if name == "app":
+        globals()["app"] = create_app()
+        return globals()["app"]
+    raise AttributeError(name)

@@ -1,0 +1,190 @@
+"""Request and response bodies of the HTTP API (the seed's field names), with the checks that need no settings.
+
+Checks that depend on the configuration (top-k limit, allowed roots, input count) run in the endpoints, which
+know the settings, and answer in the same 422 shape.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from embedding_pipeline.sources.manifest import MAX_ID_CHARS
+
+# Milvus collection (and alias) names: letters, digits and '_', not starting with a digit. Per-model collections
+# append "__<model>" to it, so leave room for that under Milvus's 255.
+COLLECTION_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+MAX_URI_CHARS = 4096
+MAX_FILTER_CHARS = 4096
+MAX_DIM = 32768
+
+IndexType = Literal["FLAT", "IVF_FLAT", "HNSW"]
+MetricType = Literal["COSINE", "IP", "L2"]
+
+
+class _Body(BaseModel):
+    # Unknown keys are refused: a misspelt "top_k" must not silently mean the default.
+    model_config = ConfigDict(extra="forbid")
+
+
+def check_collection_name(name: Optional[str]) -> Optional[str]:
+    if name is not None and not COLLECTION_NAME.fullmatch(name):
+        raise ValueError(
+            "a collection name uses letters, digits and '_', does not start with a digit, and has at most 128 "
+            "characters"
+        )
+    return name
+
+
+class CreateCollectionRequest(_Body):
+    name: str = Field(..., description="Collection name: the alias search and insert use (`collection_name`).")
+    dim: Optional[int] = Field(None, ge=1, le=MAX_DIM, description="Vector dimension; must be the model's "
+                               "(default: the served model's output dimension).")
+    description: str = Field("", max_length=2048, description="Free text, echoed back.")
+    index_type: Optional[IndexType] = Field(None, description="Vector index (default: milvus.index_type).")
+    metric_type: Optional[MetricType] = Field(None, description="Similarity metric (default: milvus.metric_type).")
+    index_params: Optional[dict[str, Any]] = Field(
+        None, description='Index build parameters, e.g. {"M": 16, "efConstruction": 256} for HNSW, '
+        '{"nlist": 128} for IVF_FLAT.'
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, name: str) -> str:
+        return check_collection_name(name)
+
+
+class CreateCollectionResponse(BaseModel):
+    name: str
+    dim: int
+    index_type: str
+    metric_type: str
+    created: bool
+    description: str = ""
+    collection: str = Field(..., description="The per-model collection behind the name.")
+    model: str = Field(..., description="The model whose vectors it holds.")
+
+
+class InsertRequest(_Body):
+    inputs: list[str] = Field(..., min_length=1, description="Absolute local paths (inside the drop folder or "
+                              "sources.allowed_roots) or http(s) URLs.")
+    ids: Optional[list[str]] = Field(None, description="One id per input (default: derived from the content).")
+    metadata: Optional[list[dict[str, Any]]] = Field(None, description="One JSON object per input.")
+    collection_name: Optional[str] = Field(None, description="Default: milvus.collection.")
+    wait: bool = Field(False, description="Answer when the run has ended (200) instead of at once (202).")
+    timeout_s: Optional[float] = Field(None, gt=0, le=86400, description="With wait: how long to wait "
+                                       "(default api.insert_timeout_s).")
+
+    @field_validator("collection_name")
+    @classmethod
+    def _collection(cls, name: Optional[str]) -> Optional[str]:
+        return check_collection_name(name)
+
+    @field_validator("inputs")
+    @classmethod
+    def _inputs(cls, inputs: list[str]) -> list[str]:
+        for n, uri in enumerate(inputs):
+            if not uri.strip() or len(uri) > MAX_URI_CHARS or _CONTROL.search(uri):
+                raise ValueError(f"inputs[{n}] must be a non-empty path or URL of at most {MAX_URI_CHARS} "
+                                 "characters without control characters")
+        return [uri.strip() for uri in inputs]
+
+    @field_validator("ids")
+    @classmethod
+    def _ids(cls, ids: Optional[list[str]]) -> Optional[list[str]]:
+        if ids is None:
+            return ids
+        for n, item_id in enumerate(ids):
+            if not item_id.strip() or len(item_id) > MAX_ID_CHARS or _CONTROL.search(item_id):
+                raise ValueError(f"ids[{n}] must be 1 to {MAX_ID_CHARS} characters without control characters")
+        seen: dict[str, int] = {}
+        for n, item_id in enumerate(ids):
+            if item_id.strip() in seen:
+                raise ValueError(f"ids[{n}] repeats ids[{seen[item_id.strip()]}] ({item_id!r}); ids must be unique")
+            seen[item_id.strip()] = n
+        return [i.strip() for i in ids]
+
+    @model_validator(mode="after")
+    def _same_lengths(self) -> "InsertRequest":
+        for name in ("ids", "metadata"):
+            values = getattr(self, name)
+            if values is not None and len(values) != len(self.inputs):
+                raise ValueError(f"{name} has {len(values)} entries but inputs has {len(self.inputs)}; one per input")
+        return self
+
+
+class InsertAccepted(BaseModel):
+    drop: str
+    run_id: str
+    status_url: str
+    collection: str
+
+
+class Failure(BaseModel):
+    id: str
+    uri: str
+    error_kind: str
+    error: str
+    stage: str
+
+
+class RunReport(BaseModel):
+    run_id: str
+    status: str = Field(..., description="The Dagster run status (QUEUED, STARTED, SUCCESS, FAILURE ...).")
+    drop: str
+    items: int
+    ok: int
+    failed: int
+    skipped: int = 0
+    failures: list[Failure] = Field(default_factory=list)
+    errors: list[dict[str, str]] = Field(default_factory=list, description="Failed steps and their errors.")
+
+
+class SearchRequest(_Body):
+    query_input: Optional[str] = Field(None, max_length=MAX_URI_CHARS, description="Query image: an absolute "
+                                       "local path (inside the allowed roots) or an http(s) URL.")
+    vector: Optional[list[float]] = Field(None, min_length=1, max_length=MAX_DIM, description="A query vector "
+                                          "of the collection's dimension, instead of an image.")
+    topk: int = Field(10, ge=1, description="Hits to return (at most api.max_topk).")
+    filter_expr: Optional[str] = Field(None, max_length=MAX_FILTER_CHARS, description='Milvus boolean '
+                                       'expression, e.g. metadata["category"] == "nature".')
+    collection_name: Optional[str] = Field(None, description="Default: milvus.collection.")
+    search_params: Optional[dict[str, Any]] = Field(None, description='Per-query index parameters, e.g. '
+                                                    '{"ef": 128} (HNSW) or {"nprobe": 32} (IVF_FLAT).')
+
+    @field_validator("collection_name")
+    @classmethod
+    def _collection(cls, name: Optional[str]) -> Optional[str]:
+        return check_collection_name(name)
+
+    @field_validator("vector")
+    @classmethod
+    def _finite(cls, vector: Optional[list[float]]) -> Optional[list[float]]:
+        if vector is not None and not all(math.isfinite(v) for v in vector):
+            raise ValueError("vector components must be finite numbers")
+        return vector
+
+    @model_validator(mode="after")
+    def _one_query(self) -> "SearchRequest":
+        if (self.query_input is None) == (self.vector is None):
+            raise ValueError("give exactly one of query_input (an image path or URL) and vector")
+        return self
+
+
+class Hit(BaseModel):
+    id: str
+    score: float
+    uri: str
+    metadata: dict[str, Any]
+    drop: str = ""
+
+
+class SearchResponse(BaseModel):
+    results: list[Hit]
+    took_ms: float
+    collection: str = Field(..., description="The collection name searched (milvus.collection by default).")
+    resolved_collection: str = Field(..., description="The per-model collection behind that name.")
