@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import time
 from pathlib import Path
 
-from embedding_pipeline.settings import ConfigError, Settings, load_settings
+from embedding_pipeline.settings import CONFIG_ENV, ConfigError, Settings, load_settings
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -377,6 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "config", None):
+        # Exported (absolute) so the processes this command starts — Dagster, the API — read the same file.
+        os.environ[CONFIG_ENV] = str(Path(args.config).resolve())
     try:
         return args.func(args)
     except ConfigError as exc:

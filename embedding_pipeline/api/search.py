@@ -204,7 +204,8 @@ class SearchService:
             data = np.asarray([vector], dtype=np.float32)
             if self.settings.quality.unit_norm:
                 # Stored vectors are unit length: a query is scaled the same way, so scores compare like with like.
-                if not np.linalg.norm(data) > 0:
+                # In float64: squares of tiny (1e-30) or huge components under/overflow in float32.
+                if not np.linalg.norm(np.asarray(vector, dtype=np.float64)) > 0:
                     raise invalid("invalid_vector", "vector must not be all zeros")
                 data = quality.unit_normalised(data)
             return index.search(data, top_k=topk, filter=filter_expr, search_params=search_params)[0]
