@@ -92,11 +92,13 @@ class SharedMemoryRegion:
     def close(self) -> None:
         """Unregister from the server (if it still answers) and unlink the memory; safe to call twice."""
         client, self._client = self._client, None
-        if client is not None:
+        for attempt in range(2 if client is not None else 0):
             try:
                 client.unregister_system_shared_memory(self.name)
+                break
             except Exception as exc:  # noqa: BLE001 - the server may be gone; the memory is still ours to free
-                log.debug("could not unregister shared memory region %s: %s", self.name, exc)
+                # Tried twice: a busy server can miss one call, and a region left registered outlives us there.
+                log.debug("could not unregister shared memory region %s (attempt %d): %s", self.name, attempt + 1, exc)
         self._destroy()
 
     def _destroy(self) -> None:

@@ -165,6 +165,8 @@ def test_arrow_outputs_show_their_column_schema(ui, asset, columns, vector_type)
     with chromium_page() as page:
         _open(page, f"{ui['url']}/assets/{asset}?view=partitions&partition={DROP}", "dagster/column_schema")
         dialog = _dialog_of(page, "dagster/column_schema", "[Show Table Schema]")
+        # Descriptions render as markdown, which the UI may draw a moment after the table itself.
+        dialog.get_by_text("SHA-256 of the item's bytes", exact=False).first.wait_for()
         schema = dialog.inner_text()
         dialog.screenshot(path=ui["shots"] / f"{asset}-schema.png")
     assert [c for c in columns if c not in schema.split()] == []
