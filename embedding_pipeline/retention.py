@@ -33,9 +33,10 @@ import uuid
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from embedding_pipeline.index.client import CollectionError, ImageIndex, quote, redact
+from embedding_pipeline.index.client import ImageIndex, quote
+from embedding_pipeline.index.collections import ModelCollections
 from embedding_pipeline.ingest import drop_files
 from embedding_pipeline.settings import MilvusSettings, Settings
 from embedding_pipeline.sources.drops import DROP_NAME
@@ -51,7 +52,6 @@ PARTITIONS = "drops"  # the name of the DynamicPartitionsDefinition every asset 
 DROP_TAGS = ("drop", "dagster/partition")
 # Every asset of the ingest chain, whose per-partition history is wiped with the drop where the storage allows.
 ASSET_KEYS = ("raw_image_manifest", "preprocessed_batches", "image_embeddings", "milvus_collection")
-MODEL_COLLECTION_SEPARATOR = "__"
 
 
 class UnknownDropError(ValueError):
@@ -153,34 +153,18 @@ class DropRows(Protocol):
     def close(self) -> None: ...
 
 
-def matching_collections(names: Iterable[str], base: str) -> list[str]:
-    """The collections that can hold the pipeline's rows: ``base`` itself and every ``base__<model>``."""
-    prefix = base + MODEL_COLLECTION_SEPARATOR
-    return sorted(n for n in names if n == base or n.startswith(prefix))
-
-
 class MilvusDropRows:
     """:class:`DropRows` on a real Milvus; one client per collection, closed by :meth:`close`."""
 
     def __init__(self, settings: MilvusSettings):
         self.settings = settings
         self._indexes: dict[str, ImageIndex] = {}
-        self._lister = ImageIndex(settings)
 
     def collections(self) -> list[str]:
-        try:
-            names = set(self._lister.client.list_collections())
-        except CollectionError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - pymilvus and gRPC raise many types
-            raise CollectionError(f"listing collections at Milvus {redact(self.settings.uri)} failed: {exc}") from exc
-        try:
-            # Only real collections: a row must never be counted (or deleted) twice through an alias of its
-            # collection, whether or not the engine lists aliases among collections.
-            names -= set(self._lister.client.list_aliases().get("aliases") or [])
-        except Exception:  # noqa: BLE001 - an engine without alias listing does not list aliases as collections
-            pass
-        return matching_collections(names, self.settings.collection)
+        # Real collections only (the per-model ones, and a legacy one): never the alias, through which a row
+        # would be counted or deleted twice.
+        with ModelCollections(self.settings) as collections:
+            return collections.names()
 
     def _index(self, collection: str) -> ImageIndex:
         if collection not in self._indexes:
@@ -200,7 +184,7 @@ class MilvusDropRows:
         return deleted
 
     def close(self) -> None:
-        for index in [self._lister, *self._indexes.values()]:
+        for index in self._indexes.values():
             index.close()
         self._indexes.clear()
 

@@ -133,6 +133,13 @@ class CollectionInfo:
                 "drops": self.drops, "search": self.search}
 
 
+def matching_collections(names: Iterable[str], base: str) -> list[str]:
+    """The collections that can hold the pipeline's rows under ``base``: ``base`` itself and every
+    ``base__<model>``, sorted (``base`` first)."""
+    prefix = base + SEPARATOR
+    return sorted(n for n in names if n == base or n.startswith(prefix))
+
+
 class ModelCollections:
     """The per-model collections of ``settings.collection`` and the alias over them. Close it when done."""
 
@@ -178,10 +185,10 @@ class ModelCollections:
 
     def names(self) -> list[str]:
         """Every collection of this alias: the per-model ones, and the legacy one if it exists."""
-        prefix = f"{self.alias}{SEPARATOR}"
         with self._alias_index._guard("listing collections"):
-            found = sorted(n for n in self.client.list_collections() if n.startswith(prefix))
-        return ([self.alias] if self.is_legacy() else []) + found
+            found = matching_collections(self.client.list_collections(), self.alias)
+        # The alias name itself counts only as a real (legacy) collection, never as a second name for another one.
+        return [n for n in found if n != self.alias or self.is_legacy()]
 
     def model_of(self, collection: str) -> str:
         """The model label of a collection: its recorded property, else (legacy) the model of one of its rows."""

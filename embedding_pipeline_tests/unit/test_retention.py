@@ -11,6 +11,7 @@ import pytest
 from dagster import DagsterInstance, DagsterRun, DagsterRunStatus
 
 from embedding_pipeline import retention
+from embedding_pipeline.index.collections import matching_collections
 from embedding_pipeline.ingest import MANIFEST_SCHEMA, drop_files
 from embedding_pipeline.settings import load_settings
 from embedding_pipeline.sources.items import blob_path
@@ -29,7 +30,7 @@ class FakeDropRows:
         self.deleted: list[tuple[str, str]] = []
 
     def collections(self) -> list[str]:
-        return retention.matching_collections(self.counts, "image_embeddings")
+        return matching_collections(self.counts, "image_embeddings")
 
     def count(self, collection: str, drop: str) -> int:
         return self.counts[collection].get(drop, 0)
@@ -95,7 +96,7 @@ def instance():
 
 def test_collections_of_the_configured_name_and_its_per_model_ones():
     names = ["image_embeddings", "image_embeddings__m1", "image_embeddings_old", "x__image_embeddings", "images"]
-    assert retention.matching_collections(names, "image_embeddings") == ["image_embeddings", "image_embeddings__m1"]
+    assert matching_collections(names, "image_embeddings") == ["image_embeddings", "image_embeddings__m1"]
 
 
 def test_plan_lists_the_drops_files_blobs_rows_and_partition_and_touches_nothing(settings, rows, instance):
