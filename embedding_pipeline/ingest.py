@@ -10,7 +10,7 @@ import hashlib
 import itertools
 import json
 import time
-from collections import Counter, deque
+from collections import Counter, defaultdict, deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
@@ -19,10 +19,11 @@ import numpy as np
 import pyarrow as pa
 
 from embedding_pipeline import quality
+from embedding_pipeline.locks import membership_lock
 from embedding_pipeline.preprocess.preprocessor import SourceError, for_model
 from embedding_pipeline.settings import QualitySettings, Settings
 from embedding_pipeline.sources.drops import find_drop
-from embedding_pipeline.sources.items import FAILED, OK, Item, collect_items
+from embedding_pipeline.sources.items import FAILED, OK, Item, collect_items, is_transient
 from embedding_pipeline.storage import arrow
 
 EXAMPLES = 5
@@ -126,17 +127,41 @@ def read_manifest(settings: Settings, drop_name: str) -> list[Item]:
     return items
 
 
-def _embedded_before(folder: Path, model: str, checks: QualitySettings) -> dict[str, str]:
-    """id -> sha256 of the rows the drop's current embeddings hold for ``model`` whose vector passes the embedding
-    checks (finite, unit norm): a damaged stored vector is computed again, not carried into every later run."""
-    done: dict[str, str] = {}
-    for table in arrow.read_batches(folder, columns=["id", "sha256", "model", "embedding"]):
+def _embedded_before(folder: Path, model: str, checks: QualitySettings) -> dict[str, tuple[str, str]]:
+    """id -> (sha256, uri) of the rows the drop's current embeddings hold for ``model`` whose vector passes the
+    embedding checks (finite, unit norm): a damaged stored vector is computed again, not carried into every later
+    run."""
+    done: dict[str, tuple[str, str]] = {}
+    for table in arrow.read_batches(folder, columns=["id", "sha256", "uri", "model", "embedding"]):
         sound = quality.sound_vectors(arrow.vectors_of(table), checks.norm_tolerance, checks.unit_norm)
-        columns = zip(*(table.column(c).to_pylist() for c in ("id", "sha256", "model")))
-        for (item_id, sha, row_model), ok in zip(columns, sound):
+        columns = zip(*(table.column(c).to_pylist() for c in ("id", "sha256", "uri", "model")))
+        for (item_id, sha, uri, row_model), ok in zip(columns, sound):
             if row_model == model and ok:
-                done[item_id] = sha
+                done[item_id] = (sha, uri)
     return done
+
+
+def _kept_previous(
+    failures: list[tuple[str, str, str]], previous: dict[str, tuple[str, str]], taken: set[str]
+) -> dict[str, list[str]]:
+    """item id -> ids of earlier rows to keep, for items that failed transiently ((id, uri, error kind) each).
+
+    An item keeps the earlier row with its own id; an item without an id of its own (its content id is unknown
+    when it could not be read) keeps the earlier rows of the same URI. Ids that a good item of this run embeds are
+    never kept (the new vector wins)."""
+    by_uri: dict[str, list[str]] = defaultdict(list)
+    for row_id, (_sha, uri) in previous.items():
+        by_uri[uri].append(row_id)
+    kept: dict[str, list[str]] = {}
+    for item_id, uri, kind in failures:
+        if not is_transient(kind):
+            continue
+        ids = [item_id] if item_id in previous else by_uri.get(uri, [])
+        ids = [i for i in ids if i not in taken]
+        if ids:
+            taken.update(ids)
+            kept[item_id] = ids
+    return kept
 
 
 def _reader(item: Item) -> Callable[[], bytes]:
@@ -169,14 +194,17 @@ def preprocess_drop(
     prep = for_model(settings, model_input[0], model_input[1])
     spec = prep.spec
     previous = _embedded_before(files.embeddings, model, settings.quality) if model else {}
-    items, reused = [], []
+    items, reused, manifest_failures = [], [], []
     for item in read_manifest(settings, drop_name):
+        if item.status == FAILED:
+            manifest_failures.append((item.id, item.uri, item.error_kind))
         if item.status != OK:
             continue
-        (reused if previous.get(item.id) == item.sha256 else items).append(item)
+        (reused if previous.get(item.id, ("", ""))[0] == item.sha256 else items).append(item)
     schema = arrow.tensor_schema(spec.shape, spec.dtype, {"drop": drop_name, "layout": spec.layout})
     failures: list[dict[str, str]] = []
     written = 0
+    embedded: set[str] = {i.id for i in reused}
     chunks = [items[i : i + prep.batch_size] for i in range(0, len(items), prep.batch_size)]
     with arrow.DropWriter(files.preprocessed) as writer:
         batches = prep.stream([_reader(item) for item in chunk] for chunk in chunks)
@@ -190,13 +218,18 @@ def preprocess_drop(
                         "sha256": [i.sha256 for i in good], "uri": [i.uri for i in good]}
                 writer.write(arrow.tensor_table(rows, prepared.tensors, schema))
                 written += len(good)
+                embedded.update(i.id for i in good)
+        later = [(f["id"], f["uri"], f["error_kind"]) for f in failures]
+        kept = _kept_previous(manifest_failures + later, previous, embedded)
         writer.add_json("failures.json", failures)
         writer.add_json("reused.json", [i.id for i in reused])
+        writer.add_json("kept.json", kept)
         writer.commit()
     elapsed = time.perf_counter() - started
     return {
         "images": written,
         "reused": len(reused),
+        "kept_previous": sum(len(ids) for ids in kept.values()),
         "failed": len(failures),
         "batches": len(writer.files),
         "bytes": writer.bytes,
@@ -211,13 +244,16 @@ def embed_drop(settings: Settings, drop_name: str, embedder: Embedder) -> dict[s
     """Send every tensor batch through the model and store the vectors with their lineage and model version.
 
     Vectors of items the preprocess stage marked as reused are copied from the drop's previous embeddings
-    (same id, sha256 and model), with the item's current metadata.
+    (same id, sha256 and model), with the item's current metadata; rows kept for items that failed transiently are
+    copied as they were.
     """
     started = time.perf_counter()
     files = drop_files(settings, drop_name)
     metadata = {i.id: json.dumps(i.metadata, sort_keys=True, default=str) for i in read_manifest(settings, drop_name)}
     model = embedder.model_version_label()
     reused = set(arrow.read_json(files.preprocessed, "reused.json", []))
+    kept = {i for ids in arrow.read_json(files.preprocessed, "kept.json", {}).values() for i in ids}
+    carry = reused | kept
     count, carried, dim, infer_s = 0, 0, None, 0.0
     tables: deque = deque()
 
@@ -248,23 +284,24 @@ def embed_drop(settings: Settings, drop_name: str, embedder: Embedder) -> dict[s
                 count += table.num_rows
         finally:
             getattr(results, "close", lambda: None)()  # cancels batches still queued if writing failed
-        if reused:
+        if carry:
             # The old folder is still in place: the writer swaps it out only at commit.
             for table in arrow.read_batches(files.embeddings):
-                keep = [k for k, i in enumerate(table.column("id").to_pylist()) if i in reused]
+                keep = [k for k, i in enumerate(table.column("id").to_pylist()) if i in carry]
                 if not keep:
                     continue
                 old = table.take(keep)
                 if dim is not None and old.schema.field("embedding").type.list_size != dim:
                     raise RuntimeError(f"model {model} now returns {dim}-d vectors but kept ones are not; re-run")
                 dim = old.schema.field("embedding").type.list_size
-                rows = old.select(["id", "drop", "sha256", "uri", "model"]).to_pydict()
-                rows["metadata"] = [metadata.get(i, "{}") for i in rows["id"]]
+                rows = old.select(["id", "drop", "sha256", "uri", "model", "metadata"]).to_pydict()
+                # A reused item takes its current metadata; a kept row stays as it was.
+                rows["metadata"] = [metadata.get(i, "{}") if i in reused else m for i, m in zip(rows["id"], rows["metadata"])]
                 writer.write(arrow.embedding_table(rows, arrow.vectors_of(old), arrow.embedding_schema(dim, {"model": model})))
                 carried += old.num_rows
-            if carried != len(reused):
+            if carried != len(carry):
                 raise RuntimeError(
-                    f"{len(reused) - carried} embedding(s) to keep were not found (the drop's embeddings changed "
+                    f"{len(carry) - carried} embedding(s) to keep were not found (the drop's embeddings changed "
                     "during this run); re-run the drop"
                 )
         writer.commit()
@@ -272,7 +309,8 @@ def embed_drop(settings: Settings, drop_name: str, embedder: Embedder) -> dict[s
     return {
         "embeddings": count + carried,
         "computed": count,
-        "reused": carried,
+        "reused": len(reused),
+        "kept_previous": len(kept),
         "dimension": dim or 0,
         "model": model,
         "bytes": writer.bytes,
@@ -293,39 +331,44 @@ def embeddings_version(settings: Settings, drop_name: str, model: str) -> str:
 
 
 def index_drop(settings: Settings, drop_name: str, target) -> dict[str, Any]:
-    """Upsert the drop's new or changed rows by id and remove rows of this drop that are no longer in it.
+    """Upsert the drop's new or changed rows by id and take the drop out of rows it no longer lists.
 
     ``target`` is a :class:`~embedding_pipeline.index.collections.ModelCollections` (the drop goes into the
     collection of the model that embedded it, behind the alias search uses) or an ``ImageIndex`` of one named
-    collection. Rows already in Milvus with the same sha256, model, URI and metadata are left alone, so re-running
-    a drop writes nothing.
+    collection. Rows already in Milvus with the same sha256, model, URI and metadata that list the drop are left
+    alone, so re-running a drop writes nothing.
+
+    Membership: a row lists every drop holding its image (``drops``). A row the drop no longer holds (the item left
+    the listing or failed permanently; transient failures were kept by the earlier stages) loses the drop, and is
+    deleted only when no other drop lists it. Reads that decide this are Strong, under the membership lock.
     """
     started = time.perf_counter()
     files = drop_files(settings, drop_name)
     tables = arrow.read_batches(files.embeddings)
     first = next(tables, None)
     placement = None
-    if first is None:
-        if hasattr(target, "index_for_model"):
-            # No good image left: the drop has no rows in any model's collection.
-            removed = target.remove_drop(drop_name)
-            return {"upserted": 0, "unchanged": 0, "removed_stale": removed, "drop_rows": 0,
-                    "collection": "", "search_collection": target.search_collection() or "",
-                    "seconds": round(time.perf_counter() - started, 3)}
-        index = target
-    else:
-        dim = first.schema.field("embedding").type.list_size
-        model = str(first.column("model")[0].as_py())
-        if hasattr(target, "index_for_model"):
-            index, placement = target.index_for_model(model, dim)
-        else:
+    with membership_lock(settings.paths.data):
+        if first is None:
+            if hasattr(target, "index_for_model"):
+                # No row left to hold: the drop lists nothing in any model's collection.
+                removed = target.remove_drop(drop_name)
+                return {"upserted": 0, "unchanged": 0, "removed_stale": removed, "drop_rows": 0,
+                        "collection": "", "search_collection": target.search_collection() or "",
+                        "seconds": round(time.perf_counter() - started, 3)}
             index = target
-            index.ensure_collection(dim)
-    try:
-        summary = _write_drop(drop_name, index, first, tables)
-    finally:
-        if placement is not None:
-            index.close()
+        else:
+            dim = first.schema.field("embedding").type.list_size
+            model = str(first.column("model")[0].as_py())
+            if hasattr(target, "index_for_model"):
+                index, placement = target.index_for_model(model, dim)
+            else:
+                index = target
+                index.ensure_collection(dim)
+        try:
+            summary = _write_drop(drop_name, index, first, tables)
+        finally:
+            if placement is not None:
+                index.close()
     if placement is not None:
         summary["model"] = model
         summary["search_collection"] = placement.search_collection or ""
@@ -342,31 +385,47 @@ def _write_drop(drop_name: str, index, first, tables) -> dict[str, Any]:
     stored = index.drop_rows(drop_name) if present else {}
     model = str(first.column("model")[0].as_py()) if first is not None else None
     ids: set[str] = set()
-    upserted = unchanged = 0
+    upserted = unchanged = shared = 0
     for table in itertools.chain([first] if first is not None else [], tables):
         vectors = arrow.vectors_of(table)
         cols = table.select(["id", "sha256", "uri", "model", "metadata"]).to_pydict()
         if any(m != model for m in cols["model"]):
             # The embed stage writes one model per drop; anything else would mix models in one collection.
             raise RuntimeError(f"drop {drop_name!r}: its embeddings come from more than one model; re-run the drop")
+        # Rows of these ids that other drops hold: this drop joins their membership instead of taking them over.
+        elsewhere = index.rows([i for i in cols["id"] if i not in stored], ["id", "drop", "drops"])
         rows = []
         for k, item_id in enumerate(cols["id"]):
             ids.add(item_id)
             row = {"id": item_id, "sha256": cols["sha256"][k], "uri": cols["uri"][k], "drop": drop_name,
                    "model": cols["model"][k], "metadata": json.loads(cols["metadata"][k])}
-            if stored.get(item_id) == fingerprint(row):
+            mine = stored.get(item_id)
+            if mine is not None and fingerprint(mine) == fingerprint(row):
                 unchanged += 1
                 continue
+            existing = mine or elsewhere.get(item_id)
+            if existing is not None:
+                members = list(existing.get("drops") or [])
+                shared += int(item_id in elsewhere)
+                row["drops"] = members if drop_name in members else [*members, drop_name]
+                # The row keeps the drop it is shown with while that drop still lists it.
+                row["drop"] = existing["drop"] if existing.get("drop") in row["drops"] else drop_name
+            else:
+                row["drops"] = [drop_name]
             rows.append({**row, "embedding": vectors[k]})
         upserted += index.upsert(rows) if rows else 0
-    stale = index.delete_ids(set(stored) - ids) if present else 0
+    stale = set(stored) - ids
+    deleted, still_listed = index.release(drop_name, stale) if stale else (0, 0)
     if upserted or stale:
         index.flush()
     return {
         "upserted": upserted,
         "unchanged": unchanged,
-        "removed_stale": stale,
-        "drop_rows": index.count_drop(drop_name) if present else 0,
+        "removed_stale": len(stale),
+        "deleted_rows": deleted,
+        "kept_for_other_drops": still_listed,
+        "joined_shared_rows": shared,
+        "drop_rows": index.count_drop(drop_name, consistency_level="Strong") if present else 0,
         "collection": index.collection,
         "collection_rows": index.count() if present else 0,
         # Values that did not fit a declared filter field's type: the rows are stored, the typed column is empty.
@@ -379,22 +438,26 @@ def _write_drop(drop_name: str, index, first, tables) -> dict[str, Any]:
 
 def fingerprint(row: dict[str, Any]) -> tuple:
     """What makes a stored row current (the vector follows from sha256 + model)."""
-    return (row["sha256"], row["model"], row["uri"], json.dumps(row["metadata"], sort_keys=True, default=str))
+    return (row["sha256"], row["model"], row["uri"], json.dumps(row.get("metadata") or {}, sort_keys=True, default=str))
 
 
 def item_report(settings: Settings, drop_name: str) -> list[dict[str, Any]]:
     """Every item of the drop with its final status, error kind and error, across all stages run so far.
 
     ``stage`` says where an item stopped: ``manifest`` or ``preprocess`` for failures, ``embedded`` for good
-    items (``reused`` when an earlier run's vector was kept).
+    items (``reused`` when an earlier run's vector was kept). ``kept_previous`` lists, for an item that failed
+    transiently, the ids of the rows an earlier run indexed for it and that stay indexed.
     """
     files = drop_files(settings, drop_name)
     later = {f["id"]: f for f in arrow.read_json(files.preprocessed, "failures.json", [])}
     reused = set(arrow.read_json(files.preprocessed, "reused.json", []))
+    kept = arrow.read_json(files.preprocessed, "kept.json", {})
     report = []
     for item in read_manifest(settings, drop_name):
         row = {"id": item.id, "uri": item.uri, "status": item.status, "error_kind": item.error_kind,
-               "error": item.error, "stage": "manifest", "sha256": item.sha256}
+               "error": item.error, "stage": "manifest", "sha256": item.sha256,
+               # Earlier rows this failed item keeps (a transient failure never removes what was indexed).
+               "kept_previous": list(kept.get(item.id, []))}
         if item.status == OK:
             failure = later.get(item.id)
             if failure is not None:
@@ -415,6 +478,7 @@ def report_summary(report: list[dict[str, Any]]) -> dict[str, Any]:
         "items_failed": status.get(FAILED, 0),
         "items_skipped": status.get("skipped", 0),
         "items_reused": sum(1 for r in report if r["stage"] == "reused"),
+        "items_kept_previous": sum(1 for r in report if r.get("kept_previous")),
         **_failure_summary(failures),
     }
     return summary

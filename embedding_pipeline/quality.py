@@ -8,7 +8,6 @@ an index client, so it is tested without Dagster or a server.
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any, Iterable, Mapping, Protocol, Sequence
 import numpy as np
 import pyarrow as pa
 
+from embedding_pipeline.index import expressions
 from embedding_pipeline.index import params as index_params
 from embedding_pipeline.settings import MilvusSettings
 from embedding_pipeline.storage import arrow
@@ -129,8 +129,10 @@ def embedding_ids(folder: Path) -> list[str]:
 
 
 def ok_item_ids(report: Iterable[Mapping[str, Any]]) -> list[str]:
-    """Ids of the items that passed the manifest and preprocessing (``ingest.item_report`` rows with status ok)."""
-    return [r["id"] for r in report if r["status"] == "ok"]
+    """Ids the drop's embeddings must hold: the items that passed the manifest and preprocessing
+    (``ingest.item_report`` rows with status ok) and the earlier rows kept for items that failed transiently."""
+    rows = list(report)
+    return [r["id"] for r in rows if r["status"] == "ok"] + [i for r in rows for i in r.get("kept_previous") or []]
 
 
 def _examples(values: Iterable[Any]) -> list[Any]:
@@ -467,7 +469,7 @@ def collection_outcomes(index: CollectionIndex, drop: str, embedding_ids: Sequen
         ]
     # Strong reads: the checks may run in another process than the writes and must not see a stale count (Milvus
     # 2.x serves a Session read without this process's write timestamps like an eventual one).
-    drop_filter = f"drop == {json.dumps(drop)}"
+    drop_filter = expressions.equals("drop", drop)
     rows = index.count(drop_filter, consistency_level="Strong")
     stored = (
         index.ids(drop_filter, consistency_level="Strong", limit=ID_LISTING_LIMIT) if rows <= ID_LISTING_LIMIT else None

@@ -15,7 +15,9 @@ What a drop owns:
 * the **downloaded blobs** of its URL items (``blobs/<sha[:2]>/<sha>``, content-addressed, so shared by every drop
   listing the same bytes): a blob is removed only when no other drop's manifest lists a URL with that content;
 * its **rows** in every collection of the configured name: ``<milvus.collection>`` itself and each per-model
-  ``<milvus.collection>__<model>`` (where ``milvus.collection`` may be an alias, which is never listed itself);
+  ``<milvus.collection>__<model>`` (where ``milvus.collection`` may be an alias, which is never listed itself).
+  A row holds one image and lists every drop holding it: a row that another drop still lists only loses this drop
+  from its membership and stays searchable; a row listed by this drop alone is deleted;
 * its **partition** of ``drops``, and where the event storage supports it, its materialization history.
 
 The order makes an interrupted deletion safe to run again: the source goes first (renamed to a hidden name, which
@@ -35,9 +37,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from embedding_pipeline.index.client import ImageIndex, quote
+from embedding_pipeline.index.client import ImageIndex
 from embedding_pipeline.index.collections import ModelCollections
 from embedding_pipeline.ingest import drop_files
+from embedding_pipeline.locks import membership_lock
 from embedding_pipeline.settings import MilvusSettings, Settings
 from embedding_pipeline.sources.drops import DROP_NAME
 from embedding_pipeline.sources.items import blob_path
@@ -173,7 +176,7 @@ class MilvusDropRows:
 
     def count(self, collection: str, drop: str) -> int:
         # Strong: rows written a moment ago by another process (a run's index step) must be counted.
-        return self._index(collection).count(f"drop == {quote(drop)}", consistency_level="Strong")
+        return self._index(collection).count_drop(drop, consistency_level="Strong")
 
     def delete(self, collection: str, drop: str) -> int:
         index = self._index(collection)
@@ -375,7 +378,8 @@ def delete_drop(
         for planned in sources + [p for p in plan.paths if p.kind != "source"]:
             _remove(planned.path)
         for collection in rows.collections():
-            deleted = rows.delete(collection, drop)
+            with membership_lock(settings.paths.data):
+                deleted = rows.delete(collection, drop)
             remaining = rows.count(collection, drop)
             if remaining:
                 raise RuntimeError(

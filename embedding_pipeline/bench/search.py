@@ -19,7 +19,8 @@ import numpy as np
 
 from embedding_pipeline.bench import corpus as corpus_mod
 from embedding_pipeline.bench.corpus import Corpus
-from embedding_pipeline.index.client import ImageIndex, quote
+from embedding_pipeline.index.client import ImageIndex
+from embedding_pipeline.index.expressions import literal as quote
 
 TOP_K = 10
 TARGET_FILTER_RATIO = 2.0  # declared-key filter p50 vs unfiltered p50

@@ -22,12 +22,15 @@ from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 
+from embedding_pipeline.index import expressions
 from embedding_pipeline.index import params as index_params
 from embedding_pipeline.index.filters import (
+    MEMBERSHIP_FIELD,
     VARCHAR_MAX,
     TypeMismatch,
     check_declared,
     presence_field,
+    rewrite_drop_filter,
     rewrite_filter,
     typed_values,
     value_field,
@@ -38,6 +41,9 @@ log = logging.getLogger(__name__)
 
 ID_MAX = 512
 URI_MAX = 4096
+DROP_MAX = 256
+# Milvus caps an array field's capacity at 4096: one image can be listed by at most that many drops.
+MAX_DROPS_PER_ROW = 4096
 SCALAR_FIELDS = ("uri", "sha256", "drop", "model", "metadata")
 VECTOR_FIELD = "embedding"
 # Collection property naming the model whose vectors the collection holds (set once, when it is created).
@@ -150,6 +156,7 @@ class Hit:
     sha256: str = ""
     model: str = ""
     metadata: dict[str, Any] = field(default_factory=dict)
+    drops: tuple[str, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -160,12 +167,17 @@ class Hit:
             "sha256": self.sha256,
             "model": self.model,
             "metadata": self.metadata,
+            "drops": list(self.drops or ((self.drop,) if self.drop else ())),
         }
 
 
-def quote(value: str) -> str:
-    """A Milvus expression string literal (JSON escaping is what the expression parser accepts)."""
-    return json.dumps(value)
+def drop_filter(drop: str) -> str:
+    """The rows of ``drop``: every row whose membership lists it (an image listed by several drops is one row)."""
+    return expressions.array_contains(MEMBERSHIP_FIELD, drop)
+
+
+class MembershipMissing(CollectionError):
+    """The collection predates drop membership (no ``drops`` field): it can be searched, never written to."""
 
 
 class ImageIndex:
@@ -186,6 +198,7 @@ class ImageIndex:
         connection_kwargs(settings)  # inconsistent credentials or TLS settings fail here, before any call
         self._client = None
         self._filter_fields: dict[str, str] | None = None
+        self._membership: bool | None = None
         # Milvus 2.3 answers a delete without a timestamp, so a Session read after it may not see it: reads that
         # follow a delete through this client run Strong instead (milvus-lite is always strong: no cost there).
         self._deleted = False
@@ -300,6 +313,7 @@ class ImageIndex:
             )
         else:
             self._check_vector_index()
+            self.require_membership()
         self.filter_fields()
         with self._guard("loading"):
             self.client.load_collection(self.collection)
@@ -317,6 +331,22 @@ class ImageIndex:
                     f"vector index but the settings ask for {self.settings.index_type}/{self.settings.metric_type}; "
                     "an index is built once, with the collection: use another collection name (MILVUS_COLLECTION)"
                 )
+
+    def has_membership(self) -> bool:
+        """True if the collection has the ``drops`` array (every collection this version creates has it)."""
+        if self._membership is None:
+            self._membership = any(f["name"] == MEMBERSHIP_FIELD for f in self._describe()["fields"])
+        return self._membership
+
+    def require_membership(self) -> None:
+        """Refuse to write to a collection made before drop membership: with one ``drop`` per row, a second drop
+        listing the same image would take the row over and deleting either would delete it for both."""
+        if not self.has_membership():
+            raise MembershipMissing(
+                f"collection {self.collection!r} was created before drop membership (it has no {MEMBERSHIP_FIELD!r} "
+                "field), so it cannot record an image listed by several drops; it stays searchable but is not "
+                "written to. Set milvus.collection to a new name and re-run the drops to index them there"
+            )
 
     def filter_fields(self) -> dict[str, str]:
         """Declared metadata key -> type, as the existing collection holds them (its schema is the authority).
@@ -353,7 +383,11 @@ class ImageIndex:
         schema.add_field(VECTOR_FIELD, DataType.FLOAT_VECTOR, dim=dim)
         schema.add_field("uri", DataType.VARCHAR, max_length=URI_MAX)
         schema.add_field("sha256", DataType.VARCHAR, max_length=64)
-        schema.add_field("drop", DataType.VARCHAR, max_length=256)
+        schema.add_field("drop", DataType.VARCHAR, max_length=DROP_MAX)
+        schema.add_field(
+            MEMBERSHIP_FIELD, DataType.ARRAY, element_type=DataType.VARCHAR, max_capacity=MAX_DROPS_PER_ROW,
+            max_length=DROP_MAX,
+        )
         schema.add_field("model", DataType.VARCHAR, max_length=256)
         schema.add_field("metadata", DataType.JSON)
         for key, kind in self.declared.items():
@@ -446,6 +480,7 @@ class ImageIndex:
         from concurrent.futures import ThreadPoolExecutor
 
         fields = self.filter_fields()
+        membership = self.has_membership()
         in_flight = UPSERT_IN_FLIGHT if len({r["id"] for r in rows}) == len(rows) else 1
         done = 0
         # (rows in the call, their type mismatches, the call) in submission order
@@ -466,7 +501,7 @@ class ImageIndex:
                     chunk = []
                     problems: list[TypeMismatch] = []
                     for r in batch:
-                        row = _row(r)
+                        row = _row(r, membership)
                         if fields:
                             columns, mismatches = typed_values(row["id"], row["metadata"], fields)
                             row.update(columns)
@@ -491,11 +526,15 @@ class ImageIndex:
             len(problems), first.id, first.key, first.declared, first.reason,
         )
 
-    def _iterate(self, filter: str, fields: list[str]) -> Iterable[dict[str, Any]]:
-        """All rows matching ``filter``, page by page (a plain query is capped at 16,384 rows)."""
+    def _iterate(self, filter: str, fields: list[str], strong: bool = False) -> Iterable[dict[str, Any]]:
+        """All rows matching ``filter``, page by page (a plain query is capped at 16,384 rows). ``strong`` reads at
+        Strong consistency: reads that decide what to delete must see every write made before them."""
+        extra = {"consistency_level": "Strong"} if strong else {}
         with self._guard(f"reading rows ({filter})"):
             iterator = self._loaded(
-                lambda: self.client.query_iterator(self.collection, batch_size=1000, filter=filter, output_fields=fields)
+                lambda: self.client.query_iterator(
+                    self.collection, batch_size=1000, filter=filter, output_fields=fields, **extra
+                )
             )
         try:
             while True:
@@ -508,27 +547,60 @@ class ImageIndex:
             iterator.close()
 
     def drop_ids(self, drop: str) -> set[str]:
-        return {r["id"] for r in self._iterate(f"drop == {quote(drop)}", ["id"])}
+        """Ids of every row ``drop`` lists (Strong)."""
+        self.require_membership()
+        return {r["id"] for r in self._iterate(drop_filter(drop), ["id"], strong=True)}
 
-    def drop_rows(self, drop: str) -> dict[str, tuple]:
-        """id -> (sha256, model, uri, canonical metadata JSON) of the drop's stored rows."""
-        rows = self._iterate(f"drop == {quote(drop)}", ["id", "sha256", "model", "uri", "metadata"])
-        return {
-            r["id"]: (r["sha256"], r["model"], r["uri"], json.dumps(r.get("metadata") or {}, sort_keys=True, default=str))
-            for r in rows
-        }
+    def drop_rows(self, drop: str) -> dict[str, dict[str, Any]]:
+        """id -> the stored row (sha256, model, uri, metadata, drop, drops; no vector) of every row ``drop`` lists,
+        read at Strong consistency (what is deleted is decided from it)."""
+        self.require_membership()
+        fields = ["id", "sha256", "model", "uri", "metadata", "drop", MEMBERSHIP_FIELD]
+        return {r["id"]: r for r in self._iterate(drop_filter(drop), fields, strong=True)}
+
+    def rows(self, ids: Iterable[str], fields: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """id -> row (``fields``) of the stored rows among ``ids``, read at Strong consistency."""
+        wanted = sorted(set(ids))
+        out: dict[str, dict[str, Any]] = {}
+        for chunk in expressions.chunks(wanted):
+            expr = expressions.in_list("id", chunk)
+            with self._guard(f"reading {len(chunk)} rows"):
+                found = self._loaded(lambda: self.client.query(
+                    self.collection, filter=expr, output_fields=list(fields), consistency_level="Strong"
+                ))
+            out.update((r["id"], r) for r in found)
+        return out
 
     def delete_ids(self, ids: Iterable[str]) -> int:
-        ids = list(ids)
-        if not ids:
-            return 0
+        """Delete rows by id, whatever drops list them (the expression is built by :mod:`.expressions`, never by
+        pymilvus's unescaped ``ids=``)."""
+        ids = sorted(set(ids))
         deleted = 0
-        for start in range(0, len(ids), 1000):
-            with self._guard(f"deleting {len(ids[start : start + 1000])} rows"):
-                result = self.client.delete(self.collection, ids=ids[start : start + 1000])
+        for chunk in expressions.chunks(ids):
+            with self._guard(f"deleting {len(chunk)} rows"):
+                result = self.client.delete(self.collection, filter=expressions.in_list("id", chunk))
             deleted += len(result) if isinstance(result, list) else int(result.get("delete_count", 0))
             self._deleted = True
         return deleted
+
+    def release(self, drop: str, ids: Iterable[str]) -> tuple[int, int]:
+        """Take ``drop`` out of the membership of rows ``ids``: a row that no other drop lists is deleted, a row
+        that others still list is written back without ``drop`` (same vector; its ``drop`` field moves to a drop
+        that still lists it). Returns (rows deleted, rows kept for other drops)."""
+        self.require_membership()
+        fields = ["id", VECTOR_FIELD, *SCALAR_FIELDS, MEMBERSHIP_FIELD]
+        gone: list[str] = []
+        rewritten: list[dict[str, Any]] = []
+        for row in self.rows(ids, fields).values():
+            members = [d for d in (row.get(MEMBERSHIP_FIELD) or []) if d != drop]
+            if not members:
+                gone.append(row["id"])
+            else:
+                shown = row["drop"] if row["drop"] in members else members[0]
+                rewritten.append({**row, "drop": shown, MEMBERSHIP_FIELD: members})
+        if rewritten:
+            self.upsert(rewritten)
+        return self.delete_ids(gone), len(rewritten)
 
     def flush(self) -> None:
         """Persist what was written so far: a drop's rows must outlive a server crash that happens later (an
@@ -537,7 +609,15 @@ class ImageIndex:
             self.client.flush(self.collection)
 
     def delete_drop(self, drop: str) -> int:
-        return self.delete_ids(self.drop_ids(drop))
+        """Take ``drop`` out of every row it lists; returns the rows deleted (those no other drop lists).
+
+        A collection made before drop membership records one drop per row: there the rows shown with ``drop`` are
+        deleted, as that version did."""
+        if not self.has_membership():
+            ids = {r["id"] for r in self._iterate(expressions.equals("drop", drop), ["id"], strong=True)}
+            return self.delete_ids(ids)
+        deleted, _ = self.release(drop, self.drop_ids(drop))
+        return deleted
 
     # -- reads -----------------------------------------------------------------------------------------------
 
@@ -545,6 +625,8 @@ class ImageIndex:
         """``filter`` with comparisons on declared metadata keys moved to their typed columns."""
         if not filter:
             return ""
+        if self.has_membership():
+            filter = rewrite_drop_filter(filter)
         return rewrite_filter(filter, self.filter_fields())
 
     def count(self, filter: str = "", consistency_level: str | None = None) -> int:
@@ -555,8 +637,9 @@ class ImageIndex:
         )
         return int(rows[0]["count(*)"])
 
-    def count_drop(self, drop: str) -> int:
-        return self.count(f"drop == {quote(drop)}")
+    def count_drop(self, drop: str, consistency_level: str | None = None) -> int:
+        """Rows that ``drop`` lists."""
+        return self.count(expressions.equals("drop", drop), consistency_level=consistency_level)
 
     def ids(self, filter: str = "", consistency_level: str | None = None, limit: int = 16384) -> set[str]:
         """Ids of the rows matching ``filter`` (at most ``limit``)."""
@@ -569,9 +652,8 @@ class ImageIndex:
         return {r["id"] for r in rows}
 
     def vectors(self, ids: Sequence[str]) -> dict[str, np.ndarray]:
-        with self._guard("reading vectors"):
-            rows = self._loaded(lambda: self.client.get(self.collection, ids=list(ids), output_fields=[VECTOR_FIELD]))
-        return {r["id"]: np.asarray(r[VECTOR_FIELD], dtype=np.float32) for r in rows}
+        rows = self.rows(ids, ["id", VECTOR_FIELD])
+        return {i: np.asarray(r[VECTOR_FIELD], dtype=np.float32) for i, r in rows.items()}
 
     def search(
         self,
@@ -599,13 +681,16 @@ class ImageIndex:
                 data=data.tolist(),
                 limit=top_k,
                 filter=expr,
-                output_fields=list(SCALAR_FIELDS),
+                output_fields=self._output_fields(),
                 search_params={"metric_type": self.settings.metric_type, "params": params},
                 **extra,
             ),
             consistency_level,
         )
         return [[_hit(h) for h in hits] for hits in result]
+
+    def _output_fields(self) -> list[str]:
+        return [*SCALAR_FIELDS, MEMBERSHIP_FIELD] if self.has_membership() else list(SCALAR_FIELDS)
 
     def _call(self, what: str, filter: str | None, call, consistency_level: str | None):  # noqa: ANN001
         """Run a filtered read: rewrite the filter, apply the consistency level, load the collection if the
@@ -685,9 +770,9 @@ def _batches(rows: Sequence[dict[str, Any]], max_rows: int, max_bytes: int) -> I
         start = end
 
 
-def _row(r: dict[str, Any]) -> dict[str, Any]:
+def _row(r: dict[str, Any], membership: bool = True) -> dict[str, Any]:
     vector = r["embedding"]
-    return {
+    row = {
         "id": r["id"],
         "embedding": vector.tolist() if isinstance(vector, np.ndarray) else list(vector),
         "uri": r.get("uri", "")[:URI_MAX],
@@ -696,6 +781,14 @@ def _row(r: dict[str, Any]) -> dict[str, Any]:
         "model": r.get("model", ""),
         "metadata": r.get("metadata") or {},
     }
+    if membership:
+        drops = list(r.get(MEMBERSHIP_FIELD) or ([row["drop"]] if row["drop"] else []))
+        if len(drops) > MAX_DROPS_PER_ROW:
+            raise CollectionError(
+                f"image {row['id']!r} is listed by {len(drops)} drops; a row can belong to at most {MAX_DROPS_PER_ROW}"
+            )
+        row[MEMBERSHIP_FIELD] = drops
+    return row
 
 
 def _hit(h: dict[str, Any]) -> Hit:
@@ -708,4 +801,5 @@ def _hit(h: dict[str, Any]) -> Hit:
         sha256=entity.get("sha256", ""),
         model=entity.get("model", ""),
         metadata=entity.get("metadata") or {},
+        drops=tuple(entity.get(MEMBERSHIP_FIELD) or ()),
     )

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping
 
-from embedding_pipeline.index.client import CollectionError, ImageIndex, quote
+from embedding_pipeline.index import expressions
+from embedding_pipeline.index.client import CollectionError, ImageIndex
 from embedding_pipeline.settings import MilvusSettings, Settings
 
 SEPARATOR = "__"
@@ -259,7 +260,7 @@ class ModelCollections:
             # Models first: another model's vectors are the real reason, whatever the dimensions.
             with index._guard("reading models"):
                 others = index.client.query(
-                    self.alias, filter=f"model != {quote(label)}", output_fields=["model"], limit=1
+                    self.alias, filter=expressions.not_equals("model", label), output_fields=["model"], limit=1
                 )
             if not others:
                 index.ensure_collection(dim)
@@ -301,7 +302,7 @@ class ModelCollections:
     def coverage(self, collection: str, expected: Mapping[str, int | None]) -> list[DropCoverage]:
         """Per drop, the rows ``collection`` holds against the embeddings the drop has for its model."""
         with self.index(collection) as index:
-            return [DropCoverage(drop, count, index.count(f"drop == {quote(drop)}", consistency_level="Strong"))
+            return [DropCoverage(drop, count, index.count_drop(drop, consistency_level="Strong"))
                     for drop, count in expected.items()]
 
     def switch(self, collection: str, expected: Mapping[str, int | None], force: bool = False) -> dict:
@@ -352,9 +353,13 @@ class ModelCollections:
         for name in self.names():
             with self.index(name) as index:
                 drops: dict[str, int] = {}
-                for row in index._iterate('id != ""', ["drop"]):
-                    drops[row["drop"]] = drops.get(row["drop"], 0) + 1
-                out.append(CollectionInfo(name, self.model_of(name), index.dimension(), sum(drops.values()),
+                rows = 0
+                fields = ["drop", "drops"] if index.has_membership() else ["drop"]
+                for row in index._iterate('id != ""', fields):
+                    rows += 1
+                    for member in row.get("drops") or [row["drop"]]:
+                        drops[member] = drops.get(member, 0) + 1
+                out.append(CollectionInfo(name, self.model_of(name), index.dimension(), rows,
                                           dict(sorted(drops.items())), name == search))
         return out
 

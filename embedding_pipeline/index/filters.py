@@ -329,3 +329,77 @@ def rewrite_filter(expr: str | None, fields: Mapping[str, str]) -> str:
     if not expr or not fields:
         return expr or ""
     return _Rewriter(expr, fields).rewrite()
+
+
+# -- filters on the drop ---------------------------------------------------------------------------------------------
+
+MEMBERSHIP_FIELD = "drops"
+
+
+def rewrite_drop_filter(expr: str | None) -> str:
+    """``expr`` with comparisons on ``drop`` turned into membership tests on the ``drops`` array.
+
+    An image listed by several drops is one row whose ``drops`` holds all of them (``drop`` holds one, for display),
+    so "the rows of drop X" is ``array_contains(drops, "X")``. Rewritten: ``drop == s``, ``drop != s``,
+    ``drop in [s, …]`` and ``drop not in [s, …]`` with string literals; anything else about ``drop`` is left as written
+    and reads the display field.
+    """
+    if not expr:
+        return expr or ""
+    tokens = tokenize(expr)
+    pieces: list[str] = []
+    cursor = i = 0
+    while i < len(tokens):
+        token = tokens[i]
+        prev = tokens[i - 1] if i else None
+        if token.kind != "name" or token.text != "drop" or (prev is not None and prev.text in ("[", ".")):
+            i += 1
+            continue
+        found = _drop_comparison(tokens, i)
+        if found is None:
+            i += 1
+            continue
+        end, replacement = found
+        pieces.append(expr[cursor : token.start])
+        pieces.append(replacement)
+        cursor = tokens[end - 1].end
+        i = end
+    pieces.append(expr[cursor:])
+    return "".join(pieces)
+
+
+def _drop_comparison(tokens: list[Token], i: int) -> tuple[int, str] | None:
+    """(end token, replacement) for a comparison of ``drop`` starting at token ``i``."""
+
+    def at(k: int) -> Token | None:
+        return tokens[k] if k < len(tokens) else None
+
+    op = at(i + 1)
+    if op is None:
+        return None
+    if op.text in ("==", "!=") and (value := at(i + 2)) is not None and value.kind == "str":
+        test = f"array_contains({MEMBERSHIP_FIELD}, {value.text})"
+        return i + 3, test if op.text == "==" else f"(not {test})"
+    negated = op.word == "not" and _is(at(i + 2), "in")
+    if not (op.word == "in" or negated):
+        return None
+    j = i + (3 if negated else 2)
+    if not _is(at(j), "["):
+        return None
+    values, k = [], j + 1
+    while True:
+        token = at(k)
+        if token is None:
+            return None
+        if token.kind != "str":
+            return None
+        values.append(token.text)
+        sep = at(k + 1)
+        if sep is not None and sep.text == "]":
+            k += 1
+            break
+        if sep is None or sep.text != ",":
+            return None
+        k += 2
+    test = f"array_contains_any({MEMBERSHIP_FIELD}, [{', '.join(values)}])"
+    return k + 1, f"(not {test})" if negated else test

@@ -38,7 +38,8 @@ from typing import Any
 import yaml
 
 from embedding_pipeline import processes
-from embedding_pipeline.serving.environments import env_dir, ensure_env, file_lock
+from embedding_pipeline.locks import file_lock
+from embedding_pipeline.serving.environments import env_dir, ensure_env
 from embedding_pipeline.settings import MilvusSettings
 from embedding_pipeline.state import StatePaths
 

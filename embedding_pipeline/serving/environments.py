@@ -8,7 +8,6 @@ of the requirements, so a later call returns at once and a half-built environmen
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
@@ -17,10 +16,9 @@ import shutil
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
+from embedding_pipeline.locks import file_lock  # noqa: F401 - re-exported for the serving modules
 from embedding_pipeline.state import StatePaths
 
 log = logging.getLogger(__name__)
@@ -91,17 +89,6 @@ def _requirements(name: str) -> tuple[str, ...]:
         return ENV_REQUIREMENTS[name]
     except KeyError:
         raise ValueError(f"unknown environment {name!r}; known: {', '.join(sorted(ENV_REQUIREMENTS))}") from None
-
-
-@contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """Exclusive advisory lock on ``path`` across processes (Dagster steps may start the same build)."""
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _build(paths: StatePaths, name: str) -> None:

@@ -155,6 +155,10 @@ def _guarded_pool_classes(policy: AddressPolicy) -> dict[str, type]:
     return {"http": GuardedHTTPConnectionPool, "https": GuardedHTTPSConnectionPool}
 
 
+# Statuses that say "not now" rather than "no": 408 Request Timeout, 425 Too Early, 429 Too Many Requests, 5xx.
+TRY_LATER_STATUSES = frozenset({408, 425, 429, *range(500, 600)})
+
+
 class _GuardedAdapter(HTTPAdapter):
     def __init__(self, policy: AddressPolicy, **kwargs: Any):
         self._policy = policy  # before super().__init__, which builds the pool manager
@@ -218,7 +222,9 @@ class UrlFetcher:
                     current = urljoin(resp.url, target)
                     continue
                 if resp.status_code != 200:
-                    raise FetchError("http_error", f"HTTP {resp.status_code} from {current}")
+                    # A server error or "try later" may pass; any other status is the server's answer about the URL.
+                    kind = "http_unavailable" if resp.status_code in TRY_LATER_STATUSES else "http_error"
+                    raise FetchError(kind, f"HTTP {resp.status_code} from {current}")
                 return self._body(resp, current, deadline)
         raise FetchError("too_many_redirects", f"more than {MAX_REDIRECTS} redirects from {url}")
 

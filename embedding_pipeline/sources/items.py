@@ -19,13 +19,14 @@ kind                     status   meaning
 ``outside_roots``        failed   the path (after ``..`` and symlinks) is outside the drop and ``allowed_roots``
 ``not_a_file``           failed   a directory, FIFO, device or socket
 ``too_large``            failed   bigger than ``max_image_bytes`` (also for downloads)
-``unreadable``           failed   permission denied or another I/O error
+``unreadable``           failed†  permission denied or another I/O error
 *URLs*
 ``bad_url``              failed   no host, or a scheme other than http/https (``ftp://``, ``file://`` ...)
 ``refused_address``      failed   the host resolves only to non-public addresses that are not allow-listed
-``http_error``           failed   a status other than 200 (the message has the code)
-``timeout``              failed   connect/read timeout (after retries), or the download deadline passed
-``connection_error``     failed   DNS failure, refused connection, reset, TLS failure
+``http_error``           failed   a 4xx status or another status that is not 200 (the message has the code)
+``http_unavailable``     failed†  408, 425, 429 or 5xx: the server says "not now" (after retries)
+``timeout``              failed†  connect/read timeout (after retries), or the download deadline passed
+``connection_error``     failed†  DNS failure, refused connection, reset, TLS failure
 ``too_many_redirects``   failed   more redirects than the limit
 *content*
 ``empty_file``           failed   zero bytes
@@ -34,8 +35,13 @@ kind                     status   meaning
 ``truncated``            failed   the image data ends early
 ``too_many_pixels``      failed   declares more pixels than allowed (decompression bomb guard)
 ``decode_error``         failed   the image data is corrupt
-``source_changed``       failed   the file changed between the manifest stage and decoding
+``source_changed``       failed†  the file changed between the manifest stage and decoding
 ======================== ======== ================================================================================
+
+† *transient*: the failure may pass by itself. On a re-run, an item failing with a transient kind keeps the row
+that an earlier run of the drop indexed for it (reported as ``kept_previous``); every other failure is permanent and
+removes the item's row from the drop, as does an item that left the drop's listing. A drop where everything failed
+transiently therefore removes nothing.
 
 File extensions and ``Content-Type`` headers are never trusted: a PNG named ``.jpg`` is fine, an HTML error page
 served as ``image/jpeg`` is ``not_image``.
@@ -60,6 +66,13 @@ from embedding_pipeline.sources.sniff import sniff
 
 OK, FAILED, SKIPPED = "ok", "failed", "skipped"
 _SKIP_KINDS = {"ignored", "duplicate"}
+# Failures that may pass by themselves (see the table above): they never remove a row indexed before.
+TRANSIENT_KINDS = frozenset({"http_unavailable", "timeout", "connection_error", "unreadable", "source_changed"})
+
+
+def is_transient(kind: str) -> bool:
+    """True if a failure of ``kind`` may pass by itself, so the item's earlier row is kept."""
+    return kind in TRANSIENT_KINDS
 
 
 @dataclass

@@ -22,7 +22,7 @@ from embedding_pipeline import processes, runs, services
 from embedding_pipeline.defs import defs
 from embedding_pipeline.cli import main
 from embedding_pipeline.defs.models import observe_model
-from embedding_pipeline.index.client import quote
+from embedding_pipeline.index.expressions import literal as quote
 from embedding_pipeline.index.collections import ModelCollections, model_collection_name
 from embedding_pipeline.retrieval import search
 from embedding_pipeline.serving.client import TritonEmbedder

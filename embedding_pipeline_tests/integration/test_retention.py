@@ -18,7 +18,8 @@ from PIL import Image
 
 from embedding_pipeline import retention, runs
 from embedding_pipeline.defs.retention import execute_delete_drop
-from embedding_pipeline.index.client import ImageIndex, quote
+from embedding_pipeline.index.client import ImageIndex
+from embedding_pipeline.index.expressions import literal as quote
 from embedding_pipeline.ingest import drop_files
 from embedding_pipeline.retrieval import search
 from embedding_pipeline.sources.samples import load_photo

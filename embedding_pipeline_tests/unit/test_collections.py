@@ -65,7 +65,8 @@ class FakeMilvus:
         return {"collection_name": self._name(name), "properties": dict(c["properties"]),
                 "fields": [{"name": "id", "type": SimpleNamespace(name="VARCHAR")},
                            {"name": "embedding", "type": SimpleNamespace(name="FLOAT_VECTOR"),
-                            "params": {"dim": c["dim"]}}]}
+                            "params": {"dim": c["dim"]}}]
+                + ([{"name": "drops", "type": SimpleNamespace(name="ARRAY")}] if c.get("membership", True) else [])}
 
     def create_collection(self, name, schema, consistency_level, properties=None):
         dim = next(f.params["dim"] for f in schema.fields if f.name == "embedding")
@@ -100,12 +101,16 @@ class FakeMilvus:
     # test helpers
     def add_rows(self, collection, drop, model, count):
         for i in range(count):
-            self.collections[collection]["rows"][f"{drop}-{i}"] = {"id": f"{drop}-{i}", "drop": drop, "model": model}
+            self.collections[collection]["rows"][f"{drop}-{i}"] = {"id": f"{drop}-{i}", "drop": drop, "drops": [drop],
+                                                                   "model": model}
 
 
 def _matches(row, expr):
     if not expr or expr == 'id != ""':
         return True
+    contains = re.fullmatch(r'array_contains\((\w+), "(.*)"\)', expr)
+    if contains:
+        return contains.group(2) in row[contains.group(1)]
     field, op, value = re.fullmatch(r'(\w+) (==|!=) "(.*)"', expr).groups()
     return (row[field] == value) == (op == "==")
 

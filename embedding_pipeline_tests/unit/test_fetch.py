@@ -235,7 +235,7 @@ def test_http_errors_and_retries(server):
     assert err.kind == "http_error" and "404" in str(err)
     assert server.requests("/status/404") == 1  # a 404 is final
     err = _error(server.url("/status/503"), fetch_retries=1, **allow)
-    assert err.kind == "http_error" and "503" in str(err)
+    assert err.kind == "http_unavailable" and "503" in str(err)
     assert server.requests("/status/503") == 2
     assert _fetch(server.url("/flaky/2/a.png"), fetch_retries=2, **allow) == PNG
     assert server.requests("/flaky/2/a.png") == 3

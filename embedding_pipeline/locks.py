@@ -1,0 +1,32 @@
+"""Advisory file locks across processes (runtime layer: every other layer may use them).
+
+Dagster runs each step in its own process, the CLI and retention run in others: whatever must not interleave takes
+one of these. They are ``flock`` locks on files under the state directory, so they hold on one machine; a
+deployment whose runs are spread over several machines serialises the index writes with the ``milvus`` concurrency
+pool instead (see the README).
+"""
+
+from __future__ import annotations
+
+import fcntl
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+
+@contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """Exclusive advisory lock on ``path`` across processes (created with its folder when missing)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def membership_lock(data_dir: Path):  # noqa: ANN201 - a context manager
+    """Held while rows' drop membership is read and rewritten (the index stage, deleting a drop): two drops listing
+    the same image must not each read the row, add or remove themselves, and write back over the other."""
+    return file_lock(data_dir / "locks" / "membership.lock")
