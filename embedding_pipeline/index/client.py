@@ -52,6 +52,7 @@ CONSISTENCY_LEVELS = ("Strong", "Session", "Bounded", "Eventually")
 # Milvus refuses messages over 64 MB (proxy.grpc.serverMaxRecvSize); stay far below it whatever the row size.
 MAX_UPSERT_BYTES = 16 * 1024 * 1024
 UPSERT_IN_FLIGHT = 2
+PAGE_ROWS = 1000  # rows per page when listing (a plain query returns at most 16,384)
 # Scalar index types per declared type, best first. Milvus 2.4+ and milvus-lite take INVERTED for all four (milvus-lite
 # takes nothing else); Milvus 2.3 takes only Trie for VARCHAR and STL_SORT for numbers and cannot index BOOL (a BOOL
 # column is still a plain scan, far cheaper than parsing JSON).
@@ -527,24 +528,32 @@ class ImageIndex:
         )
 
     def _iterate(self, filter: str, fields: list[str], strong: bool = False) -> Iterable[dict[str, Any]]:
-        """All rows matching ``filter``, page by page (a plain query is capped at 16,384 rows). ``strong`` reads at
-        Strong consistency: reads that decide what to delete must see every write made before them."""
+        """All rows matching ``filter``, page by page in primary-key order (a plain query is capped at 16,384 rows).
+        ``strong`` reads at Strong consistency: reads that decide what to delete must see every write before them.
+
+        Not pymilvus's ``query_iterator``: it pages with ``id > "<last id>"`` pasted in unescaped, so an id holding a
+        quote or a newline breaks the listing (or rewrites it). The cursor here is a literal from :mod:`.expressions`.
+        """
         extra = {"consistency_level": "Strong"} if strong else {}
-        with self._guard(f"reading rows ({filter})"):
-            iterator = self._loaded(
-                lambda: self.client.query_iterator(
-                    self.collection, batch_size=1000, filter=filter, output_fields=fields, **extra
-                )
-            )
-        try:
-            while True:
-                with self._guard(f"reading rows ({filter})"):
-                    page = iterator.next()
-                if not page:
-                    return
-                yield from page
-        finally:
-            iterator.close()
+        columns = list(dict.fromkeys(["id", *fields]))
+        last: str | None = None
+        while True:
+            expr = filter if last is None else f"({filter}) and id > {expressions.literal(last)}"
+            with self._guard(f"reading rows ({filter})"):
+                page = self._loaded(lambda: self.client.query(
+                    self.collection, filter=expr, output_fields=columns, limit=PAGE_ROWS, **extra
+                ))
+            if not page:
+                return
+            yield from page
+            if len(page) < PAGE_ROWS:
+                return
+            keys = [r["id"] for r in page]
+            if keys != sorted(keys):
+                # Paging by key needs a full page in key order (both engines return that; UTF-8 byte order is
+                # code point order). Anything else could skip rows: stop rather than decide from half a listing.
+                raise CollectionError(f"Milvus returned a page of {self.collection!r} out of key order; cannot list it")
+            last = keys[-1]
 
     def drop_ids(self, drop: str) -> set[str]:
         """Ids of every row ``drop`` lists (Strong)."""
