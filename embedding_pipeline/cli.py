@@ -96,9 +96,15 @@ def cmd_serve_api(args: argparse.Namespace) -> int:
 
     from embedding_pipeline.api.app import create_app
 
+    from embedding_pipeline.api.guards import api_key_from_env, public_bind_problem
+
     settings = _settings(args)
     host = args.host or settings.api.host
     port = args.port or settings.api.port
+    problem = public_bind_problem(host, bool(api_key_from_env()), args.insecure)
+    if problem:
+        print(problem, file=sys.stderr)
+        return 2
     print(f"HTTP API on http://{host}:{port} (docs: /docs)", flush=True)
     uvicorn.run(create_app(settings), host=host, port=port, log_level=args.log_level)
     return 0
@@ -302,6 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     api = sub.add_parser("serve-api", help="serve the HTTP API (health, collections, insert, search)")
     api.add_argument("--host", help="bind address (default: api.host, 127.0.0.1)")
     api.add_argument("--port", type=int, help="port (default: api.port, 18080)")
+    api.add_argument("--insecure", action="store_true",
+                     help="serve a non-loopback address without an API key (anyone who reaches it can use it)")
     api.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     api.set_defaults(func=cmd_serve_api)
     ing = sub.add_parser("ingest", help="ingest a folder or manifest as a drop, in the Dagster instance")

@@ -131,6 +131,18 @@ class SourceSettings(_Section):
         "address policy is applied to the target host's own DNS answer before each request.",
     )
 
+    @field_validator("allowed_roots")
+    @classmethod
+    def _roots(cls, value: list[Path]) -> list[Path]:
+        checked = []
+        for root in value:
+            real = Path(os.path.realpath(Path(root).expanduser()))
+            if not real.is_absolute() or real == Path(real.anchor) or len(real.parts) < 3:
+                # "/", "/home", "/tmp": a manifest could then read nearly any file on the machine.
+                raise ValueError(f"sources.allowed_roots: {root} is too broad; name a folder at least two levels deep")
+            checked.append(real)
+        return checked
+
     @field_validator("private_allowlist")
     @classmethod
     def _valid_allowlist(cls, entries: list[str]) -> list[str]:
@@ -251,7 +263,12 @@ class ApiSettings(_Section):
     max_topk: int = Field(1000, ge=1, le=16384, description="Largest topk a search may ask for.")
     max_inputs: int = Field(10_000, ge=1, description="Most inputs one insert request may carry.")
     insert_timeout_s: float = Field(
-        600.0, gt=0, description="How long an insert with wait=true waits for its run before answering 504."
+        600.0, gt=0, le=3600, description="How long an insert with wait=true waits for its run before answering 504."
+    )
+    allowed_hosts: list[str] = Field(
+        default_factory=lambda: ["127.0.0.1", "localhost", "[::1]"],
+        description="Host header values the API answers (a DNS-rebinding page sends its own name): add the names "
+        "clients use when serving beyond loopback; '*' allows any.",
     )
 
 

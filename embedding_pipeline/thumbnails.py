@@ -16,6 +16,8 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
+from embedding_pipeline.sources.sniff import PIL_FORMATS
+
 THUMBNAIL_PX = 96  # longest side; the UI shows them at their natural size
 JPEG_QUALITY = 70
 # Refuse to open images that declare more pixels than this (the decompression-bomb guard of the preprocess stage
@@ -29,7 +31,7 @@ def thumbnail_jpeg(
 ) -> bytes | None:
     """A JPEG of ``data`` (any image Pillow reads) fitted into ``size``×``size``, or ``None`` if it cannot be made."""
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with Image.open(io.BytesIO(data), formats=PIL_FORMATS) as img:
             width, height = img.size
             if width * height > max_pixels:
                 return None

@@ -21,6 +21,8 @@ from pydantic import ValidationError
 
 from embedding_pipeline.api import errors
 from embedding_pipeline.api.errors import ApiError, invalid
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+
 from embedding_pipeline.api.guards import ApiKeyGuard, BodyLimit, api_key_from_env
 from embedding_pipeline.api.inputs import read_query
 from embedding_pipeline.api.models import (
@@ -255,6 +257,8 @@ def create_app(settings: Optional[Settings] = None, services: Optional[ApiServic
     app.add_middleware(BodyLimit, max_bytes=settings.api.max_request_bytes)
     if api_key:
         app.add_middleware(ApiKeyGuard, api_key=api_key)
+    # Outermost: a request naming another host (DNS rebinding from a page in a local browser) is refused first.
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(settings.api.allowed_hosts))
     return app
 
 

@@ -85,4 +85,5 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(500, "internal_error", f"unexpected error: {type(exc).__name__}: {exc}")
+        # The text of an unexpected error can hold paths, URIs or credentials: it goes to the log, not to the caller.
+        return error_response(500, "internal_error", "unexpected error (see the API's log)")

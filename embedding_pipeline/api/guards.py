@@ -23,6 +23,26 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 App = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
+def public_bind_problem(host: str, has_key: bool, insecure: bool) -> str | None:
+    """Why serving on ``host`` is refused (None: it is fine). A non-loopback bind needs an API key, or ``insecure``
+    said out loud: without a key anyone who reaches the address can insert and search."""
+    import ipaddress
+
+    if has_key or insecure:
+        return None
+    name = host.strip("[]")
+    try:
+        loopback = ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        loopback = name == "localhost"
+    if loopback:
+        return None
+    return (
+        f"refusing to serve the API on {host} without an API key: anyone who reaches that address could insert and "
+        "search. Set EMBEDDING_PIPELINE_API_KEY, bind 127.0.0.1, or pass --insecure if that is what you want"
+    )
+
+
 def api_key_from_env() -> str | None:
     return os.environ.get(API_KEY_ENV) or None
 

@@ -76,7 +76,7 @@ class InsertRequest(_Body):
     metadata: Optional[list[dict[str, Any]]] = Field(None, description="One JSON object per input.")
     collection_name: Optional[str] = Field(None, description="Default: milvus.collection.")
     wait: bool = Field(False, description="Answer when the run has ended (200) instead of at once (202).")
-    timeout_s: Optional[float] = Field(None, gt=0, le=86400, description="With wait: how long to wait "
+    timeout_s: Optional[float] = Field(None, gt=0, le=600, description="With wait: how long to wait (at most 600 s) "
                                        "(default api.insert_timeout_s).")
 
     @field_validator("collection_name")

@@ -124,8 +124,7 @@ class SearchService:
         if alias.target is None or now - alias.checked > self.alias_ttl_s:
             alias.target, alias.checked = alias.collections.search_collection(), now
         if alias.target is None:
-            raise ApiError(404, "not_found", f"collection {name!r} does not exist on Milvus at "
-                           f"{self.settings.milvus.uri} (create it, or insert into it first)")
+            raise ApiError(404, "not_found", f"collection {name!r} does not exist (create it, or insert into it first)")
         return alias.target
 
     def _open(self, collection: str) -> _Entry:

@@ -17,6 +17,8 @@ from typing import Literal
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
+from embedding_pipeline.sources.sniff import PIL_FORMATS
+
 # Pillow's own guard warns at ~89 Mpx and refuses at twice that; ours refuses earlier and says why.
 DEFAULT_MAX_PIXELS = 64_000_000
 # The kernel's filter covers at most this many source pixels per output pixel (see kernels.TAPS).
@@ -82,11 +84,16 @@ def _to_rgb(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
     if img.mode == "CMYK":
         return _cmyk_to_rgb(img)
     if img.mode.startswith("I") or img.mode == "F":
-        # 16/32-bit integer or float greyscale: scale into 8 bits instead of clipping.
-        arr = np.asarray(img, dtype=np.float64)
+        # 16/32-bit integer or float greyscale: scale into 8 bits instead of clipping. One float32 array, scaled
+        # in place (float64 temporaries cost ~1 GB per decode at the pixel cap).
+        arr = np.array(img, dtype=np.float32)
         top = float(arr.max()) if arr.size else 0.0
         full = 1.0 if img.mode == "F" and top <= 1.0 else 65535.0 if top > 255 else 255.0
-        grey = np.clip(arr / full * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        arr *= np.float32(255.0 / full)
+        arr += np.float32(0.5)
+        np.clip(arr, 0, 255, out=arr)
+        grey = arr.astype(np.uint8)
+        del arr
         return Image.fromarray(grey).convert("RGB")
     return img.convert("RGB")
 
@@ -122,7 +129,7 @@ def decode(data: bytes, geometry: Geometry, options: DecodeOptions = DecodeOptio
     # Pillow reads this flag at load time; it is per process, and a process has one configuration.
     ImageFile.LOAD_TRUNCATED_IMAGES = options.allow_truncated
     try:
-        img = Image.open(io.BytesIO(data))
+        img = Image.open(io.BytesIO(data), formats=PIL_FORMATS)
         width, height = img.size
         if width * height > options.max_pixels:
             raise DecodeError(

@@ -28,7 +28,8 @@ DROP_SIGNATURE_KEY = "drop_signature"
 MANIFEST_SUFFIXES = (".jsonl", ".csv")
 _IN_FLIGHT_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload")
 # Partition keys appear in paths and expressions: keep them plain.
-DROP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# \Z, not $: "$" also matches before a trailing newline, and "name\n" is no drop name.
+DROP_NAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,8 @@ def scan(drops_dir: Path) -> tuple[list[Drop], list[str]]:
         if not (path.is_dir() or path.suffix.lower() in MANIFEST_SUFFIXES):
             invalid.append(path.name)
             continue
-        if not DROP_NAME.match(path.name):
+        if not DROP_NAME.match(path.name) or path.is_symlink():
+            # A symlinked drop would make its target (say "/") the folder its manifest may read from.
             invalid.append(path.name)
             continue
         drops.append(Drop(path.name, path))
@@ -94,6 +96,11 @@ def find_drop(drops_dir: Path, name: str) -> Drop:
     path = drops_dir / name
     if not DROP_NAME.match(name) or not path.exists():
         raise FileNotFoundError(f"no drop named {name!r} in {drops_dir}")
+    if path.is_symlink():
+        raise PermissionError(
+            f"drop {name!r} in {drops_dir} is a symbolic link; drops are refused as links (a link would make its "
+            "target the folder the drop's manifests may read from): copy or move the drop in instead"
+        )
     return Drop(name, path)
 
 

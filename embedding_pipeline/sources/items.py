@@ -62,7 +62,7 @@ from embedding_pipeline.settings import SourceSettings
 from embedding_pipeline.sources.drops import Drop
 from embedding_pipeline.sources.fetch import FetchError, UrlFetcher, read_local
 from embedding_pipeline.sources.manifest import Entry, is_url, list_entries, looks_like_url
-from embedding_pipeline.sources.sniff import sniff
+from embedding_pipeline.sources.sniff import PIL_FORMATS, sniff
 
 OK, FAILED, SKIPPED = "ok", "failed", "skipped"
 _SKIP_KINDS = {"ignored", "duplicate"}
@@ -109,7 +109,7 @@ def check_image(data: bytes) -> str:
     if found.kind:
         raise FetchError(found.kind, found.reason)
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with Image.open(io.BytesIO(data), formats=PIL_FORMATS) as img:
             img.size  # noqa: B018 - forces the header parse
             return img.format or found.format
     except Image.DecompressionBombError:

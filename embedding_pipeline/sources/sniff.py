@@ -28,6 +28,10 @@ _SIGNATURES: list[tuple[str, object]] = [
 ]
 
 # ISO base media files (``....ftyp<brand>``) hold HEIF/AVIF stills but also videos; the brand says which.
+# The only Pillow formats ever opened (Pillow's own names; PNM files are its "PPM" plugin). Pillow would otherwise
+# try every plugin on unknown bytes: EPS, for one, runs Ghostscript where it is installed.
+PIL_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "ICO", "PPM", "JPEG2000", "QOI", "PSD", "DDS", "AVIF")
+
 _HEIC_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs", b"mif1", b"msf1"}
 _AVIF_BRANDS = {b"avif", b"avis"}
 

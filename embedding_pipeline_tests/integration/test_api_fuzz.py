@@ -67,7 +67,9 @@ def api(tmp_path_factory):
             services.start_dagster(stack)
             # Runs are queued by the webserver and started by the daemon: without it no fuzzed insert executes.
             processes.stop(stack.paths.run, services.DAEMON)
-            app = create_app(stack, api_key="")
+            # Schemathesis's in-process transport sends "Host: testserver".
+            api = stack.api.model_copy(update={"allowed_hosts": [*stack.api.allowed_hosts, "testserver"]})
+            app = create_app(stack.model_copy(update={"api": api}), api_key="")
             schema = schemathesis.openapi.from_asgi("/openapi.json", app)  # starts the app's lifespan
             dim = fill_default_collection(stack, app)
             photo = sorted(write_sample_drop(stack.drops, "fuzz-photos").glob("*.jpg"))[0]

@@ -97,7 +97,7 @@ def fakes() -> ApiServices:
 
 @pytest.fixture
 def client(settings: Settings, fakes: ApiServices):  # noqa: ANN201
-    with TestClient(create_app(settings, fakes, api_key="")) as c:
+    with TestClient(create_app(settings, fakes, api_key=""), base_url="http://127.0.0.1") as c:
         yield c
 
 
@@ -114,12 +114,12 @@ def assert_error(response, status: int, code: str) -> dict[str, Any]:  # noqa: A
 
 
 def test_health_ok_and_503_with_the_same_shape(settings, fakes):
-    with TestClient(create_app(settings, fakes, api_key="")) as c:
+    with TestClient(create_app(settings, fakes, api_key=""), base_url="http://127.0.0.1") as c:
         ok = c.get("/health")
     assert ok.status_code == 200 and ok.json()["status"] == "ok"
     assert set(ok.json()) == {"status", "triton", "milvus", "dagster"}
     fakes.health = fake_health(down=True)
-    with TestClient(create_app(settings, fakes, api_key="")) as c:
+    with TestClient(create_app(settings, fakes, api_key=""), base_url="http://127.0.0.1") as c:
         down = c.get("/health")
     assert down.status_code == 503 and down.json()["status"] == "unavailable"
     assert down.json()["triton"]["model_ready"] is False
@@ -323,7 +323,7 @@ def test_engine_errors_map_to_api_errors():
 
 
 def test_api_key_required_on_everything_but_health_and_docs(settings, fakes):
-    with TestClient(create_app(settings, fakes, api_key=KEY)) as c:
+    with TestClient(create_app(settings, fakes, api_key=KEY), base_url="http://127.0.0.1") as c:
         assert c.get("/health").status_code == 200
         assert c.get("/openapi.json").status_code == 200
         assert c.get("/docs").status_code == 200
@@ -336,7 +336,7 @@ def test_api_key_required_on_everything_but_health_and_docs(settings, fakes):
 
 def test_api_key_from_the_environment(settings, fakes, monkeypatch):
     monkeypatch.setenv("EMBEDDING_PIPELINE_API_KEY", KEY)
-    with TestClient(create_app(settings, fakes)) as c:
+    with TestClient(create_app(settings, fakes), base_url="http://127.0.0.1") as c:
         assert_error(c.get("/runs/run-1"), 401, "unauthorized")
         assert c.get("/runs/run-1", headers={"X-API-Key": KEY}).status_code == 200
 
@@ -352,3 +352,53 @@ def test_request_body_over_the_limit_is_413(client, settings):
 
     assert_error(client.post("/search", content=chunked(), headers={"content-type": "application/json"}), 413,
                  "request_too_large")
+
+
+# -- trust nobody by default ------------------------------------------------------------------------------------
+
+
+def test_a_rebinding_host_header_is_refused(settings, fakes):
+    with TestClient(create_app(settings, fakes, api_key=""), base_url="http://attacker.example") as c:
+        refused = c.get("/health")
+        assert refused.status_code == 400
+        # Loopback names and addresses are answered.
+        for host in ("127.0.0.1:18080", "localhost", "[::1]:18080"):
+            assert c.get("/health", headers={"host": host}).status_code == 200, host
+
+
+def test_an_unexpected_error_never_reaches_the_client_as_text(settings, fakes):
+    class Exploding(FakeSearch):
+        def search_vector(self, *args, **kwargs):  # noqa: ANN002, ANN003
+            raise RuntimeError("secret at http://root:hunter2@10.0.0.5:19530 /srv/private/path")
+
+    fakes.search = Exploding()
+    with TestClient(create_app(settings, fakes, api_key=""), base_url="http://127.0.0.1",
+                    raise_server_exceptions=False) as c:
+        response = c.post("/search", json={"vector": [1.0] + [0.0] * 1279, "topk": 3})
+    error = assert_error(response, 500, "internal_error")
+    assert "hunter2" not in response.text and "/srv/private" not in response.text and "RuntimeError" not in error["message"]
+
+
+def test_insert_waits_are_capped(client):
+    response = client.post("/insert", json={"inputs": ["/x.jpg"], "wait": True, "timeout_s": 86400})
+    assert_error(response, 422, "invalid_request")
+
+
+@pytest.mark.parametrize(
+    "host, key, insecure, refused",
+    [("127.0.0.1", False, False, False), ("::1", False, False, False), ("localhost", False, False, False),
+     ("0.0.0.0", False, False, True), ("192.168.1.5", False, False, True), ("api.example", False, False, True),
+     ("0.0.0.0", True, False, False), ("0.0.0.0", False, True, False)],
+)
+def test_a_public_bind_needs_a_key_or_insecure(host, key, insecure, refused):
+    from embedding_pipeline.api.guards import public_bind_problem
+
+    assert (public_bind_problem(host, key, insecure) is not None) == refused
+
+
+def test_serve_api_refuses_a_public_bind_without_a_key(monkeypatch, capsys):
+    from embedding_pipeline import cli
+
+    monkeypatch.delenv("EMBEDDING_PIPELINE_API_KEY", raising=False)
+    assert cli.main(["serve-api", "--host", "0.0.0.0"]) == 2
+    assert "without an API key" in capsys.readouterr().err
