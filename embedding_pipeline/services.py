@@ -15,6 +15,7 @@ from pathlib import Path
 from embedding_pipeline import processes
 from embedding_pipeline.index.server import milvus_status, start_milvus, stop_milvus
 from embedding_pipeline.serving.server import start_triton, stop_triton, triton_status
+from embedding_pipeline.state import private_state_dir
 from embedding_pipeline.settings import CONFIG_ENV, Settings, config_path
 
 WEBSERVER, DAEMON, API = "dagster-webserver", "dagster-daemon", "api"
@@ -27,6 +28,7 @@ def prepare_dagster_home(settings: Settings, instance_yaml: str | None = None) -
     """Write the instance config (the packaged one unless ``instance_yaml`` is given) and a workspace file into the
     Dagster home; returns the workspace file."""
     home = settings.paths.dagster_home
+    private_state_dir(settings.paths.root)
     home.mkdir(parents=True, exist_ok=True)
     instance = instance_yaml or resources.files("embedding_pipeline").joinpath("dagster_instance.yaml").read_text()
     (home / "dagster.yaml").write_text(instance)
@@ -62,6 +64,7 @@ def use_dagster_home(settings: Settings) -> None:
 
 def start_services(settings: Settings) -> list[str]:
     """Make Milvus and Triton ready; returns the names of the servers this call had to start."""
+    private_state_dir(settings.paths.root)
     before = {name for name in ("milvus", "triton") if processes.read(settings.paths.run, name)}
     start_milvus(settings)
     start_triton(settings)

@@ -30,6 +30,15 @@ def cache_home(root: Path) -> Path:
     return Path(value).expanduser().resolve() if value else root / "cache"
 
 
+def private_state_dir(root: Path) -> Path:
+    """Create the state directory readable by its owner only (0700): it holds the Milvus data, the Dagster
+    instance, logs and downloaded images. An existing one is narrowed to 0700 too."""
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if root.stat().st_mode & 0o077:
+        os.chmod(root, 0o700)
+    return root
+
+
 @dataclass(frozen=True)
 class StatePaths:
     root: Path

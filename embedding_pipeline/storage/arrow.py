@@ -12,6 +12,7 @@ as done.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import uuid
 from pathlib import Path
@@ -69,8 +70,20 @@ def vectors_of(table: pa.Table) -> np.ndarray:
     return column.values.to_numpy(zero_copy_only=False).reshape(-1, dim)
 
 
+def _fsync(path: Path) -> None:
+    """Flush ``path`` (a file or a folder's entries) to disk: a rename is only as durable as what it points at."""
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class DropWriter:
-    """Writes a drop's batch files into a staging folder; :meth:`commit` swaps it in atomically."""
+    """Writes a drop's batch files into a staging folder; :meth:`commit` swaps it in atomically.
+
+    Every file is fsynced before the swap and the parent folder after it, so a crash leaves the old outputs or
+    the new ones, never a renamed folder of half-written files."""
 
     def __init__(self, folder: Path):
         self.folder = folder
@@ -83,6 +96,7 @@ class DropWriter:
         path = self.staging / f"batch-{len(self.files):05d}.arrow"
         with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
             writer.write_table(table)
+        _fsync(path)
         self.files.append(self.folder / path.name)
         self.bytes += path.stat().st_size
         return path
@@ -90,12 +104,15 @@ class DropWriter:
     def add_json(self, name: str, value: Any) -> None:
         """A small side file (failures, reused ids) committed together with the batches."""
         (self.staging / name).write_text(json.dumps(value))
+        _fsync(self.staging / name)
 
     def commit(self) -> list[Path]:
         old = self.folder.parent / f".{self.folder.name}.{uuid.uuid4().hex[:8]}.old"
+        _fsync(self.staging)
         if self.folder.exists():
             self.folder.rename(old)
         self.staging.rename(self.folder)
+        _fsync(self.folder.parent)
         shutil.rmtree(old, ignore_errors=True)
         return self.files
 
@@ -133,7 +150,9 @@ def write_table(path: Path, table: pa.Table) -> None:
     tmp = path.with_suffix(f".{uuid.uuid4().hex[:8]}.tmp")
     with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
         writer.write_table(table)
+    _fsync(tmp)
     tmp.replace(path)
+    _fsync(path.parent)
 
 
 def read_table(path: Path) -> pa.Table:

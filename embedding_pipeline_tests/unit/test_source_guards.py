@@ -70,3 +70,14 @@ def test_a_16_bit_image_decodes_without_float64_temporaries():
     assert pixels.dtype == np.uint8 and pixels.ndim == 3
     # One float32 copy is 4 bytes a pixel; the float64 path held ~3 arrays of 8 bytes a pixel (24+).
     assert peak < 12 * side * side, f"peak {peak / 1e6:.0f} MB for a {side}x{side} 16-bit image"
+
+
+def test_the_state_directory_is_private(tmp_path):
+    import stat
+
+    from embedding_pipeline.state import private_state_dir
+
+    new = private_state_dir(tmp_path / "home")
+    assert stat.S_IMODE(new.stat().st_mode) == 0o700
+    (tmp_path / "open").mkdir(mode=0o755)
+    assert stat.S_IMODE(private_state_dir(tmp_path / "open").stat().st_mode) == 0o700
