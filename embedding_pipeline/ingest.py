@@ -23,6 +23,7 @@ from embedding_pipeline.locks import membership_lock
 from embedding_pipeline.preprocess.preprocessor import SourceError, for_model
 from embedding_pipeline.settings import QualitySettings, Settings
 from embedding_pipeline.sources.drops import find_drop
+from embedding_pipeline.sources.fetch import FetchError, read_local
 from embedding_pipeline.sources.items import FAILED, OK, Item, collect_items, is_transient
 from embedding_pipeline.storage import arrow
 
@@ -82,6 +83,7 @@ MANIFEST_SCHEMA = pa.schema(
         ("sha256", pa.string()),
         ("size", pa.int64()),
         ("source", pa.string()),
+        ("file_id", pa.string()),
         ("status", pa.string()),
         ("error", pa.string()),
         ("error_kind", pa.string()),
@@ -164,14 +166,21 @@ def _kept_previous(
     return kept
 
 
-def _reader(item: Item) -> Callable[[], bytes]:
-    """Reads an item's bytes on a decode thread and refuses bytes that no longer match its recorded hash."""
+def _reader(item: Item, roots: list[Path], blobs: Path, max_bytes: int) -> Callable[[], bytes]:
+    """Reads an item's bytes on a decode thread through the guarded reader (roots, regular file, no link followed,
+    size cap, the same file as when listed) and refuses bytes that no longer match its recorded hash."""
 
     def read() -> bytes:
+        downloaded = Path(item.source).parent.parent == blobs
         try:
-            data = Path(item.source).read_bytes()
-        except OSError as exc:
-            raise SourceError("source_changed", f"source vanished since the manifest was built: {exc.strerror}")
+            if downloaded:
+                data = read_local(item.source, [blobs], max_bytes)
+            else:
+                data = read_local(item.source, roots, max_bytes, identity=item.file_id or None)
+        except FetchError as exc:
+            if exc.kind == "source_changed":
+                raise SourceError("source_changed", str(exc)) from None
+            raise SourceError("source_changed", f"source changed since the drop was listed ({exc.kind}): {exc}") from None
         if hashlib.sha256(data).hexdigest() != item.sha256:
             # The recorded sha256 is the row's lineage: never embed other bytes under it.
             raise SourceError("source_changed", "source changed since the manifest was built (re-run the drop)")
@@ -206,8 +215,13 @@ def preprocess_drop(
     written = 0
     embedded: set[str] = {i.id for i in reused}
     chunks = [items[i : i + prep.batch_size] for i in range(0, len(items), prep.batch_size)]
+    drop = find_drop(settings.drops, drop_name)
+    roots = [drop.path if drop.path.is_dir() else drop.path.parent, *settings.sources.allowed_roots]
+    max_bytes = settings.sources.max_image_bytes
     with arrow.DropWriter(files.preprocessed) as writer:
-        batches = prep.stream([_reader(item) for item in chunk] for chunk in chunks)
+        batches = prep.stream(
+            [_reader(item, roots, files.blobs, max_bytes) for item in chunk] for chunk in chunks
+        )
         for chunk, prepared in zip(chunks, batches):
             for item, err in zip(chunk, prepared.errors):
                 if err is not None:

@@ -13,9 +13,11 @@ from __future__ import annotations
 import base64
 import io
 from pathlib import Path
+from typing import Sequence
 
 from PIL import Image, ImageOps
 
+from embedding_pipeline.sources.fetch import FetchError, read_local_file
 from embedding_pipeline.sources.sniff import PIL_FORMATS
 
 THUMBNAIL_PX = 96  # longest side; the UI shows them at their natural size
@@ -69,15 +71,13 @@ def thumbnail_uri(data: bytes, size: int = THUMBNAIL_PX, max_pixels: int = DEFAU
 
 
 def file_thumbnail_uri(
-    path: str | Path, size: int = THUMBNAIL_PX, max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = DEFAULT_MAX_BYTES
+    path: str | Path, roots: Sequence[Path], size: int = THUMBNAIL_PX, max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> str | None:
-    """A thumbnail ``data:`` URI of the image file at ``path``, or ``None`` (missing, not a file, too big, not an
-    image)."""
+    """A thumbnail ``data:`` URI of the image file at ``path``, read through the guarded reader (inside ``roots``, a
+    regular file, at most ``max_bytes``), or ``None`` (outside, missing, not a file, too big, not an image)."""
     try:
-        file = Path(path)
-        if not file.is_file() or file.stat().st_size > max_bytes:
-            return None
-        data = file.read_bytes()
-    except OSError:
+        data, _ = read_local_file(path, list(roots), max_bytes)
+    except FetchError:
         return None
     return thumbnail_uri(data, size=size, max_pixels=max_pixels)

@@ -244,8 +244,10 @@ def _manifest_rows(settings: Settings, drop: str, columns: list[str]) -> list[di
 
 
 def _thumbnail(settings: Settings, source: str | Path) -> str | None:
+    # Sources come from manifests and stored rows: read only inside the drops, the allowed roots and the blob store.
+    roots = [settings.drops, *settings.sources.allowed_roots, ingest.drop_files(settings, "_").blobs]
     return thumbnails.file_thumbnail_uri(
-        source, max_pixels=settings.preprocess.max_pixels, max_bytes=settings.sources.max_image_bytes
+        source, roots, max_pixels=settings.preprocess.max_pixels, max_bytes=settings.sources.max_image_bytes
     )
 
 

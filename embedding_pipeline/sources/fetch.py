@@ -22,12 +22,14 @@ Redirects are followed here, not by ``requests``: it reads a redirect's whole bo
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import stat
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Iterator
 from urllib.parse import urljoin, urlsplit
 
 import requests
@@ -62,8 +64,22 @@ class FetchError(Exception):
 # Local files
 
 
-def read_local(path: str | Path, roots: list[Path], max_bytes: int) -> bytes:
-    """The bytes of a regular file under one of ``roots`` (after following every symlink)."""
+def read_local(path: str | Path, roots: list[Path], max_bytes: int, identity: str | None = None) -> bytes:
+    """The bytes of a regular file under one of ``roots`` (after following every symlink).
+
+    ``identity`` (``"<device>:<inode>:<mtime ns>"``, from :func:`read_local_file` when the item was listed) makes a later stage
+    refuse a file that was replaced since: ``source_changed``."""
+    data, found = read_local_file(path, roots, max_bytes)
+    if identity and found != identity:
+        raise FetchError("source_changed", f"the file was replaced since the drop was listed: {path}")
+    return data
+
+
+def read_local_file(path: str | Path, roots: list[Path], max_bytes: int) -> tuple[bytes, str]:
+    """The one guarded way to read a local source: (bytes, ``"<device>:<inode>:<mtime ns>"``) of a regular file under one of
+    ``roots``. The path is resolved first (a symlink out of the roots is refused), then opened without following a
+    link, without blocking, and checked again on the open descriptor (a file swapped for a FIFO, a device or a link
+    in between is refused, never waited on); at most ``max_bytes + 1`` bytes are read."""
     real = Path(os.path.realpath(path))  # follows symlinks, so a link out of the roots is caught below
     if not any(real.is_relative_to(os.path.realpath(root)) for root in roots):
         raise FetchError("outside_roots", f"path outside the allowed roots: {path}")
@@ -74,21 +90,41 @@ def read_local(path: str | Path, roots: list[Path], max_bytes: int) -> bytes:
             raise FetchError("not_a_file", f"not a regular file ({_file_type(info.st_mode)}): {path}")
         if info.st_size > max_bytes:
             raise FetchError("too_large", f"file too large: {info.st_size} bytes > {max_bytes}")
-        # O_NONBLOCK and the second check cover a file swapped for something else since the stat above.
-        fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
-        with os.fdopen(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                raise FetchError("not_a_file", f"not a regular file: {path}")
-            data = f.read(max_bytes + 1)
+        try:
+            with open_regular(real, path) as (f, opened):
+                data = f.read(max_bytes + 1)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:  # O_NOFOLLOW met a link put in place since the path was resolved
+                raise FetchError("not_a_file", f"became a symbolic link while being read: {path}") from None
+            raise
         if len(data) > max_bytes:
             raise FetchError("too_large", f"file too large: more than {max_bytes} bytes")
-        return data
+        # Inode numbers are reused at once after a delete: the modification time tells a new file in the same slot.
+        return data, f"{opened.st_dev}:{opened.st_ino}:{opened.st_mtime_ns}"
     except FileNotFoundError:
         raise FetchError("not_found", f"file not found: {path}") from None
     except PermissionError:
         raise FetchError("unreadable", f"permission denied: {path}") from None
     except OSError as exc:
         raise FetchError("unreadable", f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+@contextmanager
+def open_regular(path: str | Path, shown: str | Path | None = None) -> Iterator[tuple[BinaryIO, os.stat_result]]:
+    """``path`` opened for reading only if it is a regular file: never follows a final symlink (O_NOFOLLOW), never
+    blocks on a FIFO (O_NONBLOCK), and checks the type on the open descriptor. Raises :class:`FetchError`
+    (``not_a_file``) or ``OSError``."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+    try:
+        opened = os.fstat(fd)
+        if not stat.S_ISREG(opened.st_mode):
+            raise FetchError("not_a_file", f"not a regular file ({_file_type(opened.st_mode)}): {shown or path}")
+        f = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    with f:
+        yield f, opened
 
 
 def _file_type(mode: int) -> str:

@@ -60,7 +60,7 @@ from typing import Any
 
 from embedding_pipeline.settings import SourceSettings
 from embedding_pipeline.sources.drops import Drop
-from embedding_pipeline.sources.fetch import FetchError, UrlFetcher, read_local
+from embedding_pipeline.sources.fetch import FetchError, UrlFetcher, read_local_file
 from embedding_pipeline.sources.manifest import Entry, is_url, list_entries, looks_like_url
 from embedding_pipeline.sources.sniff import PIL_FORMATS, sniff
 
@@ -83,6 +83,7 @@ class Item:
     sha256: str = ""
     size: int = 0
     source: str = ""  # where the bytes are now: the local file, or the blob of a download
+    file_id: str = ""  # "<device>:<inode>:<mtime ns>" of a local file when listed: later stages refuse a replaced one
     status: str = OK
     error: str = ""
     error_kind: str = ""
@@ -172,7 +173,7 @@ def _resolve(entry: Entry, roots: list[Path], settings: SourceSettings, download
             scheme = entry.uri.split("://", 1)[0]
             raise FetchError("bad_url", f"unsupported URL scheme {scheme!r} (only http/https): {entry.uri}")
         else:
-            data = read_local(entry.uri, roots, settings.max_image_bytes)
+            data, item.file_id = read_local_file(entry.uri, roots, settings.max_image_bytes)
             check_image(data)
             sha, size, source = hashlib.sha256(data).hexdigest(), len(data), os.path.realpath(entry.uri)
     except FetchError as exc:
@@ -188,6 +189,15 @@ def _resolve(entry: Entry, roots: list[Path], settings: SourceSettings, download
 def _mark(item: Item, kind: str, error: str) -> None:
     item.status = SKIPPED if kind in _SKIP_KINDS else FAILED
     item.error_kind, item.error = kind, error
+
+
+def _blob_intact(path: Path, sha256: str, size: int) -> bool:
+    try:
+        if path.is_symlink() or not path.is_file() or path.stat().st_size != size:
+            return False
+        return hashlib.sha256(path.read_bytes()).hexdigest() == sha256
+    except OSError:
+        return False
 
 
 def _download_all(urls: list[str], settings: SourceSettings, blob_dir: Path) -> dict[str, Any]:
@@ -212,10 +222,14 @@ def _download_all(urls: list[str], settings: SourceSettings, blob_dir: Path) -> 
             return FetchError("connection_error", f"download failed for {url}: {type(exc).__name__}: {exc}")
         sha = hashlib.sha256(data).hexdigest()
         path = blob_path(blob_dir, sha)
-        if not path.exists():
+        if not _blob_intact(path, sha, len(data)):
+            # Missing, or damaged on disk (its bytes no longer hash to its name): written again from this download.
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".tmp{threading.get_ident()}")
-            tmp.write_bytes(data)
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
             tmp.replace(path)
         return sha, len(data), str(path)
 

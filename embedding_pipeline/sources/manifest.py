@@ -23,14 +23,17 @@ A file named like an image is always an item, whatever its content turns out to 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 from embedding_pipeline.sources.drops import MANIFEST_SUFFIXES, READY_MARKER, Drop, ignored
+from embedding_pipeline.sources.fetch import FetchError, open_regular
 
 
 @dataclass
@@ -67,6 +70,10 @@ def looks_like_url(uri: str) -> bool:
 
 
 def list_entries(drop: Drop) -> list[Entry]:
+    """Every item the drop lists. A manifest that cannot be read fails the listing (raises): its items are not
+    known to have left the drop, so no stage may act as if they had."""
+    if not drop.path.is_dir() and not drop.is_manifest:
+        raise FetchError("not_a_file", f"drop {drop.name!r} is neither a folder nor a regular manifest file")
     if drop.is_manifest:
         return list(_read_manifest(drop.path))
     files = _walk(drop.path)
@@ -111,9 +118,9 @@ def _readable_manifest(path: Path, folder: Path) -> bool:
     if path.suffix.lower() != ".csv":
         return True
     try:
-        with open(real, encoding="utf-8", errors="replace", newline="") as f:
+        with _open_text(real, newline="") as f:
             header = next(csv.reader(f), [])
-    except OSError:
+    except FetchError:  # swapped for something that is not a regular file: an item that fails, as any such file
         return False
     return "uri" in (h.strip() for h in header)
 
@@ -131,8 +138,16 @@ def _read_manifest(path: Path) -> Iterator[Entry]:
         yield _entry_from_row(row, path.parent, origin)
 
 
+@contextmanager
+def _open_text(path: Path, newline: str | None = None) -> Iterator[io.TextIOWrapper]:
+    """A manifest opened through the guarded opener: a regular file only (a FIFO never blocks the sensor or a
+    run), no final symlink followed."""
+    with open_regular(path) as (raw, _):
+        yield io.TextIOWrapper(raw, encoding="utf-8", errors="replace", newline=newline)
+
+
 def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | str]]:
-    with open(path, encoding="utf-8", errors="replace") as f:
+    with _open_text(path) as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -145,7 +160,7 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | str]]:
 
 
 def _csv_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | str]]:
-    with open(path, encoding="utf-8", errors="replace", newline="") as f:
+    with _open_text(path, newline="") as f:
         for n, row in enumerate(csv.DictReader(f), 2):
             yield n, {k: v for k, v in row.items() if k is not None and v not in (None, "")}
 

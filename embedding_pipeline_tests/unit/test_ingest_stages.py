@@ -64,7 +64,8 @@ def test_a_file_changed_after_the_manifest_is_not_embedded_under_the_old_hash(se
     (settings.drops / "d1" / "img0.png").write_bytes(encode(np.zeros((20, 20, 3), np.uint8)))
     pre = ingest.preprocess_drop(settings, "d1", MODEL_INPUT, "fake:1")
     assert pre["images"] == 2 and pre["failed"] == 1
-    assert "changed since the manifest" in pre["failure_examples"][0]["error"]
+    # Rewritten in place: its modification time no longer matches the listing (the hash check stands behind it).
+    assert "since the drop was listed" in pre["failure_examples"][0]["error"]
     assert pre["failures_by_kind"] == {"source_changed": 1}
 
 
@@ -96,3 +97,51 @@ def test_rerun_reuses_vectors_and_recomputes_only_changed_items(settings):
 
     report = {r["id"]: r for r in ingest.item_report(settings, "d1")}
     assert len(report) == 4 and all(r["status"] == "ok" for r in report.values())
+
+
+def test_a_file_swapped_for_a_fifo_between_stages_fails_its_item_at_once(settings):
+    import os
+    import time
+
+    ingest.build_manifest(settings, "d1")
+    source = settings.drops / "d1" / "img1.png"
+    source.unlink()
+    os.mkfifo(source)  # opening it for reading without O_NONBLOCK would wait for a writer forever
+    started = time.monotonic()
+    pre = ingest.preprocess_drop(settings, "d1", MODEL_INPUT, "fake:1")
+    assert time.monotonic() - started < 60
+    assert pre["images"] == 2 and pre["failures_by_kind"] == {"source_changed": 1}
+    assert "not_a_file" in pre["failure_examples"][0]["error"]
+
+
+def test_a_file_replaced_by_a_link_out_of_the_drop_or_by_another_file_is_refused(settings, tmp_path):
+    ingest.build_manifest(settings, "d1")
+    outside = tmp_path / "secret.png"
+    drop = settings.drops / "d1"
+    outside.write_bytes((drop / "img0.png").read_bytes())  # the very same bytes: only the path gives it away
+    (drop / "img0.png").unlink()
+    (drop / "img0.png").symlink_to(outside)
+    # Same bytes again under a new inode: the file listed is not the file read.
+    data = (drop / "img2.png").read_bytes()
+    (drop / "img2.png").unlink()
+    (drop / "img2.png").write_bytes(data)
+    pre = ingest.preprocess_drop(settings, "d1", MODEL_INPUT, "fake:1")
+    assert pre["images"] == 1 and pre["failures_by_kind"] == {"source_changed": 2}
+    errors = " ".join(f["error"] for f in pre["failure_examples"])
+    assert "outside_roots" in errors and "replaced since the drop was listed" in errors
+
+
+def test_a_damaged_blob_is_written_again(tmp_path):
+    import hashlib
+
+    from embedding_pipeline.sources.items import _blob_intact, blob_path
+
+    data = encode(np.zeros((8, 8, 3), np.uint8))
+    sha = hashlib.sha256(data).hexdigest()
+    path = blob_path(tmp_path, sha)
+    assert not _blob_intact(path, sha, len(data))
+    path.parent.mkdir(parents=True)
+    path.write_bytes(data[:-1] + b"\x00")
+    assert not _blob_intact(path, sha, len(data))
+    path.write_bytes(data)
+    assert _blob_intact(path, sha, len(data))

@@ -2,6 +2,7 @@
 
 import base64
 import io
+import os
 
 import numpy as np
 import pytest
@@ -51,12 +52,18 @@ def test_no_thumbnail_for_broken_huge_or_missing_images(tmp_path):
     assert thumbnails.thumbnail_uri(b"\x89PNG\r\n\x1a\n truncated") is None
     assert thumbnails.thumbnail_uri(b"not an image at all") is None
     assert thumbnails.thumbnail_uri(encode(_photo(100, 100), "PNG"), max_pixels=99 * 100) is None
-    assert thumbnails.file_thumbnail_uri(tmp_path / "gone.jpg") is None
-    assert thumbnails.file_thumbnail_uri(tmp_path) is None  # a folder
+    roots = [tmp_path]
+    assert thumbnails.file_thumbnail_uri(tmp_path / "gone.jpg", roots) is None
+    assert thumbnails.file_thumbnail_uri(tmp_path, roots) is None  # a folder
     big = tmp_path / "big.png"
     big.write_bytes(encode(_photo(64, 64), "PNG"))
-    assert thumbnails.file_thumbnail_uri(big, max_bytes=10) is None
-    assert thumbnails.file_thumbnail_uri(big) is not None
+    assert thumbnails.file_thumbnail_uri(big, roots, max_bytes=10) is None
+    assert thumbnails.file_thumbnail_uri(big, roots) is not None
+    # A stored row's URI outside the roots is never read, image or not.
+    assert thumbnails.file_thumbnail_uri(big, [tmp_path / "elsewhere"]) is None
+    fifo = tmp_path / "fifo.png"
+    os.mkfifo(fifo)
+    assert thumbnails.file_thumbnail_uri(fifo, roots) is None  # returns at once, never waits for a writer
 
 
 # ---------------------------------------------------------------------------------------------- markdown
@@ -163,7 +170,7 @@ def test_search_results_show_query_and_hit_thumbnails(settings):
             {"id": "deleted", "score": 0.1, "uri": "x.jpg", "drop": "gone", "sha256": "ab" * 32}]
     images = ui.hit_thumbnails(settings, hits)
     assert images[0] is not None and images[1] is not None and images[2] is None
-    query = thumbnails.file_thumbnail_uri(folder / "chelsea.jpg")
+    query = thumbnails.file_thumbnail_uri(folder / "chelsea.jpg", [folder])
     text = ui.search_results(str(folder / "chelsea.jpg"), query, hits, images)
     assert text.splitlines()[2].startswith("![query](data:image/jpeg;base64,")
     assert "| 1 | chelsea | 1.0000 | ![chelsea](data:image/jpeg;base64," in text

@@ -48,7 +48,7 @@ def _manifest(path: Path, rows: list[tuple[str, str]]) -> None:
     n = len(rows)
     arrow.write_table(path, pa.Table.from_pydict({
         "id": [f"id{i}" for i in range(n)], "uri": [u for u, _ in rows], "metadata": ["{}"] * n,
-        "sha256": [s for _, s in rows], "size": [3] * n, "source": [""] * n, "status": ["ok"] * n,
+        "sha256": [s for _, s in rows], "size": [3] * n, "source": [""] * n, "file_id": [""] * n, "status": ["ok"] * n,
         "error": [""] * n, "error_kind": [""] * n,
     }, schema=MANIFEST_SCHEMA))
 

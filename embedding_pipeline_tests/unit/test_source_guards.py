@@ -2,6 +2,7 @@
 allow-list, and 16-bit images that would cost gigabytes of float64 temporaries."""
 
 import io
+import os
 import tracemalloc
 
 import numpy as np
@@ -81,3 +82,40 @@ def test_the_state_directory_is_private(tmp_path):
     assert stat.S_IMODE(new.stat().st_mode) == 0o700
     (tmp_path / "open").mkdir(mode=0o755)
     assert stat.S_IMODE(private_state_dir(tmp_path / "open").stat().st_mode) == 0o700
+
+
+def test_a_manifest_that_is_a_fifo_is_refused_at_once(tmp_path):
+    from embedding_pipeline.sources.drops import Drop
+    from embedding_pipeline.sources.manifest import list_entries
+
+    fifo = tmp_path / "drop.jsonl"
+    os.mkfifo(fifo)
+    with pytest.raises(FetchError) as err:
+        list_entries(Drop("drop.jsonl", fifo))
+    assert err.value.kind == "not_a_file"
+    # Inside a folder drop, a FIFO named like a manifest is an item that fails, never a blocked read.
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    os.mkfifo(folder / "rows.jsonl")
+    assert [e.uri for e in list_entries(Drop("folder", folder))] == [str(folder / "rows.jsonl")]
+
+
+def test_an_unreadable_manifest_fails_the_listing_instead_of_emptying_the_drop(tmp_path, monkeypatch):
+    import errno
+
+    from embedding_pipeline.sources import manifest as manifest_module
+    from embedding_pipeline.sources.drops import Drop
+    from embedding_pipeline.sources.manifest import list_entries
+
+    folder = tmp_path / "drop"
+    folder.mkdir()
+    (folder / "rows.csv").write_text("uri,id\na.jpg,a\n")
+    (folder / "more.jsonl").write_text('{"uri": "b.jpg", "id": "b"}\n')
+    assert sorted(e.id for e in list_entries(Drop("drop", folder))) == ["a", "b"]
+
+    def failing_disk(path, *args):  # noqa: ANN001, ANN002 - a fake: the disk answers EIO for every manifest
+        raise OSError(errno.EIO, "Input/output error", str(path))
+
+    monkeypatch.setattr(manifest_module, "open_regular", failing_disk)
+    with pytest.raises(OSError):
+        list_entries(Drop("drop", folder))
