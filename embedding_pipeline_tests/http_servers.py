@@ -8,6 +8,7 @@ Routes (every response but ``/status`` is ``200`` unless said otherwise)::
     /retry-after/<n>/<s>/<name>      503 with ``Retry-After: <s>`` for the first n requests, then the file
     /slow/<seconds>                  sleeps, then answers
     /trickle/<bytes>/<interval>      that many bytes, one every ``interval`` seconds, no Content-Length
+    /trickle-headers/<n>/<interval>  a status line, then n header bytes one every ``interval`` seconds
     /loop                            302 to itself
     /redirect?to=<url>               302 to the URL
     /big/<bytes>                     that many bytes streamed without Content-Length
@@ -101,6 +102,15 @@ class _Handler(BaseHTTPRequestHandler):
     def _slow(self, args: list[str], query: dict) -> None:
         time.sleep(float(args[0]))
         self._send(200, b"late")
+
+    def _trickle_headers(self, args: list[str], query: dict) -> None:
+        # Each byte arrives well within any read timeout; only a deadline over the whole download stops this.
+        self.wfile.write(b"HTTP/1.1 200 OK\r\n")
+        self.wfile.flush()
+        for _ in range(int(args[0])):
+            time.sleep(float(args[1]))
+            self.wfile.write(b"X")
+            self.wfile.flush()
 
     def _trickle(self, args: list[str], query: dict) -> None:
         self._stream(int(args[0]), chunk=1, pause=float(args[1]))

@@ -26,6 +26,7 @@ import errno
 import os
 import socket
 import stat
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -144,6 +145,78 @@ def _file_type(mode: int) -> str:
 # Connections that enforce the address policy
 
 
+class _Deadline:
+    """One absolute deadline for a whole download — connect, headers, body, retries and redirects together.
+
+    Per-operation socket timeouts cannot bound a server that trickles its headers a byte at a time; this can: every
+    socket the download opens (through :class:`_WatchedConnectionMixin`, on this thread) is shut down when the
+    deadline passes, which ends whatever read is blocked on it."""
+
+    _current = threading.local()
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.at = time.monotonic() + seconds
+        self.expired = False
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    def remaining(self) -> float:
+        return self.at - time.monotonic()
+
+    def __enter__(self) -> "_Deadline":
+        self._current.watch = self
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._timer.cancel()
+        self._current.watch = None
+
+    @classmethod
+    def left(cls) -> float:
+        """Seconds left to the download running on this thread (infinite when none is)."""
+        current = getattr(cls._current, "watch", None)
+        return current.remaining() if current is not None else float("inf")
+
+    @classmethod
+    def watch(cls, sock: socket.socket) -> None:
+        """Put ``sock`` under the deadline of the download running on this thread (if any)."""
+        current = getattr(cls._current, "watch", None)
+        if current is not None:
+            current._add(sock)
+
+    def _add(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._sockets.append(sock)
+            if self.expired:
+                _shutdown(sock)
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            for sock in self._sockets:
+                _shutdown(sock)
+
+
+def _shutdown(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:  # already closed
+        pass
+
+
+class _WatchedConnectionMixin:
+    """Every new socket goes under the running download's :class:`_Deadline`."""
+
+    def _new_conn(self) -> socket.socket:
+        sock = super()._new_conn()  # type: ignore[misc]
+        _Deadline.watch(sock)
+        return sock
+
+
 class _GuardedConnectionMixin:
     """Resolve, check, then connect to the checked address itself (never a second, unchecked lookup)."""
 
@@ -174,10 +247,10 @@ class _GuardedConnectionMixin:
 
 
 def _guarded_pool_classes(policy: AddressPolicy) -> dict[str, type]:
-    class GuardedHTTPConnection(_GuardedConnectionMixin, HTTPConnection):
+    class GuardedHTTPConnection(_WatchedConnectionMixin, _GuardedConnectionMixin, HTTPConnection):
         pass
 
-    class GuardedHTTPSConnection(_GuardedConnectionMixin, HTTPSConnection):
+    class GuardedHTTPSConnection(_WatchedConnectionMixin, _GuardedConnectionMixin, HTTPSConnection):
         pass
 
     GuardedHTTPConnection.policy = GuardedHTTPSConnection.policy = policy
@@ -195,6 +268,28 @@ def _guarded_pool_classes(policy: AddressPolicy) -> dict[str, type]:
 TRY_LATER_STATUSES = frozenset({408, 425, 429, *range(500, 600)})
 
 
+class _WatchedHTTPConnectionPool(HTTPConnectionPool):
+    ConnectionCls = type("WatchedHTTPConnection", (_WatchedConnectionMixin, HTTPConnection), {})
+
+
+class _WatchedHTTPSConnectionPool(HTTPSConnectionPool):
+    ConnectionCls = type("WatchedHTTPSConnection", (_WatchedConnectionMixin, HTTPSConnection), {})
+
+
+class _WatchedAdapter(HTTPAdapter):
+    """Through a proxy: no address policy (the operator's proxy), but the deadline still covers every socket."""
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {"http": _WatchedHTTPConnectionPool,
+                                                   "https": _WatchedHTTPSConnectionPool}
+
+    def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> Any:
+        manager = super().proxy_manager_for(proxy, **proxy_kwargs)
+        manager.pool_classes_by_scheme = {"http": _WatchedHTTPConnectionPool, "https": _WatchedHTTPSConnectionPool}
+        return manager
+
+
 class _GuardedAdapter(HTTPAdapter):
     def __init__(self, policy: AddressPolicy, **kwargs: Any):
         self._policy = policy  # before super().__init__, which builds the pool manager
@@ -206,12 +301,23 @@ class _GuardedAdapter(HTTPAdapter):
 
 
 class _Retry(Retry):
-    def increment(self, *args: Any, response: Any = None, **kwargs: Any) -> "_Retry":
+    def increment(self, method: Any = None, url: Any = None, response: Any = None, error: Any = None,
+                  _pool: Any = None, _stacktrace: Any = None) -> "_Retry":
         # urllib3 drains a retried response's body to reuse the connection; a hostile error body can be endless,
         # so drop the connection instead.
         if response is not None:
             response.close()
-        return super().increment(*args, response=response, **kwargs)
+        if _Deadline.left() <= 0:
+            # The download's one deadline has passed: no further try, whatever the retry budget says.
+            raise u3.MaxRetryError(_pool, url, error or u3.ResponseError("the download deadline passed"))
+        return super().increment(method, url, response=response, error=error, _pool=_pool, _stacktrace=_stacktrace)
+
+    def get_backoff_time(self) -> float:
+        return max(0.0, min(super().get_backoff_time(), _Deadline.left()))
+
+    def get_retry_after(self, response: Any) -> float | None:
+        wait = super().get_retry_after(response)
+        return None if wait is None else max(0.0, min(wait, _Deadline.left()))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -241,18 +347,37 @@ class UrlFetcher:
         self.session.headers["Accept-Encoding"] = "identity"  # images are compressed already; no decompression
         if settings.fetch_proxy:
             self.session.proxies = {"http": settings.fetch_proxy, "https": settings.fetch_proxy}
-            adapter: HTTPAdapter = HTTPAdapter(max_retries=retry)
+            adapter: HTTPAdapter = _WatchedAdapter(max_retries=retry)
         else:
             adapter = _GuardedAdapter(self.policy, max_retries=retry)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
 
     def get(self, url: str) -> bytes:
-        deadline = time.monotonic() + self.settings.fetch_deadline_s
+        """The body of ``url`` (redirects followed here, each hop checked), within one absolute deadline
+        (``sources.fetch_deadline_s``) that covers connecting, headers, body, retries and redirects."""
+        with _Deadline(self.settings.fetch_deadline_s) as deadline:
+            try:
+                data = self._get(url, deadline)
+            except FetchError:
+                if deadline.expired:
+                    raise self._late(url) from None
+                raise
+            if deadline.expired:
+                # A body cut by the deadline can look complete (HTTP/1.0 ends a body by closing the connection).
+                raise self._late(url)
+            return data
+
+    def _late(self, url: str) -> FetchError:
+        return FetchError("timeout", f"download took longer than {self.settings.fetch_deadline_s:g} s: {url}")
+
+    def _get(self, url: str, deadline: _Deadline) -> bytes:
         current = url
         for _ in range(MAX_REDIRECTS + 1):
             self._check(current)
-            with self._request(current) as resp:
+            if deadline.remaining() <= 0:
+                raise self._late(url)
+            with self._request(current, deadline.remaining()) as resp:
                 target = self.session.get_redirect_target(resp)
                 if target:
                     current = urljoin(resp.url, target)
@@ -286,8 +411,8 @@ class UrlFetcher:
             except socket.gaierror as exc:
                 raise FetchError("connection_error", f"cannot resolve {parts.hostname}: {exc.strerror}") from None
 
-    def _request(self, url: str) -> requests.Response:
-        t = self.settings.fetch_timeout_s
+    def _request(self, url: str, remaining: float) -> requests.Response:
+        t = max(0.001, min(self.settings.fetch_timeout_s, remaining))
         try:
             return self.session.get(url, stream=True, timeout=(t, t), allow_redirects=False)
         except AddressRefused as exc:
@@ -295,7 +420,7 @@ class UrlFetcher:
         except Exception as exc:  # noqa: BLE001 - requests/urllib3 raise many types; classify them all
             raise _classify(exc, url, t) from None
 
-    def _body(self, resp: requests.Response, url: str, deadline: float) -> bytes:
+    def _body(self, resp: requests.Response, url: str, deadline: _Deadline) -> bytes:
         limit = self.settings.max_image_bytes
         declared = resp.headers.get("Content-Length", "").strip()
         if declared.isdigit() and int(declared) > limit:
@@ -311,7 +436,7 @@ class UrlFetcher:
                 total += len(chunk)
                 if total > limit:
                     raise FetchError("too_large", f"download larger than {limit} bytes: {url}")
-                if time.monotonic() > deadline:
+                if deadline.remaining() < 0:
                     raise FetchError(
                         "timeout", f"download took longer than {self.settings.fetch_deadline_s:g} s: {url}"
                     )

@@ -275,6 +275,14 @@ def test_timeouts(server):
     start = time.monotonic()
     err = _error(server.url("/trickle/1000/0.05"), fetch_deadline_s=0.5, **allow)
     assert err.kind == "timeout" and time.monotonic() - start < 2
+    # Headers trickled a byte at a time: the same one deadline covers them (it once held a worker unbounded).
+    start = time.monotonic()
+    err = _error(server.url("/trickle-headers/400/0.05"), fetch_deadline_s=0.5, fetch_timeout_s=1, **allow)
+    assert err.kind == "timeout" and "longer than 0.5 s" in str(err) and time.monotonic() - start < 2
+    # Retries and redirects do not start the clock again.
+    start = time.monotonic()
+    err = _error(server.url("/slow/0.4"), fetch_deadline_s=0.6, fetch_timeout_s=0.3, fetch_retries=3, **allow)
+    assert err.kind == "timeout" and time.monotonic() - start < 2
 
 
 def test_unreachable_and_unresolvable_hosts(monkeypatch):
