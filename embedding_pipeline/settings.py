@@ -265,6 +265,13 @@ class ApiSettings(_Section):
     insert_timeout_s: float = Field(
         600.0, gt=0, le=3600, description="How long an insert with wait=true waits for its run before answering 504."
     )
+    max_in_flight: int = Field(
+        32, ge=1, le=1024, description="Requests in progress at once; more get 503 'busy' with Retry-After at once."
+    )
+    max_decodes: int = Field(4, ge=1, le=64, description="Query images decoded at once (each may take ~100 MB).")
+    health_cache_s: float = Field(
+        2.0, ge=0, le=60, description="/health answers from a report this old at most (it opens connections)."
+    )
     allowed_hosts: list[str] = Field(
         default_factory=lambda: ["127.0.0.1", "localhost", "[::1]"],
         description="Host header values the API answers (a DNS-rebinding page sends its own name): add the names "

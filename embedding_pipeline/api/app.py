@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, Optional
@@ -23,7 +24,7 @@ from embedding_pipeline.api import errors
 from embedding_pipeline.api.errors import ApiError, invalid
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
-from embedding_pipeline.api.guards import ApiKeyGuard, BodyLimit, api_key_from_env
+from embedding_pipeline.api.guards import ApiKeyGuard, BodyLimit, InFlightLimit, api_key_from_env
 from embedding_pipeline.api.inputs import read_query
 from embedding_pipeline.api.models import (
     CreateCollectionRequest,
@@ -107,6 +108,9 @@ def create_app(settings: Optional[Settings] = None, services: Optional[ApiServic
     settings = settings or load_settings()
     api_key = api_key if api_key is not None else api_key_from_env()
     state: dict[str, ApiServices] = {}
+    # Query images decoded at once: each decode can hold ~100 MB, and the thread pool has ~40 workers.
+    decode_slots = threading.BoundedSemaphore(settings.api.max_decodes)
+    health_cache = _HealthCache(settings.api.health_cache_s)
 
     def svc() -> ApiServices:
         if "services" not in state:
@@ -145,7 +149,7 @@ def create_app(settings: Optional[Settings] = None, services: Optional[ApiServic
     def health() -> JSONResponse:
         from embedding_pipeline.api.health import healthy
 
-        report = svc().health()
+        report = health_cache.get(svc().health)
         ok = healthy(report)
         return JSONResponse({"status": "ok" if ok else "unavailable", **report}, status_code=200 if ok else 503)
 
@@ -204,8 +208,10 @@ def create_app(settings: Optional[Settings] = None, services: Optional[ApiServic
             if body.vector is not None:
                 return service.search_vector(body.vector, body.topk, body.filter_expr, body.collection_name,
                                              body.search_params)
-            data = image if image is not None else read_query(settings, body.query_input)
-            return service.search_image(data, body.topk, body.filter_expr, body.collection_name, body.search_params)
+            with decode_slots:
+                data = image if image is not None else read_query(settings, body.query_input)
+                return service.search_image(data, body.topk, body.filter_expr, body.collection_name,
+                                            body.search_params)
 
         outcome = await run_in_threadpool(run)
         return {
@@ -257,9 +263,28 @@ def create_app(settings: Optional[Settings] = None, services: Optional[ApiServic
     app.add_middleware(BodyLimit, max_bytes=settings.api.max_request_bytes)
     if api_key:
         app.add_middleware(ApiKeyGuard, api_key=api_key)
+    app.add_middleware(InFlightLimit, limit=settings.api.max_in_flight)
     # Outermost: a request naming another host (DNS rebinding from a page in a local browser) is refused first.
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(settings.api.allowed_hosts))
     return app
+
+
+class _HealthCache:
+    """The last health report, reused for ``ttl_s``: unauthenticated callers cannot make every request open new
+    Milvus and Triton connections. Concurrent callers share one probe."""
+
+    def __init__(self, ttl_s: float):
+        self.ttl_s = ttl_s
+        self._lock = threading.Lock()
+        self._report: dict[str, Any] | None = None
+        self._at = -1e9
+
+    def get(self, probe: Any) -> dict[str, Any]:
+        with self._lock:
+            if self._report is None or time.monotonic() - self._at > self.ttl_s:
+                self._report = probe()
+                self._at = time.monotonic()
+            return self._report
 
 
 def _warm(search: Any) -> None:

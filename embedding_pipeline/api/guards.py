@@ -143,3 +143,28 @@ class BodyLimit:
             return await receive()
 
         await self.app(scope, replay, send)
+
+
+class InFlightLimit:
+    """At most ``limit`` requests in progress; the next ones get a clear 503 with ``Retry-After`` at once instead of
+    queueing on the worker threads (a burst of slow URL searches or long waits cannot starve everyone else).
+    ``/health`` is always answered: it is how operators see the API is busy rather than down."""
+
+    def __init__(self, app: App, limit: int):
+        self.app = app
+        self.limit = limit
+        self.active = 0  # the event loop is one thread: no lock needed
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("path", "") == "/health":
+            await self.app(scope, receive, send)
+            return
+        if self.active >= self.limit:
+            await _reject(send, 503, "busy", f"{self.active} requests are in progress (api.max_in_flight); retry "
+                          "shortly", [(b"retry-after", b"1")])
+            return
+        self.active += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.active -= 1

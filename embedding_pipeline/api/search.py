@@ -15,6 +15,7 @@ serves all request threads at once; resolving names and opening searchers run un
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import OrderedDict
@@ -27,6 +28,8 @@ from embedding_pipeline import quality
 from embedding_pipeline.api.errors import ApiError, invalid
 from embedding_pipeline.index.client import CollectionError, Hit
 from embedding_pipeline.settings import ConfigError, MilvusSettings, Settings
+
+log = logging.getLogger(__name__)
 
 # Searchers kept warm at once; the least recently used beyond this are closed (each holds Triton worker threads).
 MAX_SEARCHERS = 4
@@ -80,7 +83,13 @@ def classify(exc: BaseException, filter_expr: str | None = None) -> ApiError:
                        {"filter_expr": filter_expr})
     if isinstance(exc, ValueError) and str(exc).startswith("query image"):
         return invalid("bad_image", str(exc))
-    return ApiError(503, "unavailable", f"{type(exc).__name__}: {exc}")
+    if isinstance(exc, CollectionError):
+        # Our own message: it names the operation and the server (URI redacted, never a password).
+        return ApiError(503, "unavailable", str(exc))
+    # Anything else (a gRPC or HTTP client error) may carry addresses or paths: logged, not returned.
+    log.warning("search failed: %s: %s", type(exc).__name__, exc)
+    return ApiError(503, "unavailable", f"a service the search needs is unavailable ({type(exc).__name__}); "
+                    "see the API's log")
 
 
 @dataclass

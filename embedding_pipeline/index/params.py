@@ -33,11 +33,13 @@ INDEX_KINDS: dict[str, IndexKind] = {
     "FLAT": IndexKind(build={}, search={}),
     "IVF_FLAT": IndexKind(
         build={"nlist": Param(128, 1, 65536)},
-        search={"nprobe": Param(16, 1, 65536)},
+        search={"nprobe": Param(16, 1, 65536)},  # at most nlist (65536): every cluster
     ),
     "HNSW": IndexKind(
+        # Milvus accepts up to INT_MAX, but one query with such an ef walks the whole graph: a caller could pin the
+        # server with one request. 32768 is far past any useful recall.
         build={"M": Param(16, 2, 2048), "efConstruction": Param(256, 1, INT_MAX)},
-        search={"ef": Param(64, 1, INT_MAX)},
+        search={"ef": Param(64, 1, 32768)},
     ),
 }
 

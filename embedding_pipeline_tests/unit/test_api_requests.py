@@ -402,3 +402,50 @@ def test_serve_api_refuses_a_public_bind_without_a_key(monkeypatch, capsys):
     monkeypatch.delenv("EMBEDDING_PIPELINE_API_KEY", raising=False)
     assert cli.main(["serve-api", "--host", "0.0.0.0"]) == 2
     assert "without an API key" in capsys.readouterr().err
+
+
+def test_requests_beyond_the_in_flight_bound_get_503_busy_and_health_still_answers(settings, fakes):
+    import threading
+
+    release = threading.Event()
+    entered = threading.Semaphore(0)
+
+    class Slow(FakeSearch):
+        def search_vector(self, *args, **kwargs):  # noqa: ANN002, ANN003
+            entered.release()
+            release.wait(30)
+            return super().search_vector(*args, **kwargs)
+
+    fakes.search = Slow()
+    limited = settings.model_copy(update={"api": settings.api.model_copy(update={"max_in_flight": 2})})
+    body = {"vector": [1.0] + [0.0] * 1279, "topk": 1}
+    with TestClient(create_app(limited, fakes, api_key=""), base_url="http://127.0.0.1") as c:
+        results: list[int] = []
+        workers = [threading.Thread(target=lambda: results.append(c.post("/search", json=body).status_code))
+                   for _ in range(2)]
+        for w in workers:
+            w.start()
+        assert entered.acquire(timeout=30) and entered.acquire(timeout=30)
+        busy = c.post("/search", json=body)
+        assert busy.headers["retry-after"] == "1"
+        assert_error(busy, 503, "busy")
+        assert c.get("/health").status_code == 200
+        release.set()
+        for w in workers:
+            w.join(30)
+    assert results == [200, 200]
+
+
+def test_health_answers_from_a_short_cache(settings, fakes):
+    calls = []
+    report = fakes.health
+
+    def counting():  # noqa: ANN202
+        calls.append(1)
+        return report()
+
+    fakes.health = counting
+    with TestClient(create_app(settings, fakes, api_key=""), base_url="http://127.0.0.1") as c:
+        for _ in range(20):
+            assert c.get("/health").status_code == 200
+    assert len(calls) == 1

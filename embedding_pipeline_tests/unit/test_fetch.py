@@ -63,7 +63,7 @@ def _allows(policy, address, port=80):
     "address",
     ["127.0.0.1", "::1", "10.1.2.3", "192.168.0.10", "172.16.5.5", "169.254.169.254", "fe80::1", "100.64.0.1",
      "0.0.0.0", "::", "224.0.0.1", "ff02::1", "240.0.0.1", "::ffff:127.0.0.1", "::ffff:169.254.169.254",
-     "2002:7f00:1::1", "fd00::1"],
+     "2002:7f00:1::1", "fd00::1", "fec0::1"],
 )
 def test_non_public_addresses_are_refused_by_default(address):
     assert not _allows(AddressPolicy(), address)

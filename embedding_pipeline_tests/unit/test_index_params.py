@@ -73,3 +73,15 @@ def test_bad_per_query_parameters_name_the_key(tmp_path):
     s = milvus("milvus:\n  index_type: IVF_FLAT\n", tmp_path)
     with pytest.raises(ConfigError, match="search_params: unknown key 'nprob' for index type IVF_FLAT"):
         search_params(s, {"nprob": 3})
+
+
+def test_search_parameters_that_would_pin_the_server_are_refused(tmp_path):
+    from embedding_pipeline.settings import ConfigError
+
+    hnsw = milvus("milvus:\n  index_type: HNSW\n", tmp_path)
+    with pytest.raises(ConfigError, match="ef"):
+        search_params(hnsw, {"ef": 2**31 - 1})
+    assert search_params(hnsw, {"ef": 32768}) == {"ef": 32768}
+    ivf = milvus("milvus:\n  index_type: IVF_FLAT\n", tmp_path)
+    with pytest.raises(ConfigError, match="nprobe"):
+        search_params(ivf, {"nprobe": 2**31 - 1})
