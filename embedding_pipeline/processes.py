@@ -92,6 +92,20 @@ def read(run_dir: Path, name: str) -> Managed | None:
     return None
 
 
+# Environment variables that hold secrets: servers that need none of them (Triton, the Milvus servers) never get them.
+_SECRET_WORDS = ("PASSWORD", "TOKEN", "SECRET", "API_KEY", "ACCESS_KEY", "PRIVATE_KEY", "CREDENTIAL")
+
+
+def is_secret_variable(name: str) -> bool:
+    upper = name.upper()
+    return any(word in upper for word in _SECRET_WORDS)
+
+
+def without_secrets(env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` less every variable that holds a secret (see :func:`is_secret_variable`)."""
+    return {k: v for k, v in env.items() if not is_secret_variable(k)}
+
+
 def start(
     run_dir: Path,
     log_dir: Path,

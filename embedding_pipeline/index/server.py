@@ -7,6 +7,7 @@ by URI — exactly as they would to a remote Milvus.
 
 from __future__ import annotations
 
+import os
 import sys
 
 from embedding_pipeline import processes
@@ -62,7 +63,8 @@ def start_milvus(settings: Settings, timeout_s: float = 60.0) -> None:
         "--port",
         str(settings.milvus.port),
     ]
-    proc = processes.start(paths.run, paths.logs, NAME, argv)
+    # The engine needs none of the pipeline's secrets (Milvus credentials, the API key).
+    proc = processes.start(paths.run, paths.logs, NAME, argv, env=processes.without_secrets(os.environ))
     processes.wait_until(lambda: milvus_ready(settings), timeout_s, f"Milvus at {redact(settings.milvus.uri)}", proc)
 
 

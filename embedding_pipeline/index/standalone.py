@@ -237,7 +237,7 @@ class StandaloneMilvus:
         # The knowhere engine reads its logging setup from here and the server dies without it.
         shutil.copy(wheel_data / "glog.conf", config_dir / "glog.conf")
         env = {
-            **os.environ,
+            **processes.without_secrets(os.environ),
             "DEPLOY_MODE": "STANDALONE",
             "METRICS_PORT": str(self.ports["metrics_port"]),
             "MILVUSCONF": str(config_dir),

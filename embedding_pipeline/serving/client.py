@@ -236,6 +236,7 @@ class _HttpTransport:
         self._client = httpclient.InferenceServerClient(
             address, connection_timeout=timeout_s, network_timeout=timeout_s, ssl=ssl
         )
+        self._admin = _admin_headers(address)
 
     def server_ready(self) -> bool:
         return self._client.is_server_ready()
@@ -250,16 +251,16 @@ class _HttpTransport:
         return self._client.get_model_config(model, version)
 
     def repository_index(self) -> list[dict[str, Any]]:
-        return self._client.get_model_repository_index()
+        return self._client.get_model_repository_index(headers=self._admin)
 
     def statistics(self, model: str, version: str) -> dict[str, Any]:
         return self._client.get_inference_statistics(model, version)
 
     def register_system_shared_memory(self, name: str, key: str, byte_size: int) -> None:
-        self._client.register_system_shared_memory(name, key, byte_size)
+        self._client.register_system_shared_memory(name, key, byte_size, headers=self._admin)
 
     def unregister_system_shared_memory(self, name: str) -> None:
-        self._client.unregister_system_shared_memory(name)
+        self._client.unregister_system_shared_memory(name, headers=self._admin)
 
     def infer_input(self, name: str, shape: list[int], datatype: str) -> Any:
         return self._module.InferInput(name, shape, datatype)
@@ -277,6 +278,19 @@ class _HttpTransport:
         self._client.close()
 
 
+def _admin_headers(address: str, grpc: bool = False) -> dict[str, str]:
+    """The key that opens the restricted APIs of the Triton this state directory started — sent to loopback
+    addresses only (a remote Triton has its own access control and never sees our key). Triton expects the gRPC
+    metadata key with a ``triton-grpc-protocol-`` prefix."""
+    from embedding_pipeline.serving import admin
+
+    host = address.rsplit(":", 1)[0].strip("[]")
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        return {}
+    prefix = "triton-grpc-protocol-" if grpc else ""
+    return {prefix + name: value for name, value in admin.headers().items()}
+
+
 class _GrpcTransport:
     def __init__(self, address: str, timeout_s: float, ssl: bool) -> None:
         import tritonclient.grpc as grpcclient
@@ -284,6 +298,7 @@ class _GrpcTransport:
         self._module = grpcclient
         self._timeout = timeout_s
         self._client = grpcclient.InferenceServerClient(address, ssl=ssl, channel_args=_grpc_channel_args())
+        self._admin = _admin_headers(address, grpc=True)
 
     def server_ready(self) -> bool:
         return self._client.is_server_ready(client_timeout=self._timeout)
@@ -306,16 +321,19 @@ class _GrpcTransport:
         return config
 
     def repository_index(self) -> list[dict[str, Any]]:
-        return self._client.get_model_repository_index(as_json=True, client_timeout=self._timeout).get("models", [])
+        return self._client.get_model_repository_index(
+            headers=self._admin, as_json=True, client_timeout=self._timeout
+        ).get("models", [])
 
     def statistics(self, model: str, version: str) -> dict[str, Any]:
         return self._client.get_inference_statistics(model, version, as_json=True, client_timeout=self._timeout)
 
     def register_system_shared_memory(self, name: str, key: str, byte_size: int) -> None:
-        self._client.register_system_shared_memory(name, key, byte_size, client_timeout=self._timeout)
+        self._client.register_system_shared_memory(name, key, byte_size, headers=self._admin,
+                                                   client_timeout=self._timeout)
 
     def unregister_system_shared_memory(self, name: str) -> None:
-        self._client.unregister_system_shared_memory(name, client_timeout=self._timeout)
+        self._client.unregister_system_shared_memory(name, headers=self._admin, client_timeout=self._timeout)
 
     def infer_input(self, name: str, shape: list[int], datatype: str) -> Any:
         return self._module.InferInput(name, shape, datatype)

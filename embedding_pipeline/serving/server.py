@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from embedding_pipeline import processes
-from embedding_pipeline.processes import ServiceError
+from embedding_pipeline.processes import ServiceError, is_secret_variable
+from embedding_pipeline.serving import admin
 from embedding_pipeline.serving.environments import env_dir, ensure_env, file_lock
 from embedding_pipeline.serving.models import ModelArtifact, configured_sha256, model_artifact
 from embedding_pipeline.serving.repository import write_model_repository
@@ -148,10 +149,10 @@ def _reload_if_changed(settings: Settings) -> None:
         archived = _archive_served_model(settings, old_sha) if old_sha and old_sha != artifact.sha256 else None
         if archived:
             # Loaded before the configured model changes, so a search on the old model's collection never fails.
-            _load(triton, archived)
+            _load(triton, archived, settings.paths.run)
         _write_repository(settings, artifact)
         # Triton answers once the new model is loaded (it keeps serving the old one until then).
-        _load(triton, triton.model_name)
+        _load(triton, triton.model_name, settings.paths.run)
         what = f"Triton model {triton.model_name!r}"
         processes.wait_until(lambda: model_ready(triton), triton.ready_timeout_s, what)
         _retire_unused_archives(settings, artifact.sha256)
@@ -166,8 +167,9 @@ def _config_parameter(config: dict[str, Any], key: str) -> str:
     return str(((config.get("parameters") or {}).get(key) or {}).get("string_value") or "")
 
 
-def _load(triton: TritonSettings, model: str) -> None:
-    _http_json(f"{base_url(triton)}/v2/repository/models/{model}/load", method="POST", timeout=triton.ready_timeout_s)
+def _load(triton: TritonSettings, model: str, run_dir: Path | None = None) -> None:
+    _http_json(f"{base_url(triton)}/v2/repository/models/{model}/load", method="POST", timeout=triton.ready_timeout_s,
+               headers=admin.headers(run_dir))
 
 
 def _archive_served_model(settings: Settings, sha256: str) -> str | None:
@@ -236,7 +238,8 @@ def _retire_unused_archives(settings: Settings, configured_sha: str) -> None:
         if sha12 in in_use and not configured_sha.startswith(sha12):
             continue
         try:
-            _http_json(f"{base_url(triton)}/v2/repository/models/{archived}/unload", method="POST")
+            _http_json(f"{base_url(triton)}/v2/repository/models/{archived}/unload", method="POST",
+                       headers=admin.headers(settings.paths.run))
         except ServiceError:
             pass  # not loaded: nothing to unload
         shutil.rmtree(settings.paths.model_repository / archived, ignore_errors=True)
@@ -253,8 +256,9 @@ def _archives_to_load(settings: Settings, configured_sha: str) -> list[str]:
     )
 
 
-def _http_json(url: str, method: str = "GET", timeout: float = 10.0) -> dict[str, Any]:
-    request = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
+def _http_json(url: str, method: str = "GET", timeout: float = 10.0,
+               headers: dict[str, str] | None = None) -> dict[str, Any]:
+    request = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None, headers=headers or {})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             body = response.read()
@@ -291,6 +295,8 @@ def _prepare(settings: Settings) -> tuple[list[str], dict[str, str]]:
         f"--grpc-port={triton.grpc_port}",
         f"--metrics-address={address}",
         f"--metrics-port={triton.metrics_port}",
+        # Loading models, shared memory, trace and log settings: only for callers holding this start's key.
+        *admin.server_flags(admin.new_key(paths.run)),
         "--exit-on-error=true",
         f"--exit-timeout-secs={EXIT_TIMEOUT_S}",
     ]
@@ -331,7 +337,9 @@ def _assemble_backends(paths: StatePaths, tritonserver_root: Path, py_version: s
 
 def _server_env(paths: StatePaths, layout: dict[str, str]) -> dict[str, str]:
     serving = env_dir(paths, "serving")
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+    # The server needs none of the pipeline's secrets (Milvus credentials, the API key).
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV") and not is_secret_variable(k)}
     libs = Path(layout["purelib"]) / "nvidia_pytriton.libs"
     # The stub must load the serving Python's own libpython, not the system one (mismatched stdlib otherwise).
     env["LD_LIBRARY_PATH"] = ":".join(p for p in (str(libs), layout["libdir"], env.get("LD_LIBRARY_PATH")) if p)

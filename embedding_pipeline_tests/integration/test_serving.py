@@ -156,3 +156,31 @@ def test_concurrent_requests_from_several_clients(triton_settings, reference, ph
     expected = reference(np.stack(images))
     for index, vector in results:
         assert np.max(np.abs(vector - expected[index])) <= 1e-5
+
+
+def test_admin_apis_need_the_key_of_this_start(triton_settings):
+    """Model loads, shared-memory registration and log settings are refused without the key the pipeline made when
+    it started the server; inference-side APIs stay open; the pipeline's own calls carry the key."""
+    import os
+    import stat
+
+    import requests
+
+    from embedding_pipeline.serving import admin
+    from embedding_pipeline.serving.server import base_url
+
+    triton = triton_settings.triton
+    url = base_url(triton)
+    key_file = triton_settings.paths.run / admin.KEY_FILE
+    assert stat.S_IMODE(os.stat(key_file).st_mode) == 0o600
+    load = f"{url}/v2/repository/models/{triton.model_name}/load"
+    refused = requests.post(load, timeout=30)
+    assert refused.status_code in (401, 403), refused.text
+    wrong = requests.post(load, headers={admin.HEADER: "guess"}, timeout=30)
+    assert wrong.status_code in (401, 403)
+    for path in ("/v2/systemsharedmemory/region/x/register", "/v2/logging", "/v2/repository/index"):
+        assert requests.post(f"{url}{path}", json={}, timeout=30).status_code in (401, 403), path
+    allowed = requests.post(load, headers=admin.headers(triton_settings.paths.run), timeout=60)
+    assert allowed.status_code == 200, allowed.text
+    assert requests.get(f"{url}/v2/health/ready", timeout=30).status_code == 200
+    assert requests.get(f"{url}/v2/models/{triton.model_name}", timeout=30).status_code == 200

@@ -441,8 +441,11 @@ def test_wrong_input_is_refused_naming_the_expected_input(stack, protocol):
 def _our_regions(stack) -> list[str]:
     import tritonclient.http as httpclient
 
+    from embedding_pipeline.serving import admin
+
+    # The shared-memory API is restricted to the key of this server's start (serving/admin.py).
     with httpclient.InferenceServerClient(stack.triton.url) as client:
-        status = client.get_system_shared_memory_status()
+        status = client.get_system_shared_memory_status(headers=admin.headers(stack.paths.run))
     return [r["name"] for r in status if r["name"].startswith(f"embedding_pipeline_{os.getpid()}_")]
 
 
