@@ -7,8 +7,11 @@ launcher borrows only its unpacking code and runs the binary itself:
 
 * every port (proxy, internal proxy, the coordinators and nodes, embedded etcd client and peer, metrics/health) is a
   free port picked at start, so several servers can run side by side;
-* authorization is always on: the server listens on all interfaces whatever its configuration says, so right after
-  start the ``root`` password is changed from the well-known default to ``password`` (random if not given);
+* the server listens on all interfaces whatever its configuration says, so where the machine allows it (root) it runs
+  in a network namespace of its own whose only interface is loopback, reached through a forwarder that listens on
+  ``127.0.0.1`` only (:mod:`.netns`): no other host can connect to it, whatever the server binds;
+* authorization is always on, and right after start the ``root`` password is changed from the well-known default to
+  ``password`` (random if not given); ``start()`` returns only once the default is refused;
 * data, configuration and logs live under ``data_dir``; the binaries are unpacked once into the environment;
 * a restart on the same ``data_dir`` (after ``stop()`` or ``kill()``) keeps its rows and password and reuses its
   ports when they are free, so it serves again within seconds.
@@ -38,6 +41,7 @@ from typing import Any
 import yaml
 
 from embedding_pipeline import processes
+from embedding_pipeline.index import netns
 from embedding_pipeline.locks import file_lock
 from embedding_pipeline.serving.environments import env_dir, ensure_env
 from embedding_pipeline.settings import MilvusSettings
@@ -45,6 +49,7 @@ from embedding_pipeline.state import StatePaths
 
 ENV_NAME = "milvus-standalone"
 PROCESS_NAME = "milvus-standalone"
+FORWARDER_NAME = "milvus-standalone-forwarder"
 ROOT_USER = "root"
 DEFAULT_ROOT_PASSWORD = "Milvus"  # what every fresh Milvus accepts: never left valid
 # Ports the template names (the wrapper's keys); etcd peer and metrics ports are set outside the template.
@@ -90,7 +95,9 @@ class StandaloneMilvus:
         port: int | None = None,
         password: str | None = None,
         tls: ServerTls | None = None,
+        isolate: bool | None = None,
     ):
+        """``isolate``: run in a private network namespace (default: wherever the machine allows it)."""
         self.paths = paths
         self.data_dir = Path(data_dir).resolve()
         self.port = port
@@ -98,6 +105,7 @@ class StandaloneMilvus:
             raise ValueError(f"the root password must not be Milvus's well-known default {DEFAULT_ROOT_PASSWORD!r}")
         self.password = password or secrets.token_urlsafe(18)
         self.tls = tls
+        self.isolated = netns.available() if isolate is None else isolate
         self.ports: dict[str, int] = {}
         self._proc: processes.Managed | None = None
 
@@ -167,6 +175,7 @@ class StandaloneMilvus:
         """Stop the whole process group gracefully (SIGTERM, SIGKILL after ``timeout_s``); idempotent."""
         proc = self._proc or processes.read(self.data_dir / "run", PROCESS_NAME)
         processes.stop(self.data_dir / "run", PROCESS_NAME, timeout=timeout_s)
+        processes.stop(self.data_dir / "run", FORWARDER_NAME, timeout=5)
         self._proc = None
         self._remove_machine_files(proc.pid if proc else None)
 
@@ -180,6 +189,7 @@ class StandaloneMilvus:
                 pass
             # Reap it and drop the pid file, so a later start() or stop() sees a stopped server.
             processes.stop(self.data_dir / "run", PROCESS_NAME, timeout=5)
+        processes.stop(self.data_dir / "run", FORWARDER_NAME, timeout=5)
         self._proc = None
         self._remove_machine_files(proc.pid if proc else None)
 
@@ -244,10 +254,17 @@ class StandaloneMilvus:
             "MILVUS_RUN_DIR": str(self.data_dir / "run"),
             "LD_LIBRARY_PATH": ":".join(p for p in (str(binary.parent), os.environ.get("LD_LIBRARY_PATH", "")) if p),
         }
+        argv = [str(binary), "run", "standalone", "-alias", self.alias]
+        run, logs = self.data_dir / "run", self.data_dir / "logs"
         self._proc = processes.start(
-            self.data_dir / "run", self.data_dir / "logs", PROCESS_NAME,
-            [str(binary), "run", "standalone", "-alias", self.alias], env=env, cwd=self.data_dir,
+            run, logs, PROCESS_NAME, netns.isolated_argv(argv) if self.isolated else argv, env=env, cwd=self.data_dir
         )
+        if self.isolated:
+            # Clients reach the proxy and the health endpoint through loopback-only forwards; nothing else is
+            # reachable from outside the server's namespace.
+            forwarded = [self.ports["proxy_port"], self.ports["metrics_port"]]
+            processes.start(run, logs, FORWARDER_NAME, netns.forwarder_argv(self._proc.pid, forwarded),
+                            env=processes.without_secrets(os.environ))
 
     def _pick_ports(self) -> dict[str, int]:
         """The previous start's ports on this data dir when they are all free again, else new free ones.

@@ -4,6 +4,8 @@ read-your-writes, credentials, databases and TLS. Small vectors keep it fast; ea
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 import uuid
 
@@ -295,3 +297,62 @@ def test_a_start_that_fails_raises_with_the_cause_and_the_log_tail(tmp_path):
     assert "panic: open " + str(tmp_path / "missing.pem") + ": no such file or directory" in message
     assert "process exited during start-up" in message and "last lines of" in message
     assert server.pid is None
+
+
+def test_the_standalone_server_is_reachable_on_loopback_only(standalone_milvus):
+    """Its binary binds every interface: it runs in a network namespace of its own, and the only sockets of it in
+    this namespace are the loopback forwards (checked with ss, as an operator would)."""
+    import subprocess
+
+    from embedding_pipeline.index import netns
+
+    server = standalone_milvus.server
+    if not netns.available():
+        if os.environ.get("EMBEDDING_PIPELINE_REQUIRE_SYSTEM_PACKAGES") == "1":
+            pytest.fail("network namespaces are not available (root, unshare and ip are needed)")
+        pytest.skip("network namespaces are not available here (root, unshare and ip are needed)")
+    assert server.isolated
+    listening = subprocess.run(["ss", "-Hltnp"], capture_output=True, text=True, check=True).stdout.splitlines()
+    ours = [line for line in listening if f"pid={server.pid}," in line]
+    assert ours == [], ours  # the server's own sockets are not in this namespace at all
+    forwards = [line.split()[3] for line in listening if f":{server.port} " in line + " "
+                or f":{server.ports['metrics_port']} " in line + " "]
+    assert sorted(forwards) == sorted([f"127.0.0.1:{server.port}", f"127.0.0.1:{server.ports['metrics_port']}"])
+    # Another interface of this machine gets no answer on the proxy port.
+    addresses = subprocess.run(["hostname", "-I"], capture_output=True, text=True).stdout.split()
+    for address in [a for a in addresses if ":" not in a][:2]:
+        with pytest.raises(OSError):
+            socket.create_connection((address, server.port), timeout=2).close()
+
+
+HOSTILE = ["x'] or id not in ['", 'x"] or id not in ["', "O'Brien", "back\\slash\\", "]", "a\nb\rc\td",
+           "üñí 😀 中文", "a" * 512, "\x01\x1b[31m\x7f", '") or true or ("']
+
+
+def test_hostile_ids_round_trip_and_delete_only_themselves(store):
+    """Every id-bearing call (read, list, delete, membership release) with ids built to rewrite expressions."""
+    from hypothesis import given, settings as hyp_settings, strategies as st
+
+    with ImageIndex(store.with_(collection=unique("hostile"))) as index:
+        index.ensure_collection(DIM)
+        rows = make_rows(unit_vectors(len(HOSTILE) + 1, seed=9), drop="d", prefix="p")
+        for row, hostile in zip(rows, HOSTILE):
+            row["id"] = hostile
+        index.upsert(rows)
+        everything = {r["id"] for r in rows}
+        assert index.drop_ids("d") == everything and set(index.vectors(HOSTILE)) == set(HOSTILE)
+        for hostile in HOSTILE:
+            assert index.delete_ids([hostile]) == 1
+            everything.discard(hostile)
+            assert index.drop_ids("d") == everything, hostile
+
+        @given(st.text(alphabet=st.characters(blacklist_characters="\0", blacklist_categories=("Cs",)),
+                       min_size=1, max_size=40))
+        @hyp_settings(max_examples=25, deadline=None, database=None)
+        def one_id(value):
+            index.upsert([{**make_rows(unit_vectors(1, seed=1), drop="h", prefix="q")[0], "id": value}])
+            assert index.rows([value], ["id"]).keys() == {value}
+            assert index.delete_drop("h") == 1
+            assert index.drop_ids("h") == set() and index.drop_ids("d") == everything
+
+        one_id()
