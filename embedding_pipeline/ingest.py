@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from embedding_pipeline import quality
-from embedding_pipeline.locks import membership_lock
+from embedding_pipeline.locks import drop_lock, membership_lock
 from embedding_pipeline.preprocess.preprocessor import SourceError, for_model
 from embedding_pipeline.settings import QualitySettings, Settings
 from embedding_pipeline.sources.drops import find_drop
@@ -91,7 +91,7 @@ MANIFEST_SCHEMA = pa.schema(
 )
 
 
-def build_manifest(settings: Settings, drop_name: str) -> dict[str, Any]:
+def _build_manifest(settings: Settings, drop_name: str) -> dict[str, Any]:
     """List the drop's items, read each once, hash it, check it is an image, and record a status per item."""
     started = time.perf_counter()
     drop = find_drop(settings.drops, drop_name)
@@ -189,7 +189,7 @@ def _reader(item: Item, roots: list[Path], blobs: Path, max_bytes: int) -> Calla
     return read
 
 
-def preprocess_drop(
+def _preprocess_drop(
     settings: Settings, drop_name: str, model_input: tuple[str, Sequence[int]], model: str = ""
 ) -> dict[str, Any]:
     """Decode the drop's good items into exactly the model's input, one Arrow file per batch.
@@ -254,7 +254,7 @@ def preprocess_drop(
     }
 
 
-def embed_drop(settings: Settings, drop_name: str, embedder: Embedder) -> dict[str, Any]:
+def _embed_drop(settings: Settings, drop_name: str, embedder: Embedder) -> dict[str, Any]:
     """Send every tensor batch through the model and store the vectors with their lineage and model version.
 
     Vectors of items the preprocess stage marked as reused are copied from the drop's previous embeddings
@@ -344,7 +344,7 @@ def embeddings_version(settings: Settings, drop_name: str, model: str) -> str:
     return f"{model}#{digest.hexdigest()[:16]}"
 
 
-def index_drop(settings: Settings, drop_name: str, target) -> dict[str, Any]:
+def _index_drop(settings: Settings, drop_name: str, target) -> dict[str, Any]:
     """Upsert the drop's new or changed rows by id and take the drop out of rows it no longer lists.
 
     ``target`` is a :class:`~embedding_pipeline.index.collections.ModelCollections` (the drop goes into the
@@ -496,3 +496,32 @@ def report_summary(report: list[dict[str, Any]]) -> dict[str, Any]:
         **_failure_summary(failures),
     }
     return summary
+
+
+# -- the stages, each under its drop's lock ------------------------------------------------------------------------
+
+
+def build_manifest(settings: Settings, drop_name: str) -> dict[str, Any]:
+    """List the drop's items, read each once, hash it, check it is an image, and record a status per item."""
+    with drop_lock(settings.paths.data, drop_name):
+        return _build_manifest(settings, drop_name)
+
+
+def preprocess_drop(
+    settings: Settings, drop_name: str, model_input: tuple[str, Sequence[int]], model: str = ""
+) -> dict[str, Any]:
+    """Decode the drop's good items into exactly the model's input (see :func:`_preprocess_drop`)."""
+    with drop_lock(settings.paths.data, drop_name):
+        return _preprocess_drop(settings, drop_name, model_input, model)
+
+
+def embed_drop(settings: Settings, drop_name: str, embedder: Embedder) -> dict[str, Any]:
+    """Send every tensor batch through the model and store the vectors (see :func:`_embed_drop`)."""
+    with drop_lock(settings.paths.data, drop_name):
+        return _embed_drop(settings, drop_name, embedder)
+
+
+def index_drop(settings: Settings, drop_name: str, target) -> dict[str, Any]:
+    """Write the drop's rows into Milvus and take it out of rows it no longer holds (see :func:`_index_drop`)."""
+    with drop_lock(settings.paths.data, drop_name):
+        return _index_drop(settings, drop_name, target)

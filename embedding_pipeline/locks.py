@@ -30,3 +30,10 @@ def membership_lock(data_dir: Path):  # noqa: ANN201 - a context manager
     """Held while rows' drop membership is read and rewritten (the index stage, deleting a drop): two drops listing
     the same image must not each read the row, add or remove themselves, and write back over the other."""
     return file_lock(data_dir / "locks" / "membership.lock")
+
+
+def drop_lock(data_dir: Path, drop: str):  # noqa: ANN201 - a context manager
+    """Held by every ingest stage of ``drop`` while it reads and writes the drop's files and rows, and by retention
+    while it deletes the drop: a deletion never interleaves with a stage of the same drop, whether the stage runs
+    in a Dagster run, the CLI or a test. ``drop`` is a validated drop name (a safe file name)."""
+    return file_lock(data_dir / "locks" / "drops" / f"{drop}.lock")

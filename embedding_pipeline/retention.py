@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from embedding_pipeline.index.client import ImageIndex
 from embedding_pipeline.index.collections import ModelCollections
 from embedding_pipeline.ingest import drop_files
-from embedding_pipeline.locks import membership_lock
+from embedding_pipeline.locks import drop_lock, membership_lock
 from embedding_pipeline.settings import MilvusSettings, Settings
 from embedding_pipeline.sources.drops import DROP_NAME
 from embedding_pipeline.sources.items import blob_path
@@ -262,7 +262,7 @@ def _blobs(settings: Settings, drop: str) -> tuple[list[Path], int]:
     return mine, len(existing) - len(mine)
 
 
-def _runs_in_progress(instance: "DagsterInstance", drop: str, this_run: str | None) -> list[str]:
+def runs_in_progress(instance: "DagsterInstance", drop: str, this_run: str | None) -> list[str]:
     from dagster import DagsterRunStatus, RunsFilter
 
     # Queued and starting runs count: they are about to read and write the drop's files.
@@ -312,7 +312,7 @@ def plan_drop_deletion(
                 plan.rows[collection] = count
     if instance is not None:
         plan.partition = instance.has_dynamic_partition(PARTITIONS, drop)
-        plan.runs_in_progress = _runs_in_progress(instance, drop, this_run)
+        plan.runs_in_progress = runs_in_progress(instance, drop, this_run)
     if plan.empty:
         raise UnknownDropError(
             f"no drop named {drop!r}: it is not a partition of {PARTITIONS!r} and has no source in "
@@ -362,7 +362,11 @@ def delete_drop(
     Refuses (before removing anything) an invalid or unknown name, and a drop with a run queued or in progress
     other than ``this_run``. Raises if rows remain in a collection after the delete.
     """
+    check_name(drop)
     with ExitStack() as stack:
+        # No stage of this drop runs while it is deleted (the stages take the same lock), and the check for runs
+        # in progress happens under it, so none can start between the check and the deletion's first step.
+        stack.enter_context(drop_lock(settings.paths.data, drop))
         if rows is None:
             rows = MilvusDropRows(settings.milvus)
             stack.callback(rows.close)

@@ -58,6 +58,13 @@ def ingest(settings: Settings, path: Path, name: str | None = None) -> dict[str,
     use_dagster_home(settings)
     instance = DagsterInstance.get()
     drop = _checked_name(name or Path(path).resolve().name)
+    from embedding_pipeline.retention import DropBusyError, runs_in_progress
+
+    busy = runs_in_progress(instance, drop, None)
+    if busy:
+        # The run queue keeps one run per drop; a run in this process would bypass it.
+        raise DropBusyError(f"drop {drop!r} has run(s) queued or in progress ({', '.join(busy)}); wait for them, "
+                            "then ingest again")
     # The partition first: a running sensor skips known partitions, so it won't launch a second run.
     added = not instance.has_dynamic_partition(drops_partitions.name, drop)
     if added:

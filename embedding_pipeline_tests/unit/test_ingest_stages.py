@@ -145,3 +145,19 @@ def test_a_damaged_blob_is_written_again(tmp_path):
     assert not _blob_intact(path, sha, len(data))
     path.write_bytes(data)
     assert _blob_intact(path, sha, len(data))
+
+
+def test_a_stage_waits_for_the_drops_lock_held_by_a_deletion(settings):
+    import threading
+    import time
+
+    from embedding_pipeline.locks import drop_lock
+
+    done = threading.Event()
+    with drop_lock(settings.paths.data, "d1"):  # what retention holds while it deletes the drop
+        worker = threading.Thread(target=lambda: (ingest.build_manifest(settings, "d1"), done.set()))
+        worker.start()
+        time.sleep(0.5)
+        assert not done.is_set()  # the stage waits
+    worker.join(30)
+    assert done.is_set() and ingest.drop_files(settings, "d1").manifest.is_file()
