@@ -79,7 +79,8 @@ def test_bench_runs_every_section_on_both_stores_and_leaves_nothing_running(tmp_
         assert "meta_category" in s["filtered_declared"]["run_as"], where
         assert s["filtered_json_path"]["run_as"] == s["filtered_json_path"]["filter"], where
         recall = s["recall"]
-        assert 0.0 <= recall["recall_at_10"] <= 1.0, where
+        # HNSW (M 16, ef 64) on 2,000 rows against exact search: anything below 0.9 is a broken index or search.
+        assert 0.9 <= recall["recall_at_10"] <= 1.0, where
         assert recall["vectors"] == "real photo embeddings" and recall["queries"] == 25, where
         assert recall["real_rows"] == 128 - 25 and recall["synthetic_rows"] == 2000 - 103, where
         # Real embeddings: a photo variant's nearest stored neighbour is mostly a variant of the same photo.

@@ -172,7 +172,9 @@ def test_https_connects_to_the_checked_address_and_verifies_the_name(tmp_path, m
 
     openssl = shutil.which("openssl")
     if openssl is None:
-        pytest.skip("needs the openssl command to make a test certificate")
+        from embedding_pipeline_tests.system import missing
+
+        missing("needs the openssl command to make a test certificate")
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(
         [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=images.example",

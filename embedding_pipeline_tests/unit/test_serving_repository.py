@@ -122,8 +122,9 @@ def test_onnx_types_map_to_triton_names():
 
 def _parse(text: str):
     """config.pbtxt text parsed into Triton's ``ModelConfig`` protobuf (fails on any field Triton doesn't know)."""
-    model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
+    # A hard dependency (tritonclient[grpc]): imported, never skipped.
     from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
 
     return text_format.Parse(text, model_config_pb2.ModelConfig()), model_config_pb2
 
