@@ -133,6 +133,9 @@ def test_triton_killed_mid_drop_fails_clearly_and_a_rerun_converges(fault_stack)
 
 def test_milvus_killed_mid_upsert_fails_clearly_and_a_rerun_converges(fault_stack):
     settings = fault_stack
+    # A drop indexed before the kill: it must come through the crash whole (this test's own, not another's).
+    bystander = runs.ingest(settings, _drop(settings, "bystander", 20, seed=203))
+    assert bystander["success"], bystander
     folder = _drop(settings, "killed-milvus", IMAGES, seed=202)
     killer = _when(lambda: 0 < _rows_of(settings, "killed-milvus") < IMAGES, lambda: _kill(settings, "milvus"))
     summary = runs.ingest(settings, folder)
@@ -147,7 +150,36 @@ def test_milvus_killed_mid_upsert_fails_clearly_and_a_rerun_converges(fault_stac
     again = runs.ingest(settings, settings.drops / "killed-milvus")
     assert again["success"], again
     _assert_converged(settings, "killed-milvus", IMAGES)
-    _assert_converged(settings, "killed-triton", IMAGES)
+    _assert_converged(settings, "bystander", 20)
+
+
+def test_milvus_stopped_under_the_running_api_answers_503_and_recovers(fault_stack):
+    """The real API (in process, real Triton and Milvus clients) loses Milvus: searches answer 503 'unavailable'
+    with the one error shape and no credentials, and answer again once Milvus is back."""
+    from fastapi.testclient import TestClient
+
+    from embedding_pipeline.api.app import create_app
+
+    settings = fault_stack
+    summary = runs.ingest(settings, _drop(settings, "api-under-fault", 8, seed=505))
+    assert summary["success"], summary
+    query = str(next(iter(sorted((settings.drops / "api-under-fault").glob("*.*")))))
+    body = {"query_input": query, "topk": 3}
+    with TestClient(create_app(settings, api_key=""), base_url="http://127.0.0.1") as client:
+        assert client.post("/search", json=body).status_code == 200
+        _kill(settings, "milvus")
+        try:
+            down = client.post("/search", json=body)
+            assert down.status_code == 503, down.text
+            error = down.json()["error"]
+            assert error["code"] == "unavailable" and error["message"]
+            assert "Traceback" not in down.text
+        finally:
+            services.start_services(settings)
+        deadline = time.monotonic() + 60
+        while (status := client.post("/search", json=body).status_code) != 200 and time.monotonic() < deadline:
+            time.sleep(1)
+        assert status == 200
 
 
 @pytest.mark.parametrize("service", ["triton", "milvus"])
