@@ -10,6 +10,7 @@ it; search then answers from B's collection with B's model. No collection ever h
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 from typing import Iterator
@@ -180,8 +181,32 @@ def test_a_model_change_fills_a_new_collection_and_search_switches_atomically(mo
         assert collections.search_collection() == name_a and (a.search, b.search) == (True, False)
     assert _hits(settings_b, stored / "places", "china") == before["china"]
 
-    # Switch: the alias moves in one call; search now answers from B's collection, with B.
+    # Switch: the alias moves in one call; search now answers from B's collection, with B. Searches running all
+    # through the switch get A's answer or B's, never a mix and never an error.
+    answers: list[set[str]] = []
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def search_loop() -> None:
+        while not stop.is_set():
+            try:
+                answers.append({h[2] for h in _hits(settings_b, stored / "places", "china")})
+            except Exception as exc:  # noqa: BLE001 - recorded: any error during the switch fails the test
+                failures.append(f"{type(exc).__name__}: {exc}")
+
+    searcher = threading.Thread(target=search_loop, daemon=True)
+    searcher.start()
+    while len(answers) < 2 and not failures:
+        time.sleep(0.05)
     assert main(["models", "switch", "--json"]) == 0
+    seen = len(answers)
+    while len(answers) < seen + 2 and not failures:
+        time.sleep(0.05)
+    stop.set()
+    searcher.join(60)
+    assert failures == []
+    assert all(models in ({label_a}, {label_b}) for models in answers), answers
+    assert answers[0] == {label_a} and answers[-1] == {label_b}
     listed = {c["collection"]: c for c in json.loads(capsys.readouterr().out)}
     assert (listed[name_b]["search"], listed[name_a]["search"]) == (True, False)
     with ModelCollections(settings_b.milvus) as collections:
