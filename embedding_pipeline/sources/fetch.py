@@ -29,6 +29,7 @@ import stat
 import threading
 import time
 from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
 from urllib.parse import urljoin, urlsplit
@@ -81,8 +82,8 @@ def read_local_file(path: str | Path, roots: list[Path], max_bytes: int) -> tupl
     ``roots``. The path is resolved first (a symlink out of the roots is refused), then opened without following a
     link, without blocking, and checked again on the open descriptor (a file swapped for a FIFO, a device or a link
     in between is refused, never waited on); at most ``max_bytes + 1`` bytes are read."""
-    real = Path(os.path.realpath(path))  # follows symlinks, so a link out of the roots is caught below
-    if not any(real.is_relative_to(os.path.realpath(root)) for root in roots):
+    real = os.path.realpath(path)  # follows symlinks, so a link out of the roots is caught below
+    if not any(_inside(real, _real_root(str(root))) for root in roots):
         raise FetchError("outside_roots", f"path outside the allowed roots: {path}")
     try:
         # Look before opening: opening a FIFO for reading blocks until a writer appears.
@@ -93,7 +94,10 @@ def read_local_file(path: str | Path, roots: list[Path], max_bytes: int) -> tupl
             raise FetchError("too_large", f"file too large: {info.st_size} bytes > {max_bytes}")
         try:
             with open_regular(real, path) as (f, opened):
-                data = f.read(max_bytes + 1)
+                # Sized by the open file, not the cap: read(cap) would allocate the whole cap for every small file.
+                data = f.read(min(opened.st_size, max_bytes) + 1)
+                if len(data) > opened.st_size and len(data) <= max_bytes:
+                    data += f.read(max_bytes + 1 - len(data))  # grew while read: still capped
         except OSError as exc:
             if exc.errno == errno.ELOOP:  # O_NOFOLLOW met a link put in place since the path was resolved
                 raise FetchError("not_a_file", f"became a symbolic link while being read: {path}") from None
@@ -108,6 +112,16 @@ def read_local_file(path: str | Path, roots: list[Path], max_bytes: int) -> tupl
         raise FetchError("unreadable", f"permission denied: {path}") from None
     except OSError as exc:
         raise FetchError("unreadable", f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+@lru_cache(maxsize=256)
+def _real_root(root: str) -> str:
+    """A root resolved once per process (drop folders and ``allowed_roots``, which settings resolve already)."""
+    return os.path.realpath(root)
+
+
+def _inside(real: str, root: str) -> bool:
+    return real == root or real.startswith(root.rstrip("/") + "/")
 
 
 @contextmanager
