@@ -156,6 +156,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from embedding_pipeline.bench import preprocess as bench
 
         result = bench.run(settings, count=args.images or 512)
+    elif args.what == "integrity":
+        from embedding_pipeline.bench import integrity as bench
+
+        result = bench.run(settings, images=args.images or 5000)
     elif args.what == "api":
         from embedding_pipeline.bench import api as bench
 
@@ -357,9 +361,10 @@ def build_parser() -> argparse.ArgumentParser:
     be = sub.add_parser(
         "bench", help="benchmarks that print figures against baselines measured in the same run; without a "
         "subcommand: embedding extraction, insert and search, on servers started for the run")
-    be.add_argument("what", nargs="?", choices=["preprocess", "ingest", "api"],
+    be.add_argument("what", nargs="?", choices=["preprocess", "ingest", "api", "integrity"],
                     help="preprocess: decode + JAX vs Pillow; ingest: memory of a whole drop; api: search latency "
-                    "through the HTTP API under concurrent load (default: none of these)")
+                    "through the HTTP API under concurrent load; integrity: the guarded reader and fsync against "
+                    "plain reads and page-cache writes (default: none of these)")
     be.add_argument("--images", type=int, help="photos to embed / images to process (default 3000 / 512 / 5000)")
     be.add_argument("--baseline-images", type=int, default=500, help="ingest: the small drop compared against")
     be.add_argument("--sizes", type=lambda v: _csv(int, v), default=[10_000, 100_000],
