@@ -400,6 +400,7 @@ def _write_drop(drop_name: str, index, first, tables) -> dict[str, Any]:
     model = str(first.column("model")[0].as_py()) if first is not None else None
     ids: set[str] = set()
     upserted = unchanged = shared = 0
+    conflicts: list[dict[str, Any]] = []
     for table in itertools.chain([first] if first is not None else [], tables):
         vectors = arrow.vectors_of(table)
         cols = table.select(["id", "sha256", "uri", "model", "metadata"]).to_pydict()
@@ -407,7 +408,7 @@ def _write_drop(drop_name: str, index, first, tables) -> dict[str, Any]:
             # The embed stage writes one model per drop; anything else would mix models in one collection.
             raise RuntimeError(f"drop {drop_name!r}: its embeddings come from more than one model; re-run the drop")
         # Rows of these ids that other drops hold: this drop joins their membership instead of taking them over.
-        elsewhere = index.rows([i for i in cols["id"] if i not in stored], ["id", "drop", "drops"])
+        elsewhere = index.rows([i for i in cols["id"] if i not in stored], ["id", "drop", "drops", "sha256"])
         rows = []
         for k, item_id in enumerate(cols["id"]):
             ids.add(item_id)
@@ -418,6 +419,13 @@ def _write_drop(drop_name: str, index, first, tables) -> dict[str, Any]:
                 unchanged += 1
                 continue
             existing = mine or elsewhere.get(item_id)
+            others = [d for d in (existing or {}).get("drops") or [] if d != drop_name]
+            if others and existing["sha256"] != row["sha256"]:
+                # The same id names another image in another drop: the row stays that drop's image (the first
+                # holder keeps it); this item is reported, never written over it.
+                conflicts.append({"id": item_id, "held_by": others[:EXAMPLES], "sha256": row["sha256"],
+                                  "held_sha256": existing["sha256"]})
+                continue
             if existing is not None:
                 members = list(existing.get("drops") or [])
                 shared += int(item_id in elsewhere)
@@ -439,6 +447,9 @@ def _write_drop(drop_name: str, index, first, tables) -> dict[str, Any]:
         "deleted_rows": deleted,
         "kept_for_other_drops": still_listed,
         "joined_shared_rows": shared,
+        # Ids this drop gives to another image than the drop(s) already holding them: not written (see docs).
+        "id_conflicts": len(conflicts),
+        "id_conflict_examples": conflicts[:EXAMPLES],
         "drop_rows": index.count_drop(drop_name, consistency_level="Strong") if present else 0,
         "collection": index.collection,
         "collection_rows": index.count() if present else 0,

@@ -371,3 +371,19 @@ def test_an_image_in_two_drops_survives_deleting_either(world):
     assert stored(settings) == {shared: (("drop-c",), SHA[2])}
     delete(settings, "drop-c")
     assert stored(settings) == {}
+
+
+def test_one_id_for_two_different_images_keeps_the_first_and_reports_the_second(world):
+    settings, server, embedder = world
+    reset(settings)
+    write_drop(settings, server, "first", [Slot("local", 0, "same-id")])
+    run_stages(settings, embedder, "first")
+    write_drop(settings, server, "second", [Slot("local", 1, "same-id")])
+    summary = run_stages(settings, embedder, "second")
+    assert summary["id_conflicts"] == 1 and summary["id_conflict_examples"][0]["held_by"] == ["first"]
+    assert stored(settings) == {"same-id": (("first",), SHA[0])}  # the first drop's image is not overwritten
+    delete(settings, "first")
+    assert stored(settings) == {}
+    run_stages(settings, embedder, "second")  # the id is free now: the second drop's image is indexed
+    assert stored(settings) == {"same-id": (("second",), SHA[1])}
+    delete(settings, "second")
