@@ -362,10 +362,12 @@ def _index_drop(settings: Settings, drop_name: str, target) -> dict[str, Any]:
     first = next(tables, None)
     placement = None
     with membership_lock(settings.paths.data):
+        protected = _protected(settings, drop_name)
         if first is None:
             if hasattr(target, "index_for_model"):
-                # No row left to hold: the drop lists nothing in any model's collection.
-                removed = target.remove_drop(drop_name)
+                # Nothing embedded: the drop leaves every row of every model's collection, except those of items
+                # that failed for a passing reason (an outage right after a model change, say).
+                removed = target.remove_drop(drop_name, keep=protected.kept)
                 return {"upserted": 0, "unchanged": 0, "removed_stale": removed, "drop_rows": 0,
                         "collection": "", "search_collection": target.search_collection() or "",
                         "seconds": round(time.perf_counter() - started, 3)}
@@ -379,7 +381,7 @@ def _index_drop(settings: Settings, drop_name: str, target) -> dict[str, Any]:
                 index = target
                 index.ensure_collection(dim)
         try:
-            summary = _write_drop(drop_name, index, first, tables)
+            summary = _write_drop(drop_name, index, first, tables, protected)
         finally:
             if placement is not None:
                 index.close()
@@ -394,7 +396,32 @@ def _index_drop(settings: Settings, drop_name: str, target) -> dict[str, Any]:
     return summary
 
 
-def _write_drop(drop_name: str, index, first, tables) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Protected:
+    """Rows a drop keeps although its embeddings lack them: those of items that failed this run for a passing
+    reason, by the same rule as :func:`_kept_previous` (the item's id; for an item without an id of its own, its
+    URI). The embed stage carries such rows when it can (same model); this covers the rest: a model change, or a
+    collection of another model."""
+
+    failures: tuple[tuple[str, str, str], ...] = ()
+
+    def kept(self, rows: dict[str, dict[str, Any]], taken: set[str] = frozenset()) -> set[str]:
+        """The ids among ``rows`` (id -> stored row) to keep; ``taken`` ids are this run's own rows."""
+        previous = {row_id: (row.get("sha256", ""), row.get("uri", "")) for row_id, row in rows.items()}
+        return {i for ids in _kept_previous(list(self.failures), previous, set(taken)).values() for i in ids}
+
+
+def _protected(settings: Settings, drop_name: str) -> Protected:
+    later = arrow.read_json(drop_files(settings, drop_name).preprocessed, "failures.json", [])
+    failed = [(f["id"], f["uri"], f["error_kind"]) for f in later]
+    try:
+        failed += [(i.id, i.uri, i.error_kind) for i in read_manifest(settings, drop_name) if i.status == FAILED]
+    except (OSError, pa.ArrowInvalid):
+        pass
+    return Protected(tuple(f for f in failed if is_transient(f[2])))
+
+
+def _write_drop(drop_name: str, index, first, tables, protected: Protected = Protected()) -> dict[str, Any]:
     present = first is not None or index.exists()
     stored = index.drop_rows(drop_name) if present else {}
     model = str(first.column("model")[0].as_py()) if first is not None else None
@@ -436,7 +463,7 @@ def _write_drop(drop_name: str, index, first, tables) -> dict[str, Any]:
                 row["drops"] = [drop_name]
             rows.append({**row, "embedding": vectors[k]})
         upserted += index.upsert(rows) if rows else 0
-    stale = set(stored) - ids
+    stale = set(stored) - ids - protected.kept(stored, ids)
     deleted, still_listed = index.release(drop_name, stale) if stale else (0, 0)
     if upserted or stale:
         index.flush()
@@ -444,6 +471,7 @@ def _write_drop(drop_name: str, index, first, tables) -> dict[str, Any]:
         "upserted": upserted,
         "unchanged": unchanged,
         "removed_stale": len(stale),
+        "kept_for_transient_failures": len(set(stored) - ids) - len(stale),
         "deleted_rows": deleted,
         "kept_for_other_drops": still_listed,
         "joined_shared_rows": shared,

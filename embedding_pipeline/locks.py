@@ -9,6 +9,7 @@ pool instead (see the README).
 from __future__ import annotations
 
 import fcntl
+import hashlib
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -35,5 +36,9 @@ def membership_lock(data_dir: Path):  # noqa: ANN201 - a context manager
 def drop_lock(data_dir: Path, drop: str):  # noqa: ANN201 - a context manager
     """Held by every ingest stage of ``drop`` while it reads and writes the drop's files and rows, and by retention
     while it deletes the drop: a deletion never interleaves with a stage of the same drop, whether the stage runs
-    in a Dagster run, the CLI or a test. ``drop`` is a validated drop name (a safe file name)."""
-    return file_lock(data_dir / "locks" / "drops" / f"{drop}.lock")
+    in a Dagster run, the CLI or a test.
+
+    The lock file is named by a hash of the drop's name: it holds nothing of the drop and outlives its deletion
+    (removing a lock file that others may be waiting on would let two holders in)."""
+    digest = hashlib.sha256(drop.encode()).hexdigest()[:24]
+    return file_lock(data_dir / "locks" / "drops" / f"{digest}.lock")

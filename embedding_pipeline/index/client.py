@@ -609,7 +609,11 @@ class ImageIndex:
                 rewritten.append({**row, "drop": shown, MEMBERSHIP_FIELD: members})
         if rewritten:
             self.upsert(rewritten)
-        return self.delete_ids(gone), len(rewritten)
+        deleted = self.delete_ids(gone)
+        if rewritten or gone:
+            # Persisted now: a membership change lost in a crash would leave a row listed by a deleted drop.
+            self.flush()
+        return deleted, len(rewritten)
 
     def flush(self) -> None:
         """Persist what was written so far: a drop's rows must outlive a server crash that happens later (an

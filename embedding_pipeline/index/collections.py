@@ -18,7 +18,7 @@ import hashlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 from embedding_pipeline.index import expressions
 from embedding_pipeline.index.client import CollectionError, ImageIndex
@@ -277,12 +277,21 @@ class ModelCollections:
             )
         return index
 
-    def remove_drop(self, drop: str) -> int:
-        """Delete the drop's rows from every collection of this alias (a drop left without a good image)."""
+    def remove_drop(self, drop: str, keep: Callable[[dict], set] = lambda rows: set()) -> int:
+        """Take the drop out of its rows in every collection of this alias (a drop left without a good image),
+        except the ids ``keep(rows)`` returns for the drop's rows there (id -> row); returns how many rows it left.
+        Collections made before drop membership are never written to here."""
         removed = 0
         for name in self.names():
             with self.index(name) as index:
-                removed += index.delete_drop(drop)
+                if not index.has_membership():
+                    continue
+                rows = index.drop_rows(drop)
+                kept = keep(rows)
+                leaving = [row_id for row_id in rows if row_id not in kept]
+                if leaving:
+                    index.release(drop, leaving)
+                    removed += len(leaving)
         return removed
 
     def drop_all(self) -> list[str]:

@@ -188,6 +188,10 @@ class _Deadline:
     def __exit__(self, *exc: object) -> None:
         self._timer.cancel()
         self._current.watch = None
+        with self._lock:
+            for sock in self._sockets:
+                sock.close()  # our duplicates only: the connections themselves stay with their pools
+            self._sockets.clear()
 
     @classmethod
     def left(cls) -> float:
@@ -203,10 +207,16 @@ class _Deadline:
             current._add(sock)
 
     def _add(self, sock: socket.socket) -> None:
+        # A duplicate descriptor of the same socket: TLS wraps (detaches) the original object, and a pooled
+        # connection outlives this download, but shutting down any descriptor of a socket ends every read on it.
+        try:
+            duplicate = socket.socket(fileno=os.dup(sock.fileno()))
+        except OSError:
+            return
         with self._lock:
-            self._sockets.append(sock)
+            self._sockets.append(duplicate)
             if self.expired:
-                _shutdown(sock)
+                _shutdown(duplicate)
 
     def _expire(self) -> None:
         with self._lock:
@@ -229,6 +239,17 @@ class _WatchedConnectionMixin:
         sock = super()._new_conn()  # type: ignore[misc]
         _Deadline.watch(sock)
         return sock
+
+
+class _WatchedPoolMixin:
+    """A kept-alive connection taken from the pool goes under the running download's deadline too."""
+
+    def _get_conn(self, timeout: float | None = None) -> Any:
+        conn = super()._get_conn(timeout)  # type: ignore[misc]
+        sock = getattr(conn, "sock", None)
+        if sock is not None:
+            _Deadline.watch(sock)
+        return conn
 
 
 class _GuardedConnectionMixin:
@@ -269,10 +290,10 @@ def _guarded_pool_classes(policy: AddressPolicy) -> dict[str, type]:
 
     GuardedHTTPConnection.policy = GuardedHTTPSConnection.policy = policy
 
-    class GuardedHTTPConnectionPool(HTTPConnectionPool):
+    class GuardedHTTPConnectionPool(_WatchedPoolMixin, HTTPConnectionPool):
         ConnectionCls = GuardedHTTPConnection
 
-    class GuardedHTTPSConnectionPool(HTTPSConnectionPool):
+    class GuardedHTTPSConnectionPool(_WatchedPoolMixin, HTTPSConnectionPool):
         ConnectionCls = GuardedHTTPSConnection
 
     return {"http": GuardedHTTPConnectionPool, "https": GuardedHTTPSConnectionPool}
@@ -282,11 +303,11 @@ def _guarded_pool_classes(policy: AddressPolicy) -> dict[str, type]:
 TRY_LATER_STATUSES = frozenset({408, 425, 429, *range(500, 600)})
 
 
-class _WatchedHTTPConnectionPool(HTTPConnectionPool):
+class _WatchedHTTPConnectionPool(_WatchedPoolMixin, HTTPConnectionPool):
     ConnectionCls = type("WatchedHTTPConnection", (_WatchedConnectionMixin, HTTPConnection), {})
 
 
-class _WatchedHTTPSConnectionPool(HTTPSConnectionPool):
+class _WatchedHTTPSConnectionPool(_WatchedPoolMixin, HTTPSConnectionPool):
     ConnectionCls = type("WatchedHTTPSConnection", (_WatchedConnectionMixin, HTTPSConnection), {})
 
 

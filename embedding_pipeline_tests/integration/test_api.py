@@ -90,6 +90,18 @@ def api(tmp_path_factory) -> Iterator[Api]:
                 services.stop_dagster(settings)
 
 
+@pytest.fixture(scope="module")
+def my_images(api) -> str:
+    """``my_images`` holding the README's two images (img_1 nature, img_2 urban), inserted by this fixture through
+    the API (idempotent: the same ids and bytes), so a test never depends on what the test before it inserted."""
+    answer = api.post("/insert", json={
+        "inputs": [str(api.photos / "image1.jpg"), api.web.url("/files/image2.jpg")], "ids": ["img_1", "img_2"],
+        "metadata": [{"category": "nature"}, {"category": "urban"}], "collection_name": "my_images",
+        "wait": True, "timeout_s": 300})
+    assert answer.status_code == 200 and answer.json()["ok"] == 2, answer.text
+    return "my_images"
+
+
 def run_curl(api: Api, command: str, **env: str) -> dict[str, Any]:
     adapted = (command.replace(README_BASE, api.base).replace(README_URL, api.web.url("files/image2.jpg"))
                .replace(README_PATHS, f"{api.photos}/"))
@@ -149,7 +161,7 @@ def test_readme_curl_examples_insert_then_search(api):
     assert uploaded["results"][0]["id"] == "img_1" and uploaded["collection"] == "my_images", uploaded
 
 
-def test_insert_wait_upload_and_vector_search(api):
+def test_insert_wait_upload_and_vector_search(api, my_images):
     answer = api.post("/insert", json={
         "inputs": [str(api.photos / "coffee.jpg"), str(api.photos / "chelsea.jpg"), str(api.photos / "nope.jpg")],
         "ids": ["coffee", "chelsea", "missing"],
@@ -183,7 +195,7 @@ def test_insert_wait_upload_and_vector_search(api):
     assert {h["id"] for h in filtered.json()["results"]} == {"coffee", "chelsea"}
 
 
-def test_concurrent_searches_share_the_warm_clients(api):
+def test_concurrent_searches_share_the_warm_clients(api, my_images):
     """Eight clients at once, by image and by vector: every answer right (the searcher is shared by threads)."""
     query = (api.photos / "query.jpg").read_bytes()
     vector = np.full(1280, 0.03).tolist()
@@ -212,7 +224,7 @@ def test_concurrent_searches_share_the_warm_clients(api):
     assert len({body["results"][0]["id"] for kind, _, body in answers if kind == "vector"}) == 1
 
 
-def test_bad_requests_against_the_real_services(api):
+def test_bad_requests_against_the_real_services(api, my_images):
     bad_filter = api.post("/search", json={"query_input": str(api.photos / "query.jpg"), "collection_name":
                                            "my_images", "filter_expr": 'metadata["category"] === "nature'})
     assert bad_filter.status_code == 422 and bad_filter.json()["error"]["code"] == "invalid_filter", bad_filter.text
@@ -236,7 +248,7 @@ def test_bad_requests_against_the_real_services(api):
     assert not_image.status_code == 422 and not_image.json()["error"]["code"] == "bad_image", not_image.text
 
 
-def test_api_key_enforced_when_set(api):
+def test_api_key_enforced_when_set(api, my_images):
     import uvicorn
 
     from embedding_pipeline.api.app import create_app

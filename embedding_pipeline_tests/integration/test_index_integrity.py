@@ -387,3 +387,33 @@ def test_one_id_for_two_different_images_keeps_the_first_and_reports_the_second(
     run_stages(settings, embedder, "second")  # the id is free now: the second drop's image is indexed
     assert stored(settings) == {"same-id": (("second",), SHA[1])}
     delete(settings, "second")
+
+
+def test_an_outage_when_no_earlier_vector_can_be_carried_still_removes_nothing(world):
+    """After a model change the drop's earlier vectors are another model's and cannot be carried into the new
+    embeddings: the rows of transiently failing items must stay anyway (here the embeddings are simply gone)."""
+    settings, server, embedder = world
+    reset(settings)
+    slots = [Slot("url", 0, None), Slot("url", 1, "url-with-id")]
+    server.down = False
+    write_drop(settings, server, "outage", slots)
+    run_stages(settings, embedder, "outage")
+    before = stored(settings)
+    assert len(before) == 2
+    shutil.rmtree(ingest.drop_files(settings, "outage").embeddings)
+    server.down = True
+    try:
+        run_stages(settings, embedder, "outage")
+    finally:
+        server.down = False
+    assert stored(settings) == before
+    # A permanent failure does leave: the listing now names a missing file instead of the second URL.
+    shutil.rmtree(ingest.drop_files(settings, "outage").embeddings)
+    write_drop(settings, server, "outage", [Slot("url", 0, None), Slot("missing", 0, "gone\\\\")])
+    server.down = True
+    try:
+        run_stages(settings, embedder, "outage")
+    finally:
+        server.down = False
+    assert set(stored(settings)) == {content_id(SHA[0])}
+    delete(settings, "outage")

@@ -200,6 +200,30 @@ def test_https_connects_to_the_checked_address_and_verifies_the_name(tmp_path, m
             assert info.value.kind == "connection_error" and "TLS" in str(info.value)
         finally:
             fetcher.close()
+        # Over TLS too, one deadline covers headers trickled a byte at a time (the socket is wrapped by then).
+        slow = UrlFetcher(SourceSettings(fetch_retries=0, fetch_deadline_s=0.5, fetch_timeout_s=1,
+                                         private_allowlist=[f"127.0.0.1:{tls_server.port}"]))
+        slow.session.verify = str(cert)
+        try:
+            started = time.monotonic()
+            with pytest.raises(FetchError) as info:
+                slow.get(tls_server.url("/trickle-headers/400/0.05"))
+            assert info.value.kind == "timeout" and time.monotonic() - started < 2
+        finally:
+            slow.close()
+
+
+def test_a_kept_alive_connection_is_under_the_next_downloads_deadline(server):
+    fetcher = UrlFetcher(SourceSettings(fetch_retries=0, fetch_deadline_s=0.5, fetch_timeout_s=1,
+                                        private_allowlist=[f"127.0.0.1:{server.port}"]))
+    try:
+        assert fetcher.get(server.url("/files/a.png")) == PNG  # leaves its connection in the pool
+        started = time.monotonic()
+        with pytest.raises(FetchError) as info:
+            fetcher.get(server.url("/trickle-headers/400/0.05"))  # reuses it
+        assert info.value.kind == "timeout" and time.monotonic() - started < 2
+    finally:
+        fetcher.close()
 
 
 def test_environment_proxies_are_ignored(monkeypatch, server):
