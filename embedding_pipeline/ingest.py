@@ -62,6 +62,11 @@ class DropFiles:
     def blobs(self) -> Path:
         return self.data / "blobs"
 
+    @property
+    def index_report(self) -> Path:
+        """What the index stage could not write (ids held by another drop's image), per item."""
+        return self.data / "index" / f"{self.drop}.json"
+
 
 def drop_files(settings: Settings, drop: str) -> DropFiles:
     return DropFiles(settings.paths.data, drop)
@@ -368,6 +373,7 @@ def _index_drop(settings: Settings, drop_name: str, target) -> dict[str, Any]:
                 # Nothing embedded: the drop leaves every row of every model's collection, except those of items
                 # that failed for a passing reason (an outage right after a model change, say).
                 removed = target.remove_drop(drop_name, keep=protected.kept)
+                arrow.write_json(files.index_report, {"id_conflicts": []})
                 return {"upserted": 0, "unchanged": 0, "removed_stale": removed, "drop_rows": 0,
                         "collection": "", "search_collection": target.search_collection() or "",
                         "seconds": round(time.perf_counter() - started, 3)}
@@ -385,6 +391,7 @@ def _index_drop(settings: Settings, drop_name: str, target) -> dict[str, Any]:
         finally:
             if placement is not None:
                 index.close()
+        arrow.write_json(files.index_report, {"id_conflicts": summary.pop("_conflicts")})
     if placement is not None:
         summary["model"] = model
         summary["search_collection"] = placement.search_collection or ""
@@ -438,11 +445,11 @@ def _write_drop(drop_name: str, index, first, tables, protected: Protected = Pro
         elsewhere = index.rows([i for i in cols["id"] if i not in stored], ["id", "drop", "drops", "sha256"])
         rows = []
         for k, item_id in enumerate(cols["id"]):
-            ids.add(item_id)
             row = {"id": item_id, "sha256": cols["sha256"][k], "uri": cols["uri"][k], "drop": drop_name,
                    "model": cols["model"][k], "metadata": json.loads(cols["metadata"][k])}
             mine = stored.get(item_id)
             if mine is not None and fingerprint(mine) == fingerprint(row):
+                ids.add(item_id)
                 unchanged += 1
                 continue
             existing = mine or elsewhere.get(item_id)
@@ -450,9 +457,11 @@ def _write_drop(drop_name: str, index, first, tables, protected: Protected = Pro
             if others and existing["sha256"] != row["sha256"]:
                 # The same id names another image in another drop: the row stays that drop's image (the first
                 # holder keeps it); this item is reported, never written over it.
+                # A drop that held it with the old image leaves it (the id is not this drop's any more).
                 conflicts.append({"id": item_id, "held_by": others[:EXAMPLES], "sha256": row["sha256"],
                                   "held_sha256": existing["sha256"]})
                 continue
+            ids.add(item_id)
             if existing is not None:
                 members = list(existing.get("drops") or [])
                 shared += int(item_id in elsewhere)
@@ -478,6 +487,7 @@ def _write_drop(drop_name: str, index, first, tables, protected: Protected = Pro
         # Ids this drop gives to another image than the drop(s) already holding them: not written (see docs).
         "id_conflicts": len(conflicts),
         "id_conflict_examples": conflicts[:EXAMPLES],
+        "_conflicts": conflicts,
         "drop_rows": index.count_drop(drop_name, consistency_level="Strong") if present else 0,
         "collection": index.collection,
         "collection_rows": index.count() if present else 0,
@@ -505,6 +515,7 @@ def item_report(settings: Settings, drop_name: str) -> list[dict[str, Any]]:
     later = {f["id"]: f for f in arrow.read_json(files.preprocessed, "failures.json", [])}
     reused = set(arrow.read_json(files.preprocessed, "reused.json", []))
     kept = arrow.read_json(files.preprocessed, "kept.json", {})
+    conflicts = {c["id"]: c for c in (_read_json_file(files.index_report) or {}).get("id_conflicts", [])}
     report = []
     for item in read_manifest(settings, drop_name):
         row = {"id": item.id, "uri": item.uri, "status": item.status, "error_kind": item.error_kind,
@@ -515,10 +526,28 @@ def item_report(settings: Settings, drop_name: str) -> list[dict[str, Any]]:
             failure = later.get(item.id)
             if failure is not None:
                 row.update(status=FAILED, error_kind=failure["error_kind"], error=failure["error"], stage="preprocess")
+            elif item.id in conflicts:
+                held = ", ".join(conflicts[item.id]["held_by"])
+                row.update(status=FAILED, error_kind="id_conflict", stage="index",
+                           error=f"id {item.id!r} already names another image, held by drop(s) {held}; give this "
+                                 "image another id (the other drop's image is kept)")
             else:
                 row["stage"] = "reused" if item.id in reused else "embedded"
         report.append(row)
     return report
+
+
+def _read_json_file(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def index_conflicts(settings: Settings, drop_name: str) -> set[str]:
+    """Ids the index stage could not write for the drop (held by another drop's image)."""
+    report = _read_json_file(drop_files(settings, drop_name).index_report) or {}
+    return {c["id"] for c in report.get("id_conflicts", [])}
 
 
 def report_summary(report: list[dict[str, Any]]) -> dict[str, Any]:

@@ -132,7 +132,9 @@ def ok_item_ids(report: Iterable[Mapping[str, Any]]) -> list[str]:
     """Ids the drop's embeddings must hold: the items that passed the manifest and preprocessing
     (``ingest.item_report`` rows with status ok) and the earlier rows kept for items that failed transiently."""
     rows = list(report)
-    return [r["id"] for r in rows if r["status"] == "ok"] + [i for r in rows for i in r.get("kept_previous") or []]
+    # An id conflict is found when indexing: the item was embedded all the same.
+    embedded = [r["id"] for r in rows if r["status"] == "ok" or r.get("stage") == "index"]
+    return embedded + [i for r in rows for i in r.get("kept_previous") or []]
 
 
 def _examples(values: Iterable[Any]) -> list[Any]:

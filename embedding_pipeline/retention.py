@@ -9,8 +9,8 @@ What a drop owns:
 * its **source** in the drop directory (folder or manifest file). It is removed, not kept with a tombstone: the
   drop sensor's memory is the set of partitions, so a source left behind after its partition is gone would be
   ingested again as a new drop. Dropping the same name again later is a new drop.
-* its **files** under ``<home>/data``: ``manifests/<drop>.arrow``, ``preprocessed/<drop>/``, ``embeddings/<drop>/``
-  and leftovers of interrupted writes (``.<drop>.<hex>.staging`` / ``.old`` folders, ``<drop>.<hex>.tmp``
+* its **files** under ``<home>/data``: ``manifests/<drop>.arrow``, ``preprocessed/<drop>/``, ``embeddings/<drop>/``,
+  ``index/<drop>.json`` and leftovers of interrupted writes (``.<drop>.<hex>.staging`` / ``.old`` folders, ``<drop>.<hex>.tmp``
   manifests);
 * the **downloaded blobs** of its URL items (``blobs/<sha[:2]>/<sha>``, content-addressed, so shared by every drop
   listing the same bytes): a blob is removed only when no other drop's manifest lists a URL with that content;
@@ -69,7 +69,7 @@ class DropBusyError(RuntimeError):
 class PlannedPath:
     """A file or folder that belongs to the drop: what it is, how many files it holds and their size."""
 
-    kind: str  # source, manifest, preprocessed, embeddings, blob, leftover
+    kind: str  # source, manifest, preprocessed, embeddings, index, blob, leftover
     path: Path
     files: int
     bytes: int
@@ -233,6 +233,7 @@ def _leftovers(settings: Settings, drop: str) -> list[Path]:
         (files.preprocessed.parent, folder_pattern),
         (files.embeddings.parent, folder_pattern),
         (files.manifest.parent, manifest_pattern),
+        (files.index_report.parent, manifest_pattern),
     ):
         if parent.is_dir():
             found.extend(sorted(p for p in parent.iterdir() if pattern.match(p.name)))
@@ -296,7 +297,7 @@ def plan_drop_deletion(
     if _exists(source):
         plan.paths.append(_planned("source", source))
     for kind, path in (("manifest", files.manifest), ("preprocessed", files.preprocessed),
-                       ("embeddings", files.embeddings)):
+                       ("embeddings", files.embeddings), ("index", files.index_report)):
         if _exists(path):
             plan.paths.append(_planned(kind, path))
     blobs, plan.shared_blobs = _blobs(settings, drop)

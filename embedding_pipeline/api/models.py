@@ -99,8 +99,8 @@ class InsertRequest(_Body):
         if ids is None:
             return ids
         for n, item_id in enumerate(ids):
-            if not item_id.strip() or len(item_id) > MAX_ID_CHARS or _CONTROL.search(item_id):
-                raise ValueError(f"ids[{n}] must be 1 to {MAX_ID_CHARS} characters without control characters")
+            if not item_id.strip() or len(item_id.encode()) > MAX_ID_CHARS or _CONTROL.search(item_id):
+                raise ValueError(f"ids[{n}] must be 1 to {MAX_ID_CHARS} bytes (UTF-8) without control characters")
         seen: dict[str, int] = {}
         for n, item_id in enumerate(ids):
             if item_id.strip() in seen:

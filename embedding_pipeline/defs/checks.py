@@ -120,7 +120,10 @@ def _collection_for_drop(milvus: MilvusResource, settings: Settings, drop: str) 
 def milvus_collection_checks(context: AssetCheckExecutionContext, milvus: MilvusResource):
     settings = load_settings()
     drop = context.partition_key
-    embedding_ids = quality.embedding_ids(ingest.drop_files(settings, drop).embeddings)
+    # Ids held by another drop's image are reported per item (id_conflict) and are not this drop's rows.
+    conflicts = ingest.index_conflicts(settings, drop)
+    embedding_ids = [i for i in quality.embedding_ids(ingest.drop_files(settings, drop).embeddings)
+                     if i not in conflicts]
     with _collection_for_drop(milvus, settings, drop) as index:
         outcomes = quality.collection_outcomes(index, drop, embedding_ids)
     yield from _results(context, milvus_collection.key, outcomes)

@@ -788,7 +788,8 @@ def _row(r: dict[str, Any], membership: bool = True) -> dict[str, Any]:
     row = {
         "id": r["id"],
         "embedding": vector.tolist() if isinstance(vector, np.ndarray) else list(vector),
-        "uri": r.get("uri", "")[:URI_MAX],
+        # Milvus 2.x counts VARCHAR lengths in bytes: cut at a character boundary within URI_MAX bytes.
+        "uri": r.get("uri", "").encode()[:URI_MAX].decode(errors="ignore"),
         "sha256": r.get("sha256", ""),
         "drop": r.get("drop", ""),
         "model": r.get("model", ""),

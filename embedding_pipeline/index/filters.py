@@ -75,8 +75,8 @@ def _typed(kind: str, value: Any) -> tuple[bool, Any, str]:
     if kind == "VARCHAR":
         if not isinstance(value, str):
             return False, "", f"expected a string, got {type(value).__name__}"
-        if len(value) > VARCHAR_MAX:
-            return False, "", f"string longer than {VARCHAR_MAX} characters"
+        if len(value.encode()) > VARCHAR_MAX:  # Milvus 2.x counts bytes
+            return False, "", f"string longer than {VARCHAR_MAX} bytes as UTF-8"
         return True, value, ""
     if kind == "INT64":
         if isinstance(value, bool) or not isinstance(value, int):

@@ -36,6 +36,8 @@ kind                     status   meaning
 ``too_many_pixels``      failed   declares more pixels than allowed (decompression bomb guard)
 ``decode_error``         failed   the image data is corrupt
 ``source_changed``       failed†  the file changed between the manifest stage and decoding
+*indexing (set by the index stage)*
+``id_conflict``          failed   the id already names another image that another drop holds (that image stays)
 ======================== ======== ================================================================================
 
 † *transient*: the failure may pass by itself. On a re-run, an item failing with a transient kind keeps the row

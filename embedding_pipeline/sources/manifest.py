@@ -56,6 +56,7 @@ IGNORED_SUFFIXES = frozenset(
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 # What one Milvus row can hold (the id is a VARCHAR(512) primary key; JSON fields are capped server-side):
 # checked per row here so one oversized row fails alone instead of failing the drop's upsert.
+# Milvus 2.x measures VARCHAR lengths in UTF-8 bytes: 512 bytes (512 ASCII characters, fewer beyond ASCII).
 MAX_ID_CHARS = 512
 MAX_METADATA_BYTES = 64 * 1024
 
@@ -184,9 +185,13 @@ def _entry_from_row(row: dict[str, Any], base: Path, origin: str) -> Entry:
     if not isinstance(metadata, dict):
         error = "metadata must be a JSON object"
         return Entry(uri=uri, id=item_id, origin=origin, error=error, error_kind="bad_metadata")
-    if item_id is not None and len(item_id) > MAX_ID_CHARS:
-        error = f"id longer than {MAX_ID_CHARS} characters"
+    if item_id is not None and len(item_id.encode()) > MAX_ID_CHARS:
+        error = f"id longer than {MAX_ID_CHARS} bytes as UTF-8"
         return Entry(uri=uri, id=item_id[:64] + "…", origin=origin, error=error, error_kind="bad_row")
+    if item_id is not None and "\0" in item_id:
+        # The one character no Milvus expression can carry: such an id could never be read or deleted again.
+        return Entry(uri=uri, id=item_id.replace("\0", "\\0"), origin=origin, error="id contains a NUL character",
+                     error_kind="bad_row")
     extra = {k: v for k, v in row.items() if k not in ("uri", "id", "metadata")}
     merged = {**extra, **metadata}
     size = len(json.dumps(merged, default=str).encode())

@@ -155,6 +155,16 @@ def write_table(path: Path, table: pa.Table) -> None:
     _fsync(path.parent)
 
 
+def write_json(path: Path, value: Any) -> None:
+    """A small JSON file (a stage's report), written atomically and durably like the tables."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{uuid.uuid4().hex[:8]}.tmp")
+    tmp.write_text(json.dumps(value))
+    _fsync(tmp)
+    tmp.replace(path)
+    _fsync(path.parent)
+
+
 def read_table(path: Path) -> pa.Table:
     with pa.memory_map(str(path)) as source:
         return pa.ipc.open_file(source).read_all()

@@ -382,6 +382,15 @@ def test_one_id_for_two_different_images_keeps_the_first_and_reports_the_second(
     summary = run_stages(settings, embedder, "second")
     assert summary["id_conflicts"] == 1 and summary["id_conflict_examples"][0]["held_by"] == ["first"]
     assert stored(settings) == {"same-id": (("first",), SHA[0])}  # the first drop's image is not overwritten
+    (item,) = ingest.item_report(settings, "second")
+    assert (item["status"], item["error_kind"], item["stage"]) == ("failed", "id_conflict", "index")
+    # A drop that shared the id with the same image, then changes it to another image, leaves the row.
+    write_drop(settings, server, "second", [Slot("local", 0, "same-id")])
+    run_stages(settings, embedder, "second")
+    assert stored(settings) == {"same-id": (("first", "second"), SHA[0])}
+    write_drop(settings, server, "second", [Slot("local", 1, "same-id")])
+    run_stages(settings, embedder, "second")
+    assert stored(settings) == {"same-id": (("first",), SHA[0])}
     delete(settings, "first")
     assert stored(settings) == {}
     run_stages(settings, embedder, "second")  # the id is free now: the second drop's image is indexed
