@@ -105,6 +105,10 @@ def cmd_serve_api(args: argparse.Namespace) -> int:
     if problem:
         print(problem, file=sys.stderr)
         return 2
+    if public_bind_problem(host, False, False) and "*" not in settings.api.allowed_hosts and set(
+            settings.api.allowed_hosts) <= {"127.0.0.1", "localhost", "[::1]"}:
+        print(f"note: serving on {host}, but api.allowed_hosts lists loopback names only: clients that reach this "
+              "address by another name get 400; add those names to api.allowed_hosts", file=sys.stderr)
     print(f"HTTP API on http://{host}:{port} (docs: /docs)", flush=True)
     uvicorn.run(create_app(settings), host=host, port=port, log_level=args.log_level)
     return 0

@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from embedding_pipeline import quality
+from embedding_pipeline.index.client import MAX_DROPS_PER_ROW
 from embedding_pipeline.locks import drop_lock, membership_lock
 from embedding_pipeline.preprocess.preprocessor import SourceError, for_model
 from embedding_pipeline.settings import QualitySettings, Settings
@@ -171,6 +172,17 @@ def _kept_previous(
     return kept
 
 
+def _drop_roots(settings: Settings, drop_name: str) -> list[Path]:
+    """Where the drop's local sources may be read from now. A drop gone (or turned into a link) since it was
+    listed has no root of its own: each of its local items then fails on its own (``source_changed``), and its
+    downloads, which live in the blob store, still go through."""
+    try:
+        drop = find_drop(settings.drops, drop_name)
+    except (FileNotFoundError, PermissionError):
+        return list(settings.sources.allowed_roots)
+    return [drop.path if drop.path.is_dir() else drop.path.parent, *settings.sources.allowed_roots]
+
+
 def _reader(item: Item, roots: list[Path], blobs: Path, max_bytes: int) -> Callable[[], bytes]:
     """Reads an item's bytes on a decode thread through the guarded reader (roots, regular file, no link followed,
     size cap, the same file as when listed) and refuses bytes that no longer match its recorded hash."""
@@ -185,7 +197,8 @@ def _reader(item: Item, roots: list[Path], blobs: Path, max_bytes: int) -> Calla
         except FetchError as exc:
             if exc.kind == "source_changed":
                 raise SourceError("source_changed", str(exc)) from None
-            raise SourceError("source_changed", f"source changed since the drop was listed ({exc.kind}): {exc}") from None
+            message = f"source changed since the drop was listed ({exc.kind}): {exc}"
+            raise SourceError("source_changed", message) from None
         if hashlib.sha256(data).hexdigest() != item.sha256:
             # The recorded sha256 is the row's lineage: never embed other bytes under it.
             raise SourceError("source_changed", "source changed since the manifest was built (re-run the drop)")
@@ -220,8 +233,7 @@ def _preprocess_drop(
     written = 0
     embedded: set[str] = {i.id for i in reused}
     chunks = [items[i : i + prep.batch_size] for i in range(0, len(items), prep.batch_size)]
-    drop = find_drop(settings.drops, drop_name)
-    roots = [drop.path if drop.path.is_dir() else drop.path.parent, *settings.sources.allowed_roots]
+    roots = _drop_roots(settings, drop_name)
     max_bytes = settings.sources.max_image_bytes
     with arrow.DropWriter(files.preprocessed) as writer:
         batches = prep.stream(
@@ -315,7 +327,8 @@ def _embed_drop(settings: Settings, drop_name: str, embedder: Embedder) -> dict[
                 dim = old.schema.field("embedding").type.list_size
                 rows = old.select(["id", "drop", "sha256", "uri", "model", "metadata"]).to_pydict()
                 # A reused item takes its current metadata; a kept row stays as it was.
-                rows["metadata"] = [metadata.get(i, "{}") if i in reused else m for i, m in zip(rows["id"], rows["metadata"])]
+                rows["metadata"] = [metadata.get(i, "{}") if i in reused else m
+                                    for i, m in zip(rows["id"], rows["metadata"])]
                 writer.write(arrow.embedding_table(rows, arrow.vectors_of(old), arrow.embedding_schema(dim, {"model": model})))
                 carried += old.num_rows
             if carried != len(carry):
@@ -464,6 +477,11 @@ def _write_drop(drop_name: str, index, first, tables, protected: Protected = Pro
             ids.add(item_id)
             if existing is not None:
                 members = list(existing.get("drops") or [])
+                if drop_name not in members and len(members) >= MAX_DROPS_PER_ROW:
+                    # Milvus caps an array's length: the image stays indexed for the drops that list it already.
+                    conflicts.append({"id": item_id, "held_by": members[:EXAMPLES], "sha256": row["sha256"],
+                                      "held_sha256": existing["sha256"], "reason": "drops_full"})
+                    continue
                 shared += int(item_id in elsewhere)
                 row["drops"] = members if drop_name in members else [*members, drop_name]
                 # The row keeps the drop it is shown with while that drop still lists it.
@@ -528,9 +546,13 @@ def item_report(settings: Settings, drop_name: str) -> list[dict[str, Any]]:
                 row.update(status=FAILED, error_kind=failure["error_kind"], error=failure["error"], stage="preprocess")
             elif item.id in conflicts:
                 held = ", ".join(conflicts[item.id]["held_by"])
-                row.update(status=FAILED, error_kind="id_conflict", stage="index",
-                           error=f"id {item.id!r} already names another image, held by drop(s) {held}; give this "
-                                 "image another id (the other drop's image is kept)")
+                if conflicts[item.id].get("reason") == "drops_full":
+                    error = (f"the image is listed by {MAX_DROPS_PER_ROW} drops already (Milvus caps a row's drop "
+                             "list); it stays searchable for those drops")
+                else:
+                    error = (f"id {item.id!r} already names another image, held by drop(s) {held}; give this image "
+                             "another id (the other drop's image is kept)")
+                row.update(status=FAILED, error_kind="id_conflict", stage="index", error=error)
             else:
                 row["stage"] = "reused" if item.id in reused else "embedded"
         report.append(row)

@@ -10,8 +10,8 @@ What a drop owns:
   drop sensor's memory is the set of partitions, so a source left behind after its partition is gone would be
   ingested again as a new drop. Dropping the same name again later is a new drop.
 * its **files** under ``<home>/data``: ``manifests/<drop>.arrow``, ``preprocessed/<drop>/``, ``embeddings/<drop>/``,
-  ``index/<drop>.json`` and leftovers of interrupted writes (``.<drop>.<hex>.staging`` / ``.old`` folders, ``<drop>.<hex>.tmp``
-  manifests);
+  ``index/<drop>.json`` and leftovers of interrupted writes (``.<drop>.<hex>.staging`` / ``.old`` folders,
+  ``<drop>.<hex>.tmp`` files);
 * the **downloaded blobs** of its URL items (``blobs/<sha[:2]>/<sha>``, content-addressed, so shared by every drop
   listing the same bytes): a blob is removed only when no other drop's manifest lists a URL with that content;
 * its **rows** in every collection of the configured name: ``<milvus.collection>`` itself and each per-model

@@ -58,23 +58,25 @@ def ingest(settings: Settings, path: Path, name: str | None = None) -> dict[str,
     use_dagster_home(settings)
     instance = DagsterInstance.get()
     drop = _checked_name(name or Path(path).resolve().name)
+    from embedding_pipeline.locks import drop_lock
     from embedding_pipeline.retention import DropBusyError, runs_in_progress
 
-    busy = runs_in_progress(instance, drop, None)
-    if busy:
-        # The run queue keeps one run per drop; a run in this process would bypass it.
-        raise DropBusyError(f"drop {drop!r} has run(s) queued or in progress ({', '.join(busy)}); wait for them, "
-                            "then ingest again")
-    # The partition first: a running sensor skips known partitions, so it won't launch a second run.
-    added = not instance.has_dynamic_partition(drops_partitions.name, drop)
-    if added:
-        instance.add_dynamic_partitions(drops_partitions.name, [drop])
-    try:
-        place_drop(settings, Path(path), drop)
-    except Exception:
+    with drop_lock(settings.paths.data, drop):  # no deletion of this drop interleaves with placing it
+        busy = runs_in_progress(instance, drop, None)
+        if busy:
+            # The run queue keeps one run per drop; a run in this process would bypass it.
+            raise DropBusyError(f"drop {drop!r} has run(s) queued or in progress ({', '.join(busy)}); wait for "
+                                "them, then ingest again")
+        # The partition first: a running sensor skips known partitions, so it won't launch a second run.
+        added = not instance.has_dynamic_partition(drops_partitions.name, drop)
         if added:
-            instance.delete_dynamic_partition(drops_partitions.name, drop)
-        raise
+            instance.add_dynamic_partitions(drops_partitions.name, [drop])
+        try:
+            place_drop(settings, Path(path), drop)
+        except Exception:
+            if added:
+                instance.delete_dynamic_partition(drops_partitions.name, drop)
+            raise
     job = defs.resolve_job_def("ingest_drop")
     result = job.execute_in_process(instance=instance, partition_key=drop, tags={"drop": drop}, raise_on_error=False)
     summary: dict[str, Any] = {"drop": drop, "run_id": result.run_id, "success": result.success}

@@ -280,11 +280,19 @@ class _HealthCache:
         self._at = -1e9
 
     def get(self, probe: Any) -> dict[str, Any]:
-        with self._lock:
+        fresh = self._report is not None and time.monotonic() - self._at <= self.ttl_s
+        if fresh:
+            return self._report  # type: ignore[return-value]
+        # One caller probes; the others get the last report at once rather than wait on a slow service.
+        if not self._lock.acquire(blocking=self._report is None):
+            return self._report  # type: ignore[return-value]
+        try:
             if self._report is None or time.monotonic() - self._at > self.ttl_s:
                 self._report = probe()
                 self._at = time.monotonic()
             return self._report
+        finally:
+            self._lock.release()
 
 
 def _warm(search: Any) -> None:

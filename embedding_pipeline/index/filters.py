@@ -341,8 +341,8 @@ def rewrite_drop_filter(expr: str | None) -> str:
 
     An image listed by several drops is one row whose ``drops`` holds all of them (``drop`` holds one, for display),
     so "the rows of drop X" is ``array_contains(drops, "X")``. Rewritten: ``drop == s``, ``drop != s``,
-    ``drop in [s, …]`` and ``drop not in [s, …]`` with string literals; anything else about ``drop`` is left as written
-    and reads the display field.
+    ``drop in [s, …]`` and ``drop not in [s, …]`` with string literals; anything else about ``drop`` is left as
+    written and reads the display field.
     """
     if not expr:
         return expr or ""

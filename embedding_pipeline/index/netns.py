@@ -50,7 +50,14 @@ def forwarder_argv(pid: int, ports: list[int]) -> list[str]:
     return [sys.executable, "-m", "embedding_pipeline.index.netns", str(pid), *map(str, ports)]
 
 
-def _join(pid: int) -> None:
+def _join(pid: int, timeout_s: float = 30.0) -> None:
+    """Join the network namespace of ``pid`` once it has one of its own (``unshare`` may not have run yet)."""
+    ours = os.stat("/proc/self/ns/net").st_ino
+    deadline = time.monotonic() + timeout_s
+    while os.stat(f"/proc/{pid}/ns/net").st_ino == ours:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"pid {pid} never left this network namespace")
+        time.sleep(0.02)
     fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY)
     try:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -97,7 +104,11 @@ def _relay(client: socket.socket, port: int) -> None:
 
 def _serve(listener: socket.socket, port: int) -> None:
     while True:
-        client, _ = listener.accept()
+        try:
+            client, _ = listener.accept()
+        except OSError:  # out of descriptors, say: wait and go on serving rather than die silently
+            time.sleep(0.1)
+            continue
         threading.Thread(target=_relay, args=(client, port), daemon=True).start()
 
 

@@ -42,9 +42,20 @@ def server_flags(key: str) -> list[str]:
     return [f"--http-restricted-api={apis}:{HEADER}={key}", f"--grpc-restricted-protocol={apis}:{HEADER}={key}"]
 
 
+def _run_dir() -> Path:
+    """The state directory the settings name (the configuration file may set ``home``), else the environment's."""
+    try:
+        from embedding_pipeline.settings import load_settings
+
+        return load_settings().paths.run
+    except Exception:  # noqa: BLE001 - an unreadable configuration: the environment's state directory
+        return StatePaths.from_env().run
+
+
 def read_key(run_dir: Path | None = None) -> str | None:
-    """The key of the server this state directory started (None when there is none)."""
-    path = (run_dir or StatePaths.from_env().run) / KEY_FILE
+    """The key of the server this state directory started (None when there is none). Read at each call: a
+    restarted server has a new key."""
+    path = (run_dir or _run_dir()) / KEY_FILE
     try:
         return path.read_text().strip() or None
     except OSError:

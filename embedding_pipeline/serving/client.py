@@ -236,7 +236,7 @@ class _HttpTransport:
         self._client = httpclient.InferenceServerClient(
             address, connection_timeout=timeout_s, network_timeout=timeout_s, ssl=ssl
         )
-        self._admin = _admin_headers(address)
+        self._address = address
 
     def server_ready(self) -> bool:
         return self._client.is_server_ready()
@@ -251,16 +251,16 @@ class _HttpTransport:
         return self._client.get_model_config(model, version)
 
     def repository_index(self) -> list[dict[str, Any]]:
-        return self._client.get_model_repository_index(headers=self._admin)
+        return self._client.get_model_repository_index(headers=_admin_headers(self._address))
 
     def statistics(self, model: str, version: str) -> dict[str, Any]:
         return self._client.get_inference_statistics(model, version)
 
     def register_system_shared_memory(self, name: str, key: str, byte_size: int) -> None:
-        self._client.register_system_shared_memory(name, key, byte_size, headers=self._admin)
+        self._client.register_system_shared_memory(name, key, byte_size, headers=_admin_headers(self._address))
 
     def unregister_system_shared_memory(self, name: str) -> None:
-        self._client.unregister_system_shared_memory(name, headers=self._admin)
+        self._client.unregister_system_shared_memory(name, headers=_admin_headers(self._address))
 
     def infer_input(self, name: str, shape: list[int], datatype: str) -> Any:
         return self._module.InferInput(name, shape, datatype)
@@ -298,7 +298,7 @@ class _GrpcTransport:
         self._module = grpcclient
         self._timeout = timeout_s
         self._client = grpcclient.InferenceServerClient(address, ssl=ssl, channel_args=_grpc_channel_args())
-        self._admin = _admin_headers(address, grpc=True)
+        self._address = address
 
     def server_ready(self) -> bool:
         return self._client.is_server_ready(client_timeout=self._timeout)
@@ -322,18 +322,19 @@ class _GrpcTransport:
 
     def repository_index(self) -> list[dict[str, Any]]:
         return self._client.get_model_repository_index(
-            headers=self._admin, as_json=True, client_timeout=self._timeout
+            headers=_admin_headers(self._address, grpc=True), as_json=True, client_timeout=self._timeout
         ).get("models", [])
 
     def statistics(self, model: str, version: str) -> dict[str, Any]:
         return self._client.get_inference_statistics(model, version, as_json=True, client_timeout=self._timeout)
 
     def register_system_shared_memory(self, name: str, key: str, byte_size: int) -> None:
-        self._client.register_system_shared_memory(name, key, byte_size, headers=self._admin,
-                                                   client_timeout=self._timeout)
+        headers = _admin_headers(self._address, grpc=True)
+        self._client.register_system_shared_memory(name, key, byte_size, headers=headers, client_timeout=self._timeout)
 
     def unregister_system_shared_memory(self, name: str) -> None:
-        self._client.unregister_system_shared_memory(name, headers=self._admin, client_timeout=self._timeout)
+        headers = _admin_headers(self._address, grpc=True)
+        self._client.unregister_system_shared_memory(name, headers=headers, client_timeout=self._timeout)
 
     def infer_input(self, name: str, shape: list[int], datatype: str) -> Any:
         return self._module.InferInput(name, shape, datatype)
