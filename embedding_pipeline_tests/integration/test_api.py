@@ -239,6 +239,7 @@ def test_bad_requests_against_the_real_services(api, my_images):
 
     unknown = api.post("/search", json={"vector": [0.1] * 1280, "collection_name": "no_such_collection"})
     assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "not_found", unknown.text
+    assert api.settings.milvus.uri not in unknown.text  # no server address (or credentials in it) for callers
 
     outside = api.post("/search", json={"query_input": "/etc/hostname", "collection_name": "my_images"})
     assert outside.status_code == 422 and outside.json()["error"]["code"] == "outside_roots"
