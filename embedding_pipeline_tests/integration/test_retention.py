@@ -46,7 +46,7 @@ def _write_drop(folder: Path, drop: str) -> Path:
 def _snapshot(settings, drop: str) -> dict[str, tuple[int, int]]:
     """Every file of the drop (source and data) with its size and mtime."""
     files = drop_files(settings, drop)
-    roots = [settings.drops / drop, files.manifest, files.preprocessed, files.embeddings]
+    roots = [settings.drops / drop, files.manifest, files.preprocessed, files.embeddings, files.index_report]
     found = {}
     for root in roots:
         for path in [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file()):
@@ -113,6 +113,7 @@ def test_dry_run_deletes_nothing_then_deletion_leaves_nothing_of_the_drop(two_dr
     assert {(p["kind"], p["path"]) for p in plan["paths"]} == {
         ("source", str(settings.drops / GONE)), ("manifest", str(gone_files.manifest)),
         ("preprocessed", str(gone_files.preprocessed)), ("embeddings", str(gone_files.embeddings)),
+        ("index", str(gone_files.index_report)),
     }
     assert plan["files"] == len(gone_before) and plan["bytes"] == sum(s for s, _ in gone_before.values())
     assert {c: n for c, n in plan["rows"].items()} == {c: n for c, n in counts_before.items() if n}
@@ -134,6 +135,7 @@ def test_dry_run_deletes_nothing_then_deletion_leaves_nothing_of_the_drop(two_dr
     assert not any(Path(p).exists() for p in gone_before)
     assert not (settings.drops / GONE).exists() and not gone_files.manifest.exists()
     assert not gone_files.preprocessed.exists() and not gone_files.embeddings.exists()
+    assert not gone_files.index_report.exists()
     assert not [p for p in settings.paths.root.rglob(f"*{GONE}*")], "a file of the deleted drop is left"
     assert set(_strong_counts(settings, GONE).values()) == {0}
     assert GONE not in DagsterInstance.get().get_dynamic_partitions("drops")
