@@ -17,6 +17,7 @@ import itertools
 import logging
 import os
 import secrets
+import time
 from typing import Any, Protocol
 
 import numpy as np
@@ -92,13 +93,18 @@ class SharedMemoryRegion:
     def close(self) -> None:
         """Unregister from the server (if it still answers) and unlink the memory; safe to call twice."""
         client, self._client = self._client, None
-        for attempt in range(2 if client is not None else 0):
+        attempts = 3 if client is not None else 0
+        for attempt in range(attempts):
             try:
                 client.unregister_system_shared_memory(self.name)
                 break
             except Exception as exc:  # noqa: BLE001 - the server may be gone; the memory is still ours to free
-                # Tried twice: a busy server can miss one call, and a region left registered outlives us there.
-                log.debug("could not unregister shared memory region %s (attempt %d): %s", self.name, attempt + 1, exc)
+                # Tried again: a busy server can miss a call, and a region left registered outlives us there.
+                last = attempt == attempts - 1
+                (log.warning if last else log.debug)(
+                    "could not unregister shared memory region %s (attempt %d): %s", self.name, attempt + 1, exc)
+                if not last:
+                    time.sleep(0.2 * (attempt + 1))
         self._destroy()
 
     def _destroy(self) -> None:
