@@ -6,6 +6,7 @@ under ``<home>/data`` and returns a summary whose values become the asset's mate
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -81,6 +82,18 @@ def _failure_summary(failures: list[dict[str, str]]) -> dict[str, Any]:
     }
 
 
+def _under_drop_lock(stage: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
+    """Run a stage ``stage(settings, drop_name, ...)`` holding the drop's lock: retention never deletes a drop under
+    a running stage of it, whatever runs the stage (a Dagster run, the CLI, a test)."""
+
+    @functools.wraps(stage)
+    def run(settings: Settings, drop_name: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        with drop_lock(settings.paths.data, drop_name):
+            return stage(settings, drop_name, *args, **kwargs)
+
+    return run
+
+
 MANIFEST_SCHEMA = pa.schema(
     [
         ("id", pa.string()),
@@ -97,7 +110,8 @@ MANIFEST_SCHEMA = pa.schema(
 )
 
 
-def _build_manifest(settings: Settings, drop_name: str) -> dict[str, Any]:
+@_under_drop_lock
+def build_manifest(settings: Settings, drop_name: str) -> dict[str, Any]:
     """List the drop's items, read each once, hash it, check it is an image, and record a status per item."""
     started = time.perf_counter()
     drop = find_drop(settings.drops, drop_name)
@@ -207,7 +221,8 @@ def _reader(item: Item, roots: list[Path], blobs: Path, max_bytes: int) -> Calla
     return read
 
 
-def _preprocess_drop(
+@_under_drop_lock
+def preprocess_drop(
     settings: Settings, drop_name: str, model_input: tuple[str, Sequence[int]], model: str = ""
 ) -> dict[str, Any]:
     """Decode the drop's good items into exactly the model's input, one Arrow file per batch.
@@ -271,7 +286,8 @@ def _preprocess_drop(
     }
 
 
-def _embed_drop(settings: Settings, drop_name: str, embedder: Embedder) -> dict[str, Any]:
+@_under_drop_lock
+def embed_drop(settings: Settings, drop_name: str, embedder: Embedder) -> dict[str, Any]:
     """Send every tensor batch through the model and store the vectors with their lineage and model version.
 
     Vectors of items the preprocess stage marked as reused are copied from the drop's previous embeddings
@@ -362,7 +378,8 @@ def embeddings_version(settings: Settings, drop_name: str, model: str) -> str:
     return f"{model}#{digest.hexdigest()[:16]}"
 
 
-def _index_drop(settings: Settings, drop_name: str, target) -> dict[str, Any]:
+@_under_drop_lock
+def index_drop(settings: Settings, drop_name: str, target) -> dict[str, Any]:
     """Upsert the drop's new or changed rows by id and take the drop out of rows it no longer lists.
 
     ``target`` is a :class:`~embedding_pipeline.index.collections.ModelCollections` (the drop goes into the
@@ -586,32 +603,3 @@ def report_summary(report: list[dict[str, Any]]) -> dict[str, Any]:
         **_failure_summary(failures),
     }
     return summary
-
-
-# -- the stages, each under its drop's lock ------------------------------------------------------------------------
-
-
-def build_manifest(settings: Settings, drop_name: str) -> dict[str, Any]:
-    """List the drop's items, read each once, hash it, check it is an image, and record a status per item."""
-    with drop_lock(settings.paths.data, drop_name):
-        return _build_manifest(settings, drop_name)
-
-
-def preprocess_drop(
-    settings: Settings, drop_name: str, model_input: tuple[str, Sequence[int]], model: str = ""
-) -> dict[str, Any]:
-    """Decode the drop's good items into exactly the model's input (see :func:`_preprocess_drop`)."""
-    with drop_lock(settings.paths.data, drop_name):
-        return _preprocess_drop(settings, drop_name, model_input, model)
-
-
-def embed_drop(settings: Settings, drop_name: str, embedder: Embedder) -> dict[str, Any]:
-    """Send every tensor batch through the model and store the vectors (see :func:`_embed_drop`)."""
-    with drop_lock(settings.paths.data, drop_name):
-        return _embed_drop(settings, drop_name, embedder)
-
-
-def index_drop(settings: Settings, drop_name: str, target) -> dict[str, Any]:
-    """Write the drop's rows into Milvus and take it out of rows it no longer holds (see :func:`_index_drop`)."""
-    with drop_lock(settings.paths.data, drop_name):
-        return _index_drop(settings, drop_name, target)

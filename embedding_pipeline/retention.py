@@ -179,12 +179,8 @@ class MilvusDropRows:
         return self._index(collection).count_drop(drop, consistency_level="Strong")
 
     def delete(self, collection: str, drop: str) -> int:
-        index = self._index(collection)
-        deleted = index.delete_drop(drop)
-        if deleted:
-            # Persisted now: a deleted drop must not come back after a server restart.
-            index.flush()
-        return deleted
+        # Persisted by delete_drop: a deleted drop must not come back after a server restart.
+        return self._index(collection).delete_drop(drop)
 
     def close(self) -> None:
         for index in self._indexes.values():

@@ -59,17 +59,11 @@ def run(settings: Settings, images: int = 5000, reps: int = 3) -> dict[str, Any]
                 "uri": ["u"] * BATCH}
         table = arrow.tensor_table(rows, tensors, schema)
         batches = -(-images // BATCH)
-        real_fsync = arrow._fsync
-
         def write(fsync: bool) -> None:
-            arrow._fsync = real_fsync if fsync else (lambda path: None)
-            try:
-                with arrow.DropWriter(work / ("synced" if fsync else "cached")) as writer:
-                    for _ in range(batches):
-                        writer.write(table)
-                    writer.commit()
-            finally:
-                arrow._fsync = real_fsync
+            with arrow.DropWriter(work / ("synced" if fsync else "cached"), durable=fsync) as writer:
+                for _ in range(batches):
+                    writer.write(table)
+                writer.commit()
 
         writes = _best({"page_cache": lambda: write(False), "fsync": lambda: write(True)}, reps)
 

@@ -601,7 +601,10 @@ class ImageIndex:
         gone: list[str] = []
         rewritten: list[dict[str, Any]] = []
         for row in self.rows(ids, fields).values():
-            members = [d for d in (row.get(MEMBERSHIP_FIELD) or []) if d != drop]
+            listed = row.get(MEMBERSHIP_FIELD) or []
+            if drop not in listed:
+                continue  # not this drop's row: never deleted or rewritten on its behalf
+            members = [d for d in listed if d != drop]
             if not members:
                 gone.append(row["id"])
             else:
@@ -628,7 +631,10 @@ class ImageIndex:
         deleted, as that version did."""
         if not self.has_membership():
             ids = {r["id"] for r in self._iterate(expressions.equals("drop", drop), ["id"], strong=True)}
-            return self.delete_ids(ids)
+            deleted = self.delete_ids(ids)
+            if deleted:
+                self.flush()
+            return deleted
         deleted, _ = self.release(drop, self.drop_ids(drop))
         return deleted
 

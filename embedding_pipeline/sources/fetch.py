@@ -86,7 +86,7 @@ def read_local_file(path: str | Path, roots: list[Path], max_bytes: int) -> tupl
     if not any(_inside(real, _real_root(str(root))) for root in roots):
         raise FetchError("outside_roots", f"path outside the allowed roots: {path}")
     try:
-        # Look before opening: opening a FIFO for reading blocks until a writer appears.
+        # Look before opening: a device is never opened (opening some has effects), a file over the cap never read.
         info = os.stat(real)
         if not stat.S_ISREG(info.st_mode):
             raise FetchError("not_a_file", f"not a regular file ({_file_type(info.st_mode)}): {path}")

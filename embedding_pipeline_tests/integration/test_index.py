@@ -355,3 +355,22 @@ def test_hostile_ids_round_trip_and_delete_only_themselves(store):
             assert index.drop_ids("h") == set() and index.drop_ids("d") == everything
 
         one_id()
+
+
+def test_releasing_a_drop_touches_only_rows_it_lists(store):
+    """Membership release, with a drop name built to widen an expression: shared rows lose only that drop, rows it
+    does not list are never deleted or rewritten, whatever ids the caller passes."""
+    hostile = 'a") or true or ("'
+    with ImageIndex(store.with_(collection=unique("release"))) as index:
+        index.ensure_collection(DIM)
+        vectors = unit_vectors(3, seed=5)
+        rows = make_rows(vectors, drop=hostile, prefix="r")
+        rows[0]["drops"], rows[1]["drops"] = [hostile, "b"], [hostile]
+        rows[2].update(drop="b", drops=["b"])
+        index.upsert(rows)
+        assert index.release(hostile, ["r0", "r1", "r2", "missing"]) == (1, 1)
+        assert index.rows(["r0", "r1", "r2"], ["id", "drops", "drop"]) == {
+            "r0": {"id": "r0", "drops": ["b"], "drop": "b"}, "r2": {"id": "r2", "drops": ["b"], "drop": "b"}}
+        assert index.release(hostile, ["r0", "r2"]) == (0, 0)  # not listed by it any more: untouched
+        assert index.count() == 2 and index.drop_ids("b") == {"r0", "r2"}
+        np.testing.assert_allclose(index.vectors(["r0"])["r0"], vectors[0], atol=1e-6)

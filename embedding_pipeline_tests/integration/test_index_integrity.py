@@ -12,6 +12,7 @@ item's input, a failed re-run or another drop.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -53,7 +54,7 @@ def _image(k: int) -> bytes:
 
 
 PNG = [_image(k) for k in range(IMAGES)]
-SHA = [__import__("hashlib").sha256(data).hexdigest() for data in PNG]
+SHA = [hashlib.sha256(data).hexdigest() for data in PNG]
 
 
 class Images(ThreadingHTTPServer):
