@@ -19,7 +19,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 def cmd_setup(args: argparse.Namespace) -> int:
     """Build (or reuse) the serving and model-build environments and the default model."""
-    from embedding_pipeline.serving.environments import ensure_env
+    from embedding_pipeline.runtime.environments import ensure_env
     from embedding_pipeline.serving.models import ensure_default_model
 
     paths = _settings(args).paths
@@ -43,7 +43,8 @@ def cmd_services(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from embedding_pipeline import processes, services
+    from embedding_pipeline import services
+    from embedding_pipeline.runtime import processes
     from embedding_pipeline.sources.samples import write_sample_drop
 
     settings = _settings(args)

@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from embedding_pipeline import quality
 from embedding_pipeline.index.client import MAX_DROPS_PER_ROW
-from embedding_pipeline.locks import drop_lock, membership_lock
+from embedding_pipeline.runtime.locks import drop_lock, membership_lock
 from embedding_pipeline.preprocess.preprocessor import SourceError, for_model
 from embedding_pipeline.settings import QualitySettings, Settings
 from embedding_pipeline.sources.drops import find_drop

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from embedding_pipeline.index.client import ImageIndex
 from embedding_pipeline.index.collections import ModelCollections
 from embedding_pipeline.ingest import drop_files
-from embedding_pipeline.locks import drop_lock, membership_lock
+from embedding_pipeline.runtime.locks import drop_lock, membership_lock
 from embedding_pipeline.settings import MilvusSettings, Settings
 from embedding_pipeline.sources.drops import DROP_NAME
 from embedding_pipeline.sources.items import blob_path

@@ -58,7 +58,7 @@ def ingest(settings: Settings, path: Path, name: str | None = None) -> dict[str,
     use_dagster_home(settings)
     instance = DagsterInstance.get()
     drop = _checked_name(name or Path(path).resolve().name)
-    from embedding_pipeline.locks import drop_lock
+    from embedding_pipeline.runtime.locks import drop_lock
     from embedding_pipeline.retention import DropBusyError, runs_in_progress
 
     with drop_lock(settings.paths.data, drop):  # no deletion of this drop interleaves with placing it

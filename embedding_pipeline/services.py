@@ -12,10 +12,10 @@ import sys
 from importlib import resources
 from pathlib import Path
 
-from embedding_pipeline import processes
+from embedding_pipeline.runtime import processes
 from embedding_pipeline.index.server import milvus_status, start_milvus, stop_milvus
 from embedding_pipeline.serving.server import start_triton, stop_triton, triton_status
-from embedding_pipeline.state import private_state_dir
+from embedding_pipeline.runtime.state import private_state_dir
 from embedding_pipeline.settings import CONFIG_ENV, Settings, config_path
 
 WEBSERVER, DAEMON, API = "dagster-webserver", "dagster-daemon", "api"

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from embedding_pipeline.state import StatePaths, state_home
+from embedding_pipeline.runtime.state import StatePaths, state_home
 
 CONFIG_ENV = "EMBEDDING_PIPELINE_CONFIG"
 DEFAULT_CONFIG_FILE = "embedding_pipeline.yaml"

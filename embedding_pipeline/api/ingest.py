@@ -200,7 +200,7 @@ class DagsterRuns:
 
     def reachable(self) -> dict[str, Any]:
         """Whether the instance answers and the webserver is up."""
-        from embedding_pipeline import processes
+        from embedding_pipeline.runtime import processes
         from embedding_pipeline.services import webserver_url
 
         url = webserver_url(self.settings)

@@ -221,7 +221,7 @@ def probe_dimension(url: str, collection: str | None, headers: dict[str, str]) -
 def fill_collection(settings: Settings, url: str, vectors: int, headers: dict[str, str]) -> dict[str, Any]:
     """Create the benchmark's collection through the API and fill it with ``vectors`` synthetic unit vectors
     (straight into Milvus: ingest through Dagster is not what is measured); waits until they are indexed."""
-    from embedding_pipeline import processes
+    from embedding_pipeline.runtime import processes
     from embedding_pipeline.bench import corpus as corpus_mod
     from embedding_pipeline.bench.insert import build_index
     from embedding_pipeline.index.client import ImageIndex
@@ -295,7 +295,8 @@ def run(settings: Settings, requests_per_kind: int = 2000, clients: int = 8, url
 
 def _run_own(settings: Settings, requests_per_kind: int, clients: int, vectors: int, topk: int,
              headers: dict[str, str], config: dict[str, Any]) -> dict[str, Any]:
-    from embedding_pipeline import processes, services
+    from embedding_pipeline import services
+    from embedding_pipeline.runtime import processes
 
     if settings.api.host not in ("127.0.0.1", "::1", "localhost"):
         raise ValueError(f"api.host is {settings.api.host!r}: the API benchmark runs the API on loopback only")

@@ -51,7 +51,7 @@ def _reader(path: Path) -> Callable[[], bytes]:
 def model_only(settings: Settings, model: Path, seconds: float, batch: int) -> dict[str, Any]:
     """The model's own throughput: ONNX Runtime in the serving environment (the probe prints one JSON line)."""
     from embedding_pipeline.bench.preprocess import PROBE
-    from embedding_pipeline.serving.environments import ensure_env
+    from embedding_pipeline.runtime.environments import ensure_env
 
     python = ensure_env(settings.paths, "serving")
     argv = [str(python), "-I", str(PROBE), "--model", str(model), "--seconds", str(seconds), "--batch", str(batch)]

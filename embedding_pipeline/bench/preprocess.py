@@ -79,7 +79,7 @@ def pipeline_rate(images: list[bytes], settings: Settings, datatype: str, shape:
 
 
 def model_rate(settings: Settings, model: Path, seconds: float) -> dict[str, Any]:
-    from embedding_pipeline.serving.environments import ensure_env
+    from embedding_pipeline.runtime.environments import ensure_env
 
     python = ensure_env(settings.paths, "serving")
     out = subprocess.run(

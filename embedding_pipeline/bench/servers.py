@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from embedding_pipeline import processes
+from embedding_pipeline.runtime import processes
 from embedding_pipeline.settings import MilvusSettings, Settings
-from embedding_pipeline.state import CACHE_ENV
+from embedding_pipeline.runtime.state import CACHE_ENV
 
 STORES = ("lite", "standalone")
 

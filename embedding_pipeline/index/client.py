@@ -129,7 +129,7 @@ def connect(settings: MilvusSettings, timeout: float = 30.0):
 
 def connection_problem(settings: MilvusSettings, exc: BaseException) -> str:
     """A message for a failed connection that says what to check; names the URI, never a secret."""
-    from embedding_pipeline.processes import port_open
+    from embedding_pipeline.runtime.processes import port_open
 
     where = redact(settings.uri)
     text = str(exc)

@@ -40,12 +40,12 @@ from typing import Any
 
 import yaml
 
-from embedding_pipeline import processes
+from embedding_pipeline.runtime import processes
 from embedding_pipeline.index import netns
-from embedding_pipeline.locks import file_lock
-from embedding_pipeline.serving.environments import env_dir, ensure_env
+from embedding_pipeline.runtime.locks import file_lock
+from embedding_pipeline.runtime.environments import env_dir, ensure_env
 from embedding_pipeline.settings import MilvusSettings
-from embedding_pipeline.state import StatePaths
+from embedding_pipeline.runtime.state import StatePaths
 
 ENV_NAME = "milvus-standalone"
 PROCESS_NAME = "milvus-standalone"

@@ -17,7 +17,7 @@ import os
 import secrets
 from pathlib import Path
 
-from embedding_pipeline.state import StatePaths
+from embedding_pipeline.runtime.state import StatePaths
 
 HEADER = "x-embedding-pipeline-admin"
 KEY_FILE = "triton-admin.key"

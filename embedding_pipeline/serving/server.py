@@ -21,14 +21,15 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from embedding_pipeline import processes
-from embedding_pipeline.processes import ServiceError, is_secret_variable
+from embedding_pipeline.runtime import processes
+from embedding_pipeline.runtime.processes import ServiceError, is_secret_variable
 from embedding_pipeline.serving import admin
-from embedding_pipeline.serving.environments import env_dir, ensure_env, file_lock
+from embedding_pipeline.runtime.environments import env_dir, ensure_env
+from embedding_pipeline.runtime.locks import file_lock
 from embedding_pipeline.serving.models import ModelArtifact, configured_sha256, model_artifact
 from embedding_pipeline.serving.repository import write_model_repository
 from embedding_pipeline.settings import Settings, TritonSettings
-from embedding_pipeline.state import StatePaths
+from embedding_pipeline.runtime.state import StatePaths
 
 PROCESS_NAME = "triton"
 MODEL_VERSION = "1"

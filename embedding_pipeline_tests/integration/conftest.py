@@ -14,9 +14,9 @@ from typing import Iterator
 
 import pytest
 
-from embedding_pipeline.processes import free_ports
+from embedding_pipeline.runtime.processes import free_ports
 from embedding_pipeline.settings import CONFIG_ENV, Settings, load_settings
-from embedding_pipeline.state import CACHE_ENV, HOME_ENV
+from embedding_pipeline.runtime.state import CACHE_ENV, HOME_ENV
 from embedding_pipeline_tests.integration.milvus_servers import milvus_lite, standalone_milvus  # noqa: F401 - fixtures
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -19,9 +19,9 @@ from typing import Iterator
 import pytest
 
 from embedding_pipeline.index.standalone import ServerTls, StandaloneMilvus
-from embedding_pipeline.processes import free_ports
+from embedding_pipeline.runtime.processes import free_ports
 from embedding_pipeline.settings import MilvusSettings, Settings, load_settings
-from embedding_pipeline.state import HOME_ENV, StatePaths
+from embedding_pipeline.runtime.state import HOME_ENV, StatePaths
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from typing import Iterator
 
 import pytest
 
-from embedding_pipeline.processes import free_ports
+from embedding_pipeline.runtime.processes import free_ports
 
 PG_ROOT = Path("/usr/lib/postgresql")
 REQUIRE_ENV = "EMBEDDING_PIPELINE_REQUIRE_SYSTEM_PACKAGES"

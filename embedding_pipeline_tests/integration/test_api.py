@@ -22,7 +22,7 @@ import pytest
 import requests
 
 from embedding_pipeline import services
-from embedding_pipeline.processes import free_ports, http_ok
+from embedding_pipeline.runtime.processes import free_ports, http_ok
 from embedding_pipeline.settings import Settings
 from embedding_pipeline.sources.samples import load_photo
 from embedding_pipeline_tests.http_servers import TestServer

@@ -24,7 +24,9 @@ from hypothesis import strategies as st
 from schemathesis import GenerationMode
 from schemathesis.specs.openapi.checks import response_schema_conformance
 
-from embedding_pipeline import processes, services
+from embedding_pipeline import services
+
+from embedding_pipeline.runtime import processes
 from embedding_pipeline.settings import Settings
 from embedding_pipeline_tests.integration.conftest import running_stack, write_config
 

@@ -5,7 +5,9 @@ import json
 
 import pytest
 
-from embedding_pipeline import processes, services
+from embedding_pipeline import services
+
+from embedding_pipeline.runtime import processes
 from embedding_pipeline.bench import api as bench_api
 from embedding_pipeline.cli import main
 

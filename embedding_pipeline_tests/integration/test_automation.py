@@ -28,7 +28,9 @@ import yaml
 from dagster import DagsterEventType, DagsterInstance, DagsterRun, DagsterRunStatus, RunsFilter
 from dagster._core.instance.ref import InstanceRef
 
-from embedding_pipeline import processes, services
+from embedding_pipeline import services
+
+from embedding_pipeline.runtime import processes
 from embedding_pipeline.settings import Settings
 from embedding_pipeline.sources.drops import READY_MARKER
 from embedding_pipeline.sources.samples import load_photo

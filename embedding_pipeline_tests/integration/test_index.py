@@ -14,7 +14,7 @@ import pytest
 from embedding_pipeline.index.client import CollectionError, ImageIndex
 from embedding_pipeline.index.standalone import DEFAULT_ROOT_PASSWORD, ServerTls, StandaloneError, StandaloneMilvus
 from embedding_pipeline.settings import ConfigError, MilvusSettings
-from embedding_pipeline.state import StatePaths
+from embedding_pipeline.runtime.state import StatePaths
 from embedding_pipeline_tests.integration.milvus_servers import MilvusStore, tls_files
 
 pytestmark = pytest.mark.integration

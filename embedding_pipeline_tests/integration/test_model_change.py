@@ -19,7 +19,9 @@ import pytest
 import yaml
 from dagster import AssetKey, DagsterInstance, DagsterRunStatus, RunsFilter
 
-from embedding_pipeline import processes, runs, services
+from embedding_pipeline import runs, services
+
+from embedding_pipeline.runtime import processes
 from embedding_pipeline.defs import defs
 from embedding_pipeline.cli import main
 from embedding_pipeline.defs.models import observe_model

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from embedding_pipeline import processes
+from embedding_pipeline.runtime import processes
 from embedding_pipeline.serving.client import TritonClientError, TritonEmbedder
 from embedding_pipeline.serving.server import PROCESS_NAME, start_triton, triton_status
 

@@ -26,7 +26,7 @@ from embedding_pipeline.serving.client import (
     TritonClientError,
     TritonEmbedder,
 )
-from embedding_pipeline.processes import free_ports
+from embedding_pipeline.runtime.processes import free_ports
 
 pytestmark = pytest.mark.integration
 

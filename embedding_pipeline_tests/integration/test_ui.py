@@ -17,7 +17,9 @@ from pathlib import Path
 import pytest
 from dagster import DagsterInstance
 
-from embedding_pipeline import processes, runs, services
+from embedding_pipeline import runs, services
+
+from embedding_pipeline.runtime import processes
 from embedding_pipeline.sources.samples import load_photo
 from embedding_pipeline_tests.browser import (
     artifacts_dir,

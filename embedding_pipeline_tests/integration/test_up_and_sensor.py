@@ -15,7 +15,9 @@ import requests
 from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
 from dagster._core.instance.ref import InstanceRef
 
-from embedding_pipeline import processes, services
+from embedding_pipeline import services
+
+from embedding_pipeline.runtime import processes
 from embedding_pipeline.settings import load_settings
 from embedding_pipeline.sources.drops import READY_MARKER
 from embedding_pipeline.sources.samples import load_photo

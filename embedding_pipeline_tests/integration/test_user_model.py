@@ -18,8 +18,10 @@ import numpy as np
 import pytest
 import yaml
 
-from embedding_pipeline import processes, runs
-from embedding_pipeline.processes import free_ports
+from embedding_pipeline import runs
+
+from embedding_pipeline.runtime import processes
+from embedding_pipeline.runtime.processes import free_ports
 from embedding_pipeline.index.client import ImageIndex
 from embedding_pipeline.preprocess.preprocessor import for_model, from_settings
 from embedding_pipeline.preprocess.spec import TensorSpec

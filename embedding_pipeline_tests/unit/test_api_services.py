@@ -79,7 +79,7 @@ def test_health_is_down_when_any_service_is():
 def test_insert_without_a_webserver_is_503_and_leaves_nothing_behind(tmp_path: Path, monkeypatch):
     from embedding_pipeline import services
     from embedding_pipeline.api.ingest import DagsterRuns
-    from embedding_pipeline.processes import free_ports
+    from embedding_pipeline.runtime.processes import free_ports
 
     settings = Settings(home=tmp_path / "home")
     (settings.dagster.webserver_port,) = free_ports(1)  # nothing listens there

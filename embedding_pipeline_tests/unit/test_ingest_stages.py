@@ -151,7 +151,7 @@ def test_a_stage_waits_for_the_drops_lock_held_by_a_deletion(settings):
     import threading
     import time
 
-    from embedding_pipeline.locks import drop_lock
+    from embedding_pipeline.runtime.locks import drop_lock
 
     done = threading.Event()
     with drop_lock(settings.paths.data, "d1"):  # what retention holds while it deletes the drop

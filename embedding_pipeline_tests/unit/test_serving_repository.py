@@ -275,7 +275,7 @@ def test_inspect_names_a_file_that_is_not_onnx(tmp_path):
 
 def test_user_model_artifact_is_inspected_checked_and_identified(fake_serving_env, tmp_path):
     from embedding_pipeline.serving.models import file_sha256, model_artifact
-    from embedding_pipeline.state import StatePaths
+    from embedding_pipeline.runtime.state import StatePaths
 
     paths = StatePaths(tmp_path / "home")
     path = tiny_model.write_fp32_nchw_model(tmp_path / "mine.onnx")

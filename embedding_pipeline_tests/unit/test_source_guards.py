@@ -76,7 +76,7 @@ def test_a_16_bit_image_decodes_without_float64_temporaries():
 def test_the_state_directory_is_private(tmp_path):
     import stat
 
-    from embedding_pipeline.state import private_state_dir
+    from embedding_pipeline.runtime.state import private_state_dir
 
     new = private_state_dir(tmp_path / "home")
     assert stat.S_IMODE(new.stat().st_mode) == 0o700

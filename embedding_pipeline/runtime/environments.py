@@ -18,8 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-from embedding_pipeline.locks import file_lock  # noqa: F401 - re-exported for the serving modules
-from embedding_pipeline.state import StatePaths
+from embedding_pipeline.runtime.locks import file_lock
+from embedding_pipeline.runtime.state import StatePaths
 
 log = logging.getLogger(__name__)
 
