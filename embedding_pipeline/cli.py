@@ -116,7 +116,8 @@ def cmd_serve_api(args: argparse.Namespace) -> int:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from embedding_pipeline import runs, services
+    from embedding_pipeline import services
+    from embedding_pipeline.orchestration import runs
 
     settings = _settings(args)
     started = services.start_services(settings)
@@ -199,13 +200,13 @@ def cmd_items(args: argparse.Namespace) -> int:
 def cmd_delete_drop(args: argparse.Namespace) -> int:
     """Delete a drop through the `delete_drop` job (a dry run without --yes), so it shows in the run history."""
     from embedding_pipeline import retention
-    from embedding_pipeline.defs.retention import execute_delete_drop
+    from embedding_pipeline.orchestration.runs import execute_delete_drop
     from embedding_pipeline.index.server import start_milvus
 
     settings = _settings(args)
     retention.check_name(args.drop)
     start_milvus(settings)  # its rows are in Milvus: a local one is started like `ingest` does
-    outcome = execute_delete_drop(args.drop, dry_run=not args.yes)
+    outcome = execute_delete_drop(settings, args.drop, dry_run=not args.yes)
     if not outcome["success"]:
         for error in outcome["errors"]:
             print(f"error: {error['error']}", file=sys.stderr)
@@ -232,19 +233,11 @@ def cmd_models(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     if args.action == "switch":
-        from dagster import DagsterInstance
+        from embedding_pipeline.orchestration.runs import switch_search
 
-        from embedding_pipeline import runs
-        from embedding_pipeline.defs import defs
-        from embedding_pipeline.services import use_dagster_home
-
-        use_dagster_home(settings)
-        config = {"ops": {"switch_collection": {"config": {"target": args.to or "", "force": args.force}}}}
-        result = defs.resolve_job_def("switch_search_collection").execute_in_process(
-            run_config=config, instance=DagsterInstance.get(), raise_on_error=False
-        )
-        if not result.success:
-            for error in runs.step_errors(result.all_events):
+        outcome = switch_search(settings, args.to or "", args.force)
+        if not outcome["success"]:
+            for error in outcome["errors"]:
                 print(f"error: {error['error']}", file=sys.stderr)
             return 1
     with ModelCollections(settings.milvus) as collections:
@@ -264,14 +257,12 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_reembed(args: argparse.Namespace) -> int:
     """Submit a backfill of ingest_drop over every drop; the Dagster daemon runs it."""
-    from dagster import DagsterInstance
-
-    from embedding_pipeline.defs.models import launch_reembed_backfill, observe_model
-    from embedding_pipeline.services import use_dagster_home
+    from embedding_pipeline.orchestration.backfill import launch_reembed_backfill
+    from embedding_pipeline.orchestration.instance import pipeline_instance
+    from embedding_pipeline.orchestration.runs import observe_model
 
     settings = _settings(args)
-    use_dagster_home(settings)
-    instance = DagsterInstance.get()
+    instance = pipeline_instance(settings)
     label = observe_model(instance)  # recorded first: the UI then shows every embedded drop as stale
     backfill_id, drops = launch_reembed_backfill(instance)
     print(f"backfill {backfill_id}: {len(drops)} drop(s) to re-embed with {label}; the Dagster daemon runs it "

@@ -35,26 +35,18 @@ import uuid
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from embedding_pipeline.index.client import ImageIndex
 from embedding_pipeline.index.collections import ModelCollections
 from embedding_pipeline.ingest import drop_files
+from embedding_pipeline.orchestration.names import DROPS_PARTITION as PARTITIONS
 from embedding_pipeline.runtime.locks import drop_lock, membership_lock
 from embedding_pipeline.settings import MilvusSettings, Settings
 from embedding_pipeline.sources.drops import DROP_NAME
 from embedding_pipeline.sources.items import blob_path
 from embedding_pipeline.sources.manifest import is_url
 from embedding_pipeline.storage import arrow
-
-if TYPE_CHECKING:
-    from dagster import DagsterInstance
-
-PARTITIONS = "drops"  # the name of the DynamicPartitionsDefinition every asset is partitioned by
-# Run tags that name a drop: the sensor, schedule and CLI tag runs with "drop"; Dagster tags partitioned runs.
-DROP_TAGS = ("drop", "dagster/partition")
-# Every asset of the ingest chain, whose per-partition history is wiped with the drop where the storage allows.
-ASSET_KEYS = ("raw_image_manifest", "preprocessed_batches", "image_embeddings", "milvus_collection")
 
 
 class UnknownDropError(ValueError):
@@ -154,6 +146,19 @@ class DropRows(Protocol):
     def delete(self, collection: str, drop: str) -> int: ...
 
     def close(self) -> None: ...
+
+
+class DropRegistry(Protocol):
+    """Where drops are registered as partitions, with their runs and history (the Dagster instance:
+    :class:`embedding_pipeline.orchestration.instance.DagsterDrops`)."""
+
+    def is_partition(self, drop: str) -> bool: ...
+
+    def runs_in_progress(self, drop: str, this_run: str | None = None) -> list[str]: ...
+
+    def wipe_history(self, drop: str) -> str: ...
+
+    def delete_partition(self, drop: str) -> None: ...
 
 
 class MilvusDropRows:
@@ -259,30 +264,16 @@ def _blobs(settings: Settings, drop: str) -> tuple[list[Path], int]:
     return mine, len(existing) - len(mine)
 
 
-def runs_in_progress(instance: "DagsterInstance", drop: str, this_run: str | None) -> list[str]:
-    from dagster import DagsterRunStatus, RunsFilter
-
-    # Queued and starting runs count: they are about to read and write the drop's files.
-    busy = [DagsterRunStatus.NOT_STARTED, DagsterRunStatus.QUEUED, DagsterRunStatus.STARTING,
-            DagsterRunStatus.STARTED, DagsterRunStatus.CANCELING]
-    run_ids: set[str] = set()
-    for tag in DROP_TAGS:
-        for run in instance.get_runs(filters=RunsFilter(tags={tag: drop}, statuses=busy)):
-            run_ids.add(run.run_id)
-    run_ids.discard(this_run or "")
-    return sorted(run_ids)
-
-
 def plan_drop_deletion(
     settings: Settings,
     drop: str,
-    instance: "DagsterInstance | None" = None,
+    registry: DropRegistry | None = None,
     rows: DropRows | None = None,
     this_run: str | None = None,
 ) -> DeletionPlan:
     """What deleting ``drop`` would remove; removes nothing.
 
-    ``instance`` (optional) adds whether the drop is a partition and which runs are working on it (``this_run``,
+    ``registry`` (optional) adds whether the drop is a partition and which runs are working on it (``this_run``,
     the caller's own run, left out). ``rows`` is the vector store (default: the configured Milvus). Raises
     ``ValueError`` for an invalid name and :class:`UnknownDropError` when nothing of the drop exists.
     """
@@ -307,9 +298,9 @@ def plan_drop_deletion(
             count = rows.count(collection, drop)
             if count:
                 plan.rows[collection] = count
-    if instance is not None:
-        plan.partition = instance.has_dynamic_partition(PARTITIONS, drop)
-        plan.runs_in_progress = runs_in_progress(instance, drop, this_run)
+    if registry is not None:
+        plan.partition = registry.is_partition(drop)
+        plan.runs_in_progress = registry.runs_in_progress(drop, this_run)
     if plan.empty:
         raise UnknownDropError(
             f"no drop named {drop!r}: it is not a partition of {PARTITIONS!r} and has no source in "
@@ -334,23 +325,10 @@ def _remove(path: Path) -> None:
                 path.parent.rmdir()
 
 
-def _wipe_history(instance: "DagsterInstance", drop: str) -> str:
-    from dagster import AssetKey
-
-    try:
-        for key in ASSET_KEYS:
-            instance.wipe_asset_partitions(AssetKey(key), [drop])
-    except NotImplementedError:
-        # The open-source SQL event storages (SQLite, PostgreSQL) do not implement per-partition wipes; the runs
-        # and their events stay as an audit trail, and with the partition gone the UI no longer lists the drop.
-        return "kept (this event storage cannot wipe single partitions; runs stay as the audit trail)"
-    return "wiped"
-
-
 def delete_drop(
     settings: Settings,
     drop: str,
-    instance: "DagsterInstance",
+    registry: DropRegistry,
     rows: DropRows | None = None,
     this_run: str | None = None,
 ) -> DeletionResult:
@@ -367,7 +345,7 @@ def delete_drop(
         if rows is None:
             rows = MilvusDropRows(settings.milvus)
             stack.callback(rows.close)
-        plan = plan_drop_deletion(settings, drop, instance, rows=rows, this_run=this_run)
+        plan = plan_drop_deletion(settings, drop, registry, rows=rows, this_run=this_run)
         if plan.runs_in_progress:
             raise DropBusyError(
                 f"drop {drop!r} has {len(plan.runs_in_progress)} run(s) queued or in progress "
@@ -389,8 +367,8 @@ def delete_drop(
                 )
             if deleted or collection in plan.rows:
                 result.deleted_rows[collection] = deleted
-    result.history = _wipe_history(instance, drop)
+    result.history = registry.wipe_history(drop)
     # The partition last: until here the drop stays known, so an interrupted deletion can be run again.
-    instance.delete_dynamic_partition(PARTITIONS, drop)
-    result.partition_deleted = plan.partition and not instance.has_dynamic_partition(PARTITIONS, drop)
+    registry.delete_partition(drop)
+    result.partition_deleted = plan.partition and not registry.is_partition(drop)
     return result

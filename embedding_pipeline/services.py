@@ -9,37 +9,20 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-from importlib import resources
 from pathlib import Path
 
 from embedding_pipeline.runtime import processes
-from embedding_pipeline.index.server import milvus_status, start_milvus, stop_milvus
-from embedding_pipeline.serving.server import start_triton, stop_triton, triton_status
 from embedding_pipeline.runtime.state import private_state_dir
+from embedding_pipeline.orchestration.instance import create_instance_storage, prepare_dagster_home
+from embedding_pipeline.index.server import milvus_status, start_milvus, stop_milvus
+from embedding_pipeline.index.collections import ModelCollections
+from embedding_pipeline.serving.client import ModelLabel
+from embedding_pipeline.serving.server import start_triton, stop_triton, triton_status
 from embedding_pipeline.settings import CONFIG_ENV, Settings, config_path
 
 WEBSERVER, DAEMON, API = "dagster-webserver", "dagster-daemon", "api"
 # Every process the pipeline may start, in the order to stop them (the API first: it calls all the others).
 MANAGED = (API, WEBSERVER, DAEMON, "triton", "milvus")
-LOCATION_NAME = "embedding_pipeline"
-
-
-def prepare_dagster_home(settings: Settings, instance_yaml: str | None = None) -> Path:
-    """Write the instance config (the packaged one unless ``instance_yaml`` is given) and a workspace file into the
-    Dagster home; returns the workspace file."""
-    home = settings.paths.dagster_home
-    private_state_dir(settings.paths.root)
-    home.mkdir(parents=True, exist_ok=True)
-    instance = instance_yaml or resources.files("embedding_pipeline").joinpath("dagster_instance.yaml").read_text()
-    (home / "dagster.yaml").write_text(instance)
-    workspace = home / "workspace.yaml"
-    workspace.write_text(
-        "load_from:\n"
-        "  - python_module:\n"
-        "      module_name: embedding_pipeline.defs\n"
-        f"      location_name: {LOCATION_NAME}\n"
-    )
-    return workspace
 
 
 def child_env(settings: Settings) -> dict[str, str]:
@@ -55,20 +38,33 @@ def child_env(settings: Settings) -> dict[str, str]:
     return env
 
 
-def use_dagster_home(settings: Settings) -> None:
-    """Point this process at the pipeline's Dagster instance unless DAGSTER_HOME is set already."""
-    if not os.environ.get("DAGSTER_HOME"):
-        prepare_dagster_home(settings)
-        os.environ["DAGSTER_HOME"] = str(settings.paths.dagster_home)
-
-
 def start_services(settings: Settings) -> list[str]:
     """Make Milvus and Triton ready; returns the names of the servers this call had to start."""
     private_state_dir(settings.paths.root)
     before = {name for name in ("milvus", "triton") if processes.read(settings.paths.run, name)}
     start_milvus(settings)
-    start_triton(settings)
+    start_triton(settings, lambda: models_in_use(settings))
     return [name for name in ("milvus", "triton") if name not in before and processes.read(settings.paths.run, name)]
+
+
+def models_in_use(settings: Settings) -> set[str] | None:
+    """The 12-hex file hashes of the models whose vectors the collections behind ``milvus.collection`` hold;
+    None when Milvus cannot tell (not running, unreachable): then Triton retires no archived model."""
+    milvus = settings.milvus
+    if not processes.port_open(milvus.host, milvus.port, timeout=2):
+        return None
+    try:
+        with ModelCollections(milvus, connect_timeout=5) as collections:
+            labels = collections.labels()
+    except Exception:  # noqa: BLE001 - Milvus unusable: keep every archived model
+        return None
+    hashes = set()
+    for label in labels:
+        try:
+            hashes.add(ModelLabel.parse(label).artifact[:12])
+        except ValueError:
+            continue
+    return hashes
 
 
 def stop_services(settings: Settings, only: list[str] | None = None) -> list[str]:
@@ -97,20 +93,11 @@ def webserver_url(settings: Settings) -> str:
     return f"http://{settings.dagster.webserver_host}:{settings.dagster.webserver_port}"
 
 
-def _create_instance_storage(settings: Settings) -> None:
-    """Create (or migrate) the instance's storage once, before the daemon and webserver start: two processes
-    creating a fresh SQLite instance at the same moment can both record the schema version."""
-    from dagster import DagsterInstance
-
-    with DagsterInstance.from_config(str(settings.paths.dagster_home)):
-        pass
-
-
 def start_dagster(settings: Settings, timeout_s: float = 120.0, instance_yaml: str | None = None) -> None:
     workspace = prepare_dagster_home(settings, instance_yaml)
     env = child_env(settings)
     paths = settings.paths
-    _create_instance_storage(settings)
+    create_instance_storage(settings)
     if processes.read(paths.run, DAEMON) is None:
         processes.start(paths.run, paths.logs, DAEMON, [_tool("dagster-daemon"), "run", "-w", str(workspace)], env=env)
     if processes.read(paths.run, WEBSERVER) is None:

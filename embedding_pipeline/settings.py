@@ -146,7 +146,7 @@ class SourceSettings(_Section):
     @field_validator("private_allowlist")
     @classmethod
     def _valid_allowlist(cls, entries: list[str]) -> list[str]:
-        from embedding_pipeline.sources.addresses import parse_entry
+        from embedding_pipeline.runtime.addresses import parse_entry
 
         for entry in entries:
             parse_entry(entry)  # raises ValueError naming the entry

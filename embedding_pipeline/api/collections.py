@@ -71,7 +71,7 @@ class CollectionService:
                 search = probe.search_collection()
                 existing = search if search == request.name else (target if target in probe.names() else None)
                 if existing is not None:
-                    with probe.index(existing) as index, index._guard("describing the index"):
+                    with probe.index(existing) as index, index.guard("describing the index"):
                         found = index.describe_index()
                     # What the request leaves open is what the collection has: asking again is not a conflict.
                     request = request.model_copy(update={

@@ -141,7 +141,7 @@ class SearchService:
         from embedding_pipeline.retrieval import ImageSearcher
 
         probe = ImageIndex(self.settings.milvus.model_copy(update={"collection": collection}))
-        with probe, probe._guard("describing the index"):
+        with probe, probe.guard("describing the index"):
             try:
                 info = probe.describe_index()
             except Exception:  # noqa: BLE001 - a collection without an index: the settings' type applies

@@ -29,7 +29,7 @@ COLLECTION = "bench_ingest"
 
 def _child(path: str, drop: str) -> None:
     """Runs inside the child: ingest one drop, print the summary with this process's peak RSS."""
-    from embedding_pipeline import runs
+    from embedding_pipeline.orchestration import runs
 
     started = time.perf_counter()
     summary = runs.ingest(load_settings(), Path(path), drop)

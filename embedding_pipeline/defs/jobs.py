@@ -18,10 +18,11 @@ from dagster import (
 
 from embedding_pipeline.defs.assets import GROUP
 from embedding_pipeline.defs.resources import MilvusResource, TritonResource
+from embedding_pipeline.orchestration.names import INGEST_JOB
 
 # In-process: the four steps share one process, so JAX and the clients initialise once per run.
 ingest_drop_job = define_asset_job(
-    "ingest_drop",
+    INGEST_JOB,
     selection=AssetSelection.groups(GROUP),
     executor_def=in_process_executor,
     description="Ingest one drop (partition): manifest → tensor batches → embeddings → Milvus.",

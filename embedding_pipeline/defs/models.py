@@ -5,7 +5,8 @@ and the switch of search to the new model's collection.
   uses it as its data version; ``image_embeddings`` depends on it, so after a model change (and an observation:
   *Observe sources* in the UI, or ``embedding-pipeline reembed``) every embedded drop shows as stale.
 * Re-embedding is a backfill of the ``ingest_drop`` job over all ``drops`` partitions, executed by the daemon
-  (``Materialize all`` / *Launch backfill* in the UI, or :func:`launch_reembed_backfill`). Each run writes its drop
+  (``Materialize all`` / *Launch backfill* in the UI, or
+  :func:`embedding_pipeline.orchestration.backfill.launch_reembed_backfill`). Each run writes its drop
   into the new model's collection; search stays on the old one meanwhile.
 * ``switch_search_collection`` moves the search alias to the new model's collection once it holds every drop.
 """
@@ -15,7 +16,6 @@ from typing import Any
 from dagster import (
     AssetSelection,
     Config,
-    DagsterInstance,
     DataVersion,
     MetadataValue,
     OpExecutionContext,
@@ -26,13 +26,10 @@ from dagster import (
 )
 
 from embedding_pipeline.defs.partitions import drops_partitions
+from embedding_pipeline.orchestration.names import OBSERVE_MODEL_JOB, SWITCH_JOB
 from embedding_pipeline.defs.resources import MilvusResource, TritonResource
 
 MODEL_GROUP = "models"
-INGEST_JOB = "ingest_drop"
-LOCATION_NAME = "embedding_pipeline"
-REPOSITORY_NAME = "__repository__"
-REEMBED_TAG = "reembed"
 
 
 @observable_source_asset(
@@ -48,7 +45,7 @@ def embedding_model(triton: TritonResource) -> DataVersion:
 
 
 observe_embedding_model = define_asset_job(
-    "observe_embedding_model",
+    OBSERVE_MODEL_JOB,
     selection=AssetSelection.assets(embedding_model.key),
     description="Record the label of the model Triton serves now (the data version of `embedding_model`).",
 )
@@ -92,64 +89,14 @@ def _value(value: Any) -> Any:
     return MetadataValue.json(value) if isinstance(value, (list, dict)) else value
 
 
-@job(description="Switch search to another model's collection (by default: the model Triton serves now) once it "
-     "holds every drop. Re-embed all drops first (a backfill of ingest_drop over all partitions).")
+@job(
+    name=SWITCH_JOB,
+    description="Switch search to another model's collection (by default: the model Triton serves now) once it "
+    "holds every drop. Re-embed all drops first (a backfill of ingest_drop over all partitions).",
+)
 def switch_search_collection():
     switch_collection()
 
 
 model_assets = [embedding_model]
 model_jobs = [observe_embedding_model, switch_search_collection]
-
-
-def observe_model(instance: DagsterInstance) -> str:
-    """Record an observation of ``embedding_model`` in ``instance``; returns the label observed."""
-    from embedding_pipeline.defs import defs
-
-    result = defs.resolve_job_def(observe_embedding_model.name).execute_in_process(instance=instance)
-    observations = [e for e in result.all_events if e.event_type_value == "ASSET_OBSERVATION"]
-    data = observations[-1].event_specific_data.asset_observation
-    return str(data.tags.get("dagster/data_version", ""))
-
-
-def launch_reembed_backfill(instance: DagsterInstance, tags: dict[str, str] | None = None) -> tuple[str, list[str]]:
-    """Submit a backfill of ``ingest_drop`` over every ``drops`` partition to ``instance``; the daemon runs it.
-
-    Returns the backfill id and the partitions. The backfill names the code location by name, as the UI does,
-    so the daemon runs it with the code it loads itself.
-    """
-    import sys
-
-    from dagster._core.execution.backfill import BulkActionStatus, PartitionBackfill
-    from dagster._core.remote_origin import InProcessCodeLocationOrigin
-    from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
-    from dagster._core.utils import make_new_backfill_id
-    from dagster._time import get_current_timestamp
-
-    partitions = list(instance.get_dynamic_partitions(drops_partitions.name))
-    if not partitions:
-        raise ValueError("there are no drops to re-embed (no partitions of 'drops' in the Dagster instance)")
-    origin = InProcessCodeLocationOrigin(
-        LoadableTargetOrigin(executable_path=sys.executable, module_name="embedding_pipeline.defs"),
-        location_name=LOCATION_NAME,
-    )
-    location = origin.create_location(instance)
-    try:
-        repository = location.get_repository(REPOSITORY_NAME)
-        partition_set = next(p for p in repository.get_partition_sets() if p.job_name == INGEST_JOB)
-        backfill = PartitionBackfill(
-            backfill_id=make_new_backfill_id(),
-            partition_set_origin=partition_set.get_remote_origin(),
-            status=BulkActionStatus.REQUESTED,
-            partition_names=partitions,
-            from_failure=False,
-            reexecution_steps=None,
-            tags={REEMBED_TAG: "true", **(tags or {})},
-            backfill_timestamp=get_current_timestamp(),
-            title="Re-embed all drops",
-            description="Every drop through ingest_drop with the model Triton serves now.",
-        )
-        instance.add_backfill(backfill)
-    finally:
-        location.cleanup()
-    return backfill.backfill_id, partitions

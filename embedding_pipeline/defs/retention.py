@@ -13,10 +13,10 @@ from pydantic import Field
 from embedding_pipeline import retention
 from embedding_pipeline.defs.assets import MILVUS_POOL
 from embedding_pipeline.defs.resources import MilvusResource
+from embedding_pipeline.orchestration.instance import DagsterDrops
+from embedding_pipeline.orchestration.names import DELETE_DROP_JOB, DROP_TAG
 from embedding_pipeline.settings import load_settings
 
-# Run tag naming the drop, as on the drop's ingest runs: filtering Runs by it shows a drop's whole life.
-DROP_TAG = "drop"
 
 
 class DeleteDropConfig(Config):
@@ -51,9 +51,11 @@ def delete_drop_data(context: OpExecutionContext, config: DeleteDropConfig, milv
     Refuses an unknown drop and a drop with a run in progress. A dry run only reports."""
     settings = load_settings().model_copy(update={"milvus": milvus.settings()})
     retention.check_name(config.drop)
+    # Tagged like the drop's ingest runs: filtering Runs by the tag shows a drop's whole life.
     context.instance.add_run_tags(context.run_id, {DROP_TAG: config.drop})
+    drops = DagsterDrops(context.instance)
     if config.dry_run:
-        plan = retention.plan_drop_deletion(settings, config.drop, context.instance, this_run=context.run_id)
+        plan = retention.plan_drop_deletion(settings, config.drop, drops, this_run=context.run_id)
         summary = {**plan.as_dict(), "dry_run": True}
         table = plan.markdown("rows")
         verb = "would delete"
@@ -61,7 +63,7 @@ def delete_drop_data(context: OpExecutionContext, config: DeleteDropConfig, milv
             context.log.warning(f"run(s) in progress on {config.drop!r}: {plan.runs_in_progress}; a real run "
                                 "would refuse now")
     else:
-        result = retention.delete_drop(settings, config.drop, context.instance, this_run=context.run_id)
+        result = retention.delete_drop(settings, config.drop, drops, this_run=context.run_id)
         summary = {**result.as_dict(), "dry_run": False}
         table = result.plan.markdown("rows deleted")
         verb = "deleted"
@@ -73,6 +75,7 @@ def delete_drop_data(context: OpExecutionContext, config: DeleteDropConfig, milv
 
 
 @job(
+    name=DELETE_DROP_JOB,
     executor_def=in_process_executor,
     tags={"kind": "retention"},
     description="Delete one drop (config `drop`): source, files, Milvus rows in every collection, partition. "
@@ -83,26 +86,3 @@ def delete_drop():
 
 
 retention_jobs = [delete_drop]
-
-
-def execute_delete_drop(drop: str, dry_run: bool = True) -> dict[str, Any]:
-    """Run the ``delete_drop`` job in this process against the pipeline's Dagster instance (so the deletion is in
-    the run history like one launched from the UI); returns ``{"run_id", "success", "summary" | "errors"}``."""
-    from dagster import DagsterInstance
-
-    from embedding_pipeline.defs import defs
-    from embedding_pipeline.runs import step_errors
-    from embedding_pipeline.services import use_dagster_home
-
-    use_dagster_home(load_settings())
-    result = defs.resolve_job_def(delete_drop.name).execute_in_process(
-        run_config={"ops": {delete_drop_data.name: {"config": {"drop": drop, "dry_run": dry_run}}}},
-        instance=DagsterInstance.get(),
-        raise_on_error=False,
-    )
-    outcome: dict[str, Any] = {"run_id": result.run_id, "success": result.success}
-    if result.success:
-        outcome["summary"] = result.output_for_node(delete_drop_data.name)
-    else:
-        outcome["errors"] = step_errors(result.all_events)
-    return outcome

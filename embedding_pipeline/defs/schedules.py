@@ -26,13 +26,12 @@ from dagster import (
 
 from embedding_pipeline.defs.jobs import ingest_drop_job
 from embedding_pipeline.defs.partitions import drops_partitions
-from embedding_pipeline.defs.sensors import DROP_TAG, TRIGGER_TAG
+from embedding_pipeline.orchestration.names import DROP_TAG, INGEST_ASSETS, PARTITION_TAG, TRIGGER_TAG
 from embedding_pipeline.settings import load_settings
 from embedding_pipeline.sources.drops import DROP_SIGNATURE_KEY, Drop, complete_drops, drop_signature
 
 SIGNATURE_TAG, REASON_TAG = "drop_signature", "rescan_reason"
-PARTITION_TAG = "dagster/partition"
-MANIFEST_ASSET = AssetKey("raw_image_manifest")
+MANIFEST_ASSET = AssetKey(INGEST_ASSETS[0])
 # A run in one of these states is still working on its drop: requesting another would only queue a duplicate.
 _IN_FLIGHT = {
     DagsterRunStatus.NOT_STARTED,

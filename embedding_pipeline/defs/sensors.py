@@ -13,11 +13,9 @@ from dagster import DefaultSensorStatus, RunRequest, SensorEvaluationContext, Se
 
 from embedding_pipeline.defs.jobs import ingest_drop_job
 from embedding_pipeline.defs.partitions import drops_partitions
+from embedding_pipeline.orchestration.names import DROP_TAG, TRIGGER_TAG
 from embedding_pipeline.settings import load_settings
 from embedding_pipeline.sources.drops import complete_drops, drop_signature, scan
-
-# Tags on every run the sensor and the schedule request: which drop, and what asked for it.
-DROP_TAG, TRIGGER_TAG = "drop", "trigger"
 
 _interval = load_settings().dagster.sensor_interval_s
 

@@ -247,7 +247,7 @@ class ImageIndex:
     # -- collection ------------------------------------------------------------------------------------------
 
     @contextmanager
-    def _guard(self, what: str) -> Iterator[None]:
+    def guard(self, what: str) -> Iterator[None]:
         """Turn whatever pymilvus raises into a :class:`CollectionError` naming the operation, the collection and
         the server (a dead server otherwise surfaces as a bare "Fail connecting to server on host:port")."""
         try:
@@ -270,7 +270,7 @@ class ImageIndex:
             return call()
 
     def exists(self) -> bool:
-        with self._guard("checking the collection"):
+        with self.guard("checking the collection"):
             return bool(self.client.has_collection(self.collection))
 
     def _describe(self) -> dict[str, Any]:
@@ -316,7 +316,7 @@ class ImageIndex:
             self._check_vector_index()
             self.require_membership()
         self.filter_fields()
-        with self._guard("loading"):
+        with self.guard("loading"):
             self.client.load_collection(self.collection)
 
     def _check_vector_index(self) -> None:
@@ -489,7 +489,7 @@ class ImageIndex:
 
         def collect() -> int:
             count, problems, future = pending.popleft()
-            with self._guard(f"upserting {count} rows"):
+            with self.guard(f"upserting {count} rows"):
                 result = future.result()
             if problems:
                 self._report_mismatches(problems)
@@ -539,7 +539,7 @@ class ImageIndex:
         last: str | None = None
         while True:
             expr = filter if last is None else f"({filter}) and id > {expressions.literal(last)}"
-            with self._guard(f"reading rows ({filter})"):
+            with self.guard(f"reading rows ({filter})"):
                 page = self._loaded(lambda: self.client.query(
                     self.collection, filter=expr, output_fields=columns, limit=PAGE_ROWS, **extra
                 ))
@@ -573,7 +573,7 @@ class ImageIndex:
         out: dict[str, dict[str, Any]] = {}
         for chunk in expressions.chunks(wanted):
             expr = expressions.in_list("id", chunk)
-            with self._guard(f"reading {len(chunk)} rows"):
+            with self.guard(f"reading {len(chunk)} rows"):
                 found = self._loaded(lambda: self.client.query(
                     self.collection, filter=expr, output_fields=list(fields), consistency_level="Strong"
                 ))
@@ -586,7 +586,7 @@ class ImageIndex:
         ids = sorted(set(ids))
         deleted = 0
         for chunk in expressions.chunks(ids):
-            with self._guard(f"deleting {len(chunk)} rows"):
+            with self.guard(f"deleting {len(chunk)} rows"):
                 result = self.client.delete(self.collection, filter=expressions.in_list("id", chunk))
             deleted += len(result) if isinstance(result, list) else int(result.get("delete_count", 0))
             self._deleted = True
@@ -621,7 +621,7 @@ class ImageIndex:
     def flush(self) -> None:
         """Persist what was written so far: a drop's rows must outlive a server crash that happens later (an
         unflushed milvus-lite segment was lost with everything in it when the server was killed mid-upsert)."""
-        with self._guard("flushing"):
+        with self.guard("flushing"):
             self.client.flush(self.collection)
 
     def delete_drop(self, drop: str) -> int:

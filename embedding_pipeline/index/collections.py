@@ -174,7 +174,7 @@ class ModelCollections:
 
     def search_collection(self) -> str | None:
         """The collection search uses: the alias's target, the legacy collection itself, or None (nothing yet)."""
-        with self._alias_index._guard("resolving the alias"):
+        with self._alias_index.guard("resolving the alias"):
             # Listed first: describing a missing alias is an error that pymilvus logs with a traceback.
             if self.alias in (self.client.list_aliases().get("aliases") or []):
                 return str(self.client.describe_alias(self.alias)["collection_name"])
@@ -186,14 +186,14 @@ class ModelCollections:
 
     def names(self) -> list[str]:
         """Every collection of this alias: the per-model ones, and the legacy one if it exists."""
-        with self._alias_index._guard("listing collections"):
+        with self._alias_index.guard("listing collections"):
             found = matching_collections(self.client.list_collections(), self.alias)
         # The alias name itself counts only as a real (legacy) collection, never as a second name for another one.
         return [n for n in found if n != self.alias or self.is_legacy()]
 
     def model_of(self, collection: str) -> str:
         """The model label of a collection: its recorded property, else (legacy) the model of one of its rows."""
-        with self.index(collection) as index, index._guard("reading the model"):
+        with self.index(collection) as index, index.guard("reading the model"):
             recorded = index.recorded_model()
             if recorded:
                 return recorded
@@ -229,7 +229,7 @@ class ModelCollections:
         index = self.index(name, model_label=label)
         try:
             index.ensure_collection(dim)
-            with index._guard("reading the model"):
+            with index.guard("reading the model"):
                 recorded = index.recorded_model()
             if recorded != label:
                 raise CollectionError(
@@ -244,7 +244,7 @@ class ModelCollections:
         return index, Placement(name, search)
 
     def _create_alias(self, collection: str) -> str:
-        with self._alias_index._guard("creating the alias"):
+        with self._alias_index.guard("creating the alias"):
             try:
                 self.client.create_alias(collection, self.alias)
             except Exception:  # noqa: BLE001 - another process created it first: use whatever it points at
@@ -258,7 +258,7 @@ class ModelCollections:
         index = self.index(self.alias)
         try:
             # Models first: another model's vectors are the real reason, whatever the dimensions.
-            with index._guard("reading models"):
+            with index.guard("reading models"):
                 others = index.client.query(
                     self.alias, filter=expressions.not_equals("model", label), output_fields=["model"], limit=1
                 )
@@ -299,7 +299,7 @@ class ModelCollections:
         collections dropped. The alias goes first: dropping a collection by an alias name is refused by Milvus 2.3
         and drops the target on milvus-lite."""
         names = self.names()
-        with self._alias_index._guard("dropping the collections"):
+        with self._alias_index.guard("dropping the collections"):
             if self.alias in (self.client.list_aliases().get("aliases") or []):
                 self.client.drop_alias(self.alias)
             for name in names:
@@ -338,7 +338,7 @@ class ModelCollections:
                 + "; re-embed them first (embedding-pipeline reembed), or force the switch"
             )
         if previous != collection:
-            with self._alias_index._guard("moving the alias"):
+            with self._alias_index.guard("moving the alias"):
                 if previous is None:
                     self.client.create_alias(collection, self.alias)
                 else:

@@ -19,7 +19,7 @@ import subprocess
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from embedding_pipeline.runtime import processes
 from embedding_pipeline.runtime.processes import ServiceError, is_secret_variable
@@ -54,12 +54,25 @@ def model_ready(triton: TritonSettings) -> bool:
     return processes.http_ok(model_ready_url(triton))
 
 
-def start_triton(settings: Settings) -> None:
-    """Make sure the model at ``settings.triton.url`` is ready, starting the bundled server if needed."""
+# Which models the index still holds vectors of: the 12 hex of each model file's sha256, or None when that cannot
+# be told (then no archived model is retired). The caller knows the index; serving does not.
+ModelsInUse = Callable[[], "set[str] | None"]
+
+
+def _unknown() -> set[str] | None:
+    return None
+
+
+def start_triton(settings: Settings, models_in_use: ModelsInUse = _unknown) -> None:
+    """Make sure the model at ``settings.triton.url`` is ready, starting the bundled server if needed.
+
+    A replaced model keeps serving under its archived name while ``models_in_use`` lists its file (search on its
+    collection goes on); archives no longer in use are unloaded and deleted.
+    """
     triton = settings.triton
     if model_ready(triton):
         if triton.is_local and processes.read(settings.paths.run, PROCESS_NAME) is not None:
-            _reload_if_changed(settings)
+            _reload_if_changed(settings, models_in_use)
         return
     what = f"model {triton.model_name!r} at {base_url(triton)}"
     if not triton.is_local:
@@ -82,7 +95,7 @@ def start_triton(settings: Settings) -> None:
                     f"{what} is not ready, and port {triton.port} is taken by another process; "
                     "stop it or choose another TRITON_URL"
                 )
-            proc = processes.start(paths.run, paths.logs, PROCESS_NAME, *_prepare(settings))
+            proc = processes.start(paths.run, paths.logs, PROCESS_NAME, *_prepare(settings, models_in_use))
         try:
             processes.wait_until(lambda: server_ready(triton), triton.ready_timeout_s, "Triton server", proc)
             processes.wait_until(lambda: model_ready(triton), triton.ready_timeout_s, f"Triton {what}", proc)
@@ -136,7 +149,7 @@ def _is_current(triton: TritonSettings, served: dict[str, Any], sha256: str) -> 
     return params.get("artifact_sha256") == sha256 and int(served.get("max_batch_size", -1)) == triton.max_batch_size
 
 
-def _reload_if_changed(settings: Settings) -> None:
+def _reload_if_changed(settings: Settings, models_in_use: ModelsInUse) -> None:
     """Rewrite the repository and reload the model in the server we started if it serves another model file or
     batch limit than configured (the server runs in explicit model-control mode, so it never reloads by itself)."""
     triton = settings.triton
@@ -156,7 +169,7 @@ def _reload_if_changed(settings: Settings) -> None:
         _load(triton, triton.model_name, settings.paths.run)
         what = f"Triton model {triton.model_name!r}"
         processes.wait_until(lambda: model_ready(triton), triton.ready_timeout_s, what)
-        _retire_unused_archives(settings, artifact.sha256)
+        _retire_unused_archives(settings, artifact.sha256, models_in_use())
 
 
 def archived_model_name(model_name: str, sha256: str) -> str:
@@ -205,33 +218,9 @@ def _archives(settings: Settings) -> dict[str, str]:
     }
 
 
-def _artifacts_in_use(settings: Settings) -> set[str] | None:
-    """The 12-hex file hashes of the models whose vectors the collections behind ``milvus.collection`` hold;
-    None when Milvus cannot tell (not running, unreachable): then nothing is retired."""
-    from embedding_pipeline.index.collections import ModelCollections
-    from embedding_pipeline.serving.client import ModelLabel
-
-    milvus = settings.milvus
-    if not processes.port_open(milvus.host, milvus.port, timeout=2):
-        return None
-    try:
-        with ModelCollections(milvus, connect_timeout=5) as collections:
-            labels = collections.labels()
-    except Exception:  # noqa: BLE001 - Milvus unusable: keep every archived model
-        return None
-    hashes = set()
-    for label in labels:
-        try:
-            hashes.add(ModelLabel.parse(label).artifact[:12])
-        except ValueError:
-            continue
-    return hashes
-
-
-def _retire_unused_archives(settings: Settings, configured_sha: str) -> None:
-    """Unload and delete archived models that no collection uses any more, or that are the configured model
-    again (it serves under its own name)."""
-    in_use = _artifacts_in_use(settings)
+def _retire_unused_archives(settings: Settings, configured_sha: str, in_use: set[str] | None) -> None:
+    """Unload and delete archived models that no collection uses any more (``in_use``), or that are the configured
+    model again (it serves under its own name)."""
     if in_use is None:
         return
     triton = settings.triton
@@ -246,11 +235,10 @@ def _retire_unused_archives(settings: Settings, configured_sha: str) -> None:
         shutil.rmtree(settings.paths.model_repository / archived, ignore_errors=True)
 
 
-def _archives_to_load(settings: Settings, configured_sha: str) -> list[str]:
+def _archives_to_load(settings: Settings, configured_sha: str, in_use: set[str] | None) -> list[str]:
     """Archived models a freshly started server loads besides the configured one: those a collection still uses
-    (all of them when Milvus cannot tell), unless it is the configured model itself."""
+    (all of them when that cannot be told), unless it is the configured model itself."""
     archives = _archives(settings)
-    in_use = _artifacts_in_use(settings)
     return sorted(
         name for name, sha12 in archives.items()
         if (in_use is None or sha12 in in_use) and not configured_sha.startswith(sha12)
@@ -271,7 +259,7 @@ def _http_json(url: str, method: str = "GET", timeout: float = 10.0,
     return json.loads(body) if body.strip() else {}
 
 
-def _prepare(settings: Settings) -> tuple[list[str], dict[str, str]]:
+def _prepare(settings: Settings, models_in_use: ModelsInUse) -> tuple[list[str], dict[str, str]]:
     """Environments, model, repository and backend directory; returns the server's argv and environment."""
     paths = settings.paths
     triton = settings.triton
@@ -289,7 +277,7 @@ def _prepare(settings: Settings) -> tuple[list[str], dict[str, str]]:
         # Explicit control: only our model loads, whatever else sits in the repository.
         "--model-control-mode=explicit",
         f"--load-model={triton.model_name}",
-        *(f"--load-model={name}" for name in _archives_to_load(settings, artifact.sha256)),
+        *(f"--load-model={name}" for name in _archives_to_load(settings, artifact.sha256, models_in_use())),
         f"--http-address={address}",
         f"--http-port={triton.port}",
         f"--grpc-address={address}",

@@ -18,7 +18,9 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,3 +134,38 @@ def drop_signature(drop: Drop) -> str:
         size, mtime = (stat.st_size, stat.st_mtime_ns) if stat else (-1, -1)
         digest.update(f"{relative}\0{size}\0{mtime}\0{target}\n".encode())
     return digest.hexdigest()[:16]
+
+
+def checked_name(name: str) -> str:
+    """``name`` if it is a valid drop name; raises ValueError saying what is allowed."""
+    if not DROP_NAME.match(name):
+        raise ValueError(f"invalid drop name {name!r}: use letters, digits, '.', '_' or '-' (max 128)")
+    return name
+
+
+def place_drop(drops: Path, path: Path, name: str | None = None) -> str:
+    """Copy ``path`` (a folder or manifest file) into the drop directory ``drops`` as drop ``name``; returns the
+    name.
+
+    A path already in the drop directory is used where it is. The copy lands under a hidden name and is renamed
+    at the end, so the sensor never sees half a drop.
+    """
+    source = path.resolve()
+    if not source.exists():
+        raise FileNotFoundError(f"no such file or folder: {path}")
+    name = checked_name(name or source.name)
+    target = drops / name
+    if source == target:
+        return name
+    if target.exists():
+        raise FileExistsError(f"a drop named {name!r} already exists in {drops}; pick another name with --drop")
+    drops.mkdir(parents=True, exist_ok=True)
+    staging = drops / f".{name}.{uuid.uuid4().hex[:8]}.tmp"
+    if source.is_dir():
+        # Links stay links: copying their targets would smuggle files from outside the allowed roots into the
+        # drop, where the confinement check would no longer see where they came from.
+        shutil.copytree(source, staging, symlinks=True)
+    else:
+        shutil.copy2(source, staging)
+    staging.rename(target)
+    return name

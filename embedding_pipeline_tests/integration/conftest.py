@@ -50,13 +50,14 @@ def running_stack(home: Path, config: Path) -> Iterator[Settings]:
     """Triton and Milvus started for ``home`` + ``config``, with this process's environment (and so Dagster code
     and child processes) pointing at them until the block ends; then they are stopped and the environment restored."""
     from embedding_pipeline import services
+    from embedding_pipeline.orchestration import instance as orchestration_instance
 
     env = stack_env(home, config)
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
         settings = load_settings()
-        services.prepare_dagster_home(settings)
+        orchestration_instance.prepare_dagster_home(settings)
         try:
             services.start_services(settings)
             yield settings
@@ -86,7 +87,7 @@ def triton_settings(stack) -> Settings:
 @pytest.fixture(scope="session")
 def ingested_photos(stack) -> dict:
     """The sample photos ingested once as drop ``photos`` through the real Dagster job."""
-    from embedding_pipeline import runs
+    from embedding_pipeline.orchestration import runs
     from embedding_pipeline.sources.samples import write_sample_drop
 
     folder = write_sample_drop(stack.drops, "photos")

@@ -29,6 +29,8 @@ from dagster import DagsterEventType, DagsterInstance, DagsterRun, DagsterRunSta
 from dagster._core.instance.ref import InstanceRef
 
 from embedding_pipeline import services
+from embedding_pipeline.orchestration import instance as orchestration_instance
+from embedding_pipeline.orchestration import names
 
 from embedding_pipeline.runtime import processes
 from embedding_pipeline.settings import Settings
@@ -64,7 +66,7 @@ def dagster_stack(tmp_path_factory) -> Iterator[tuple[Settings, DagsterInstance]
         try:
             # The storage created here, before the daemon and webserver start: three processes creating a fresh
             # SQLite instance at once can stamp its schema version twice.
-            services.prepare_dagster_home(settings, short_monitoring_instance_yaml())
+            orchestration_instance.prepare_dagster_home(settings, short_monitoring_instance_yaml())
             instance = DagsterInstance.from_ref(InstanceRef.from_dir(str(settings.paths.dagster_home)))
             services.start_dagster(settings, instance_yaml=short_monitoring_instance_yaml())
             yield settings, instance
@@ -225,7 +227,7 @@ def launch_ingest(settings: Settings, drop: str, triton_url: str) -> str:
     """What a user does in the launchpad: an ingest run for a drop, with the Triton resource pointed elsewhere."""
     params = {
         "selector": {
-            "repositoryLocationName": services.LOCATION_NAME,
+            "repositoryLocationName": names.LOCATION_NAME,
             "repositoryName": "__repository__",
             "jobName": "ingest_drop",
         },

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import yaml
 
-from embedding_pipeline import ingest, runs
+from embedding_pipeline import ingest
+from embedding_pipeline.orchestration import runs
 from embedding_pipeline.index.client import ImageIndex
 from embedding_pipeline.preprocess import kernels
 from embedding_pipeline.settings import CONFIG_ENV, load_settings

@@ -23,7 +23,9 @@ import pytest
 import requests
 import yaml
 
-from embedding_pipeline import ingest, runs, services
+from embedding_pipeline import ingest, services
+
+from embedding_pipeline.orchestration import runs
 from embedding_pipeline.runtime import processes
 from embedding_pipeline.bench import synthetic
 from embedding_pipeline.index.client import ImageIndex

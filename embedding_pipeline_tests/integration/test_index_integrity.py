@@ -31,6 +31,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from PIL import Image
 
 from embedding_pipeline import ingest, retention
+from embedding_pipeline.orchestration.instance import DagsterDrops
 from embedding_pipeline.index.client import ImageIndex
 from embedding_pipeline.index.collections import ModelCollections
 from embedding_pipeline.index.expressions import equals
@@ -166,7 +167,7 @@ def run_stages(settings, embedder: TritonEmbedder, drop: str) -> dict:
 
 
 def delete(settings, drop: str) -> None:
-    retention.delete_drop(settings, drop, DagsterInstance.ephemeral())
+    retention.delete_drop(settings, drop, DagsterDrops(DagsterInstance.ephemeral()))
 
 
 def reset(settings) -> None:

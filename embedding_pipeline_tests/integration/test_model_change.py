@@ -19,12 +19,15 @@ import pytest
 import yaml
 from dagster import AssetKey, DagsterInstance, DagsterRunStatus, RunsFilter
 
-from embedding_pipeline import runs, services
+from embedding_pipeline import services
+
+from embedding_pipeline.orchestration import runs
+from embedding_pipeline.orchestration.instance import step_errors
 
 from embedding_pipeline.runtime import processes
 from embedding_pipeline.defs import defs
 from embedding_pipeline.cli import main
-from embedding_pipeline.defs.models import observe_model
+from embedding_pipeline.orchestration.runs import observe_model
 from embedding_pipeline.index.expressions import literal as quote
 from embedding_pipeline.index.collections import ModelCollections, model_collection_name
 from embedding_pipeline.retrieval import search
@@ -156,7 +159,7 @@ def test_a_model_change_fills_a_new_collection_and_search_switches_atomically(mo
     # Nothing of B yet: the switch refuses, naming every drop it lacks, and search stays where it is.
     refused = _switch(instance)
     assert not refused.success
-    message = runs.step_errors(refused.all_events)[0]["error"]
+    message = step_errors(refused.all_events)[0]["error"]
     assert "lacks all 2 drop(s)" in message and all(drop in message for drop in DROPS)
 
     # Re-embed: a backfill of ingest_drop over every drop (submitted by the CLI), executed by the real daemon.

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from dagster import AssetKey, DagsterInstance
 
-from embedding_pipeline import ingest, runs
+from embedding_pipeline import ingest
+from embedding_pipeline.orchestration import runs
 from embedding_pipeline.index.client import ImageIndex
 from embedding_pipeline.retrieval import ImageSearcher, search
 from embedding_pipeline.sources.drops import READY_MARKER

@@ -12,7 +12,10 @@ import pytest
 from dagster import AssetKey, AssetRecordsFilter, DagsterInstance, DagsterRunStatus, RunsFilter
 from dagster._core.instance.ref import InstanceRef
 
-from embedding_pipeline import retention, runs
+from embedding_pipeline import retention
+from embedding_pipeline.orchestration import runs
+from embedding_pipeline.orchestration.instance import DagsterDrops
+from embedding_pipeline.orchestration.names import INGEST_ASSETS
 from embedding_pipeline.sources.samples import load_photo
 from embedding_pipeline_tests.integration.conftest import REPO_ROOT
 from embedding_pipeline_tests.integration.postgres_server import postgres  # noqa: F401 - fixture
@@ -83,13 +86,13 @@ def test_an_ingest_run_is_recorded_in_postgres(stack, postgres, postgres_home, t
                 cursor.execute("SELECT asset_key FROM event_logs WHERE run_id = %s AND dagster_event_type = %s",
                                (summary["run_id"], "ASSET_MATERIALIZATION"))
                 materialized_keys = {AssetKey.from_db_string(row[0]) for row in cursor.fetchall()}
-                assert {AssetKey(name) for name in retention.ASSET_KEYS} <= materialized_keys
+                assert {AssetKey(name) for name in INGEST_ASSETS} <= materialized_keys
         finally:
             connection.close()
     finally:
         # The session's Milvus collection and drop folder are shared with other tests: leave them as they were.
         try:
-            retention.delete_drop(stack, DROP, instance)
+            retention.delete_drop(stack, DROP, DagsterDrops(instance))
         except retention.UnknownDropError:
             pass
         instance.dispose()

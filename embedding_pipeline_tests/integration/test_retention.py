@@ -16,8 +16,10 @@ import pytest
 from dagster import DagsterEventType, DagsterInstance
 from PIL import Image
 
-from embedding_pipeline import retention, runs
-from embedding_pipeline.defs.retention import execute_delete_drop
+from embedding_pipeline import retention
+from embedding_pipeline.orchestration import runs
+from embedding_pipeline.orchestration.instance import DagsterDrops
+from embedding_pipeline.orchestration.runs import execute_delete_drop
 from embedding_pipeline.index.client import ImageIndex
 from embedding_pipeline.index.expressions import literal as quote
 from embedding_pipeline.ingest import drop_files
@@ -90,7 +92,7 @@ def two_drops(stack, tmp_path):
         instance = DagsterInstance.get()
         for drop in (KEEP, GONE):
             try:
-                retention.delete_drop(stack, drop, instance)
+                retention.delete_drop(stack, drop, DagsterDrops(instance))
             except retention.UnknownDropError:
                 pass
         with ImageIndex(extra) as index:
@@ -106,7 +108,7 @@ def test_dry_run_deletes_nothing_then_deletion_leaves_nothing_of_the_drop(two_dr
     assert counts_before[extra_collection] == 4 and sum(counts_before.values()) == 3 + 4
 
     # Dry run, through the job as the UI launches it: lists the drop's things, touches none.
-    dry = execute_delete_drop(GONE, dry_run=True)
+    dry = execute_delete_drop(settings, GONE, dry_run=True)
     assert dry["success"], dry
     plan = dry["summary"]
     assert plan["dry_run"] and plan["partition"]

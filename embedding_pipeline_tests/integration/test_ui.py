@@ -17,7 +17,9 @@ from pathlib import Path
 import pytest
 from dagster import DagsterInstance
 
-from embedding_pipeline import runs, services
+from embedding_pipeline import services
+from embedding_pipeline.orchestration import instance as orchestration_instance
+from embedding_pipeline.orchestration import names, runs
 
 from embedding_pipeline.runtime import processes
 from embedding_pipeline.sources.samples import load_photo
@@ -82,7 +84,7 @@ def ui(stack, tmp_path_factory, request):
             str(Path(sys.executable).with_name("dagster-webserver")),
             "-h", "127.0.0.1",
             "-p", str(stack.dagster.webserver_port),
-            "-w", str(services.prepare_dagster_home(stack)),
+            "-w", str(orchestration_instance.prepare_dagster_home(stack)),
         ]
         proc = processes.start(paths.run, paths.logs, services.WEBSERVER, argv, env=services.child_env(stack))
     url = services.webserver_url(stack)
@@ -124,7 +126,7 @@ def _wait_images_decoded(page, minimum: int) -> list[dict]:
 
 def test_asset_graph_names_the_stages_and_their_kinds(ui):
     with chromium_page(width=1280, height=720) as page:
-        _open(page, f"{ui['url']}/locations/{services.LOCATION_NAME}/asset-groups/image_ingest", "milvus_collection")
+        _open(page, f"{ui['url']}/locations/{names.LOCATION_NAME}/asset-groups/image_ingest", "milvus_collection")
         graph = page.inner_text("body")
         page.screenshot(path=ui["shots"] / "asset-graph.png")
     for name in ASSETS:

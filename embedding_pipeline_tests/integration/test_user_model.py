@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import yaml
 
-from embedding_pipeline import runs
+from embedding_pipeline.orchestration import runs
 
 from embedding_pipeline.runtime import processes
 from embedding_pipeline.runtime.processes import free_ports

@@ -77,13 +77,13 @@ def test_health_is_down_when_any_service_is():
 
 
 def test_insert_without_a_webserver_is_503_and_leaves_nothing_behind(tmp_path: Path, monkeypatch):
-    from embedding_pipeline import services
+    from embedding_pipeline.orchestration import instance as orchestration_instance
     from embedding_pipeline.api.ingest import DagsterRuns
     from embedding_pipeline.runtime.processes import free_ports
 
     settings = Settings(home=tmp_path / "home")
     (settings.dagster.webserver_port,) = free_ports(1)  # nothing listens there
-    services.prepare_dagster_home(settings)
+    orchestration_instance.prepare_dagster_home(settings)
     monkeypatch.setenv("DAGSTER_HOME", str(settings.paths.dagster_home))
     settings.drops.mkdir(parents=True)
     runs = DagsterRuns(settings)

@@ -11,6 +11,7 @@ import pytest
 from dagster import DagsterInstance, DagsterRun, DagsterRunStatus
 
 from embedding_pipeline import retention
+from embedding_pipeline.orchestration.instance import DagsterDrops
 from embedding_pipeline.index.collections import matching_collections
 from embedding_pipeline.ingest import MANIFEST_SCHEMA, drop_files
 from embedding_pipeline.settings import load_settings
@@ -106,7 +107,7 @@ def test_plan_lists_the_drops_files_blobs_rows_and_partition_and_touches_nothing
     (files.manifest.parent / "cats.89abcdef.tmp").write_bytes(b"t")
     (files.embeddings.parent / ".cats.x.0123abcd.staging").mkdir()
 
-    plan = retention.plan_drop_deletion(settings, "cats", instance, rows=rows)
+    plan = retention.plan_drop_deletion(settings, "cats", DagsterDrops(instance), rows=rows)
 
     by_kind = {}
     for p in plan.paths:
@@ -138,9 +139,9 @@ def test_plan_lists_the_drops_files_blobs_rows_and_partition_and_touches_nothing
 def test_plan_refuses_invalid_and_unknown_names(settings, rows, instance):
     for bad in ["../cats", ".hidden", "a/b", ""]:
         with pytest.raises(ValueError, match="invalid drop name"):
-            retention.plan_drop_deletion(settings, bad, instance, rows=rows)
+            retention.plan_drop_deletion(settings, bad, DagsterDrops(instance), rows=rows)
     with pytest.raises(retention.UnknownDropError, match="no drop named 'birds'"):
-        retention.plan_drop_deletion(settings, "birds", instance, rows=rows)
+        retention.plan_drop_deletion(settings, "birds", DagsterDrops(instance), rows=rows)
 
 
 def test_a_drop_known_only_by_its_rows_can_still_be_deleted(settings, instance):
@@ -157,16 +158,16 @@ def test_plan_names_runs_in_progress_but_not_the_callers_own(settings, rows, ins
                                 tags={"drop": "cats"}))
     instance.add_run(DagsterRun(job_name="ingest_drop", run_id="r-done", status=DagsterRunStatus.SUCCESS,
                                 tags={"drop": "cats"}))
-    plan = retention.plan_drop_deletion(settings, "cats", instance, rows=rows, this_run="r-self")
+    plan = retention.plan_drop_deletion(settings, "cats", DagsterDrops(instance), rows=rows, this_run="r-self")
     assert plan.runs_in_progress == ["r-busy"]
     with pytest.raises(retention.DropBusyError, match="r-busy"):
-        retention.delete_drop(settings, "cats", instance, rows=rows, this_run="r-self")
+        retention.delete_drop(settings, "cats", DagsterDrops(instance), rows=rows, this_run="r-self")
     assert (settings.drops / "cats").exists() and rows.deleted == []
 
 
 def test_delete_removes_the_drop_and_leaves_the_other_drop_whole(settings, rows, instance):
     dogs_before = sorted(p for p in settings.paths.root.rglob("*") if "dogs" in str(p))
-    result = retention.delete_drop(settings, "cats", instance, rows=rows)
+    result = retention.delete_drop(settings, "cats", DagsterDrops(instance), rows=rows)
 
     assert all(not p.path.exists() for p in result.plan.paths)
     assert not (settings.drops / "cats").exists()
@@ -181,7 +182,7 @@ def test_delete_removes_the_drop_and_leaves_the_other_drop_whole(settings, rows,
     assert not (drop_files(settings, "cats").blobs / OWN_SHA[:2]).exists()  # its emptied fan-out folder too
     # Deleted means unknown now.
     with pytest.raises(retention.UnknownDropError):
-        retention.delete_drop(settings, "cats", instance, rows=rows)
+        retention.delete_drop(settings, "cats", DagsterDrops(instance), rows=rows)
 
 
 def test_a_manifest_file_drop_is_removed_but_not_the_files_it_points_to(settings, rows, instance, tmp_path):
@@ -191,7 +192,7 @@ def test_a_manifest_file_drop_is_removed_but_not_the_files_it_points_to(settings
     manifest = settings.drops / "list.jsonl"
     manifest.write_text(json.dumps({"uri": str(outside)}) + "\n")
     instance.add_dynamic_partitions("drops", ["list.jsonl"])
-    result = retention.delete_drop(settings, "list.jsonl", instance, rows=rows)
+    result = retention.delete_drop(settings, "list.jsonl", DagsterDrops(instance), rows=rows)
     assert [(p.kind, p.path) for p in result.plan.paths] == [("source", manifest)]
     assert not manifest.exists() and outside.read_bytes() == b"keep me"
 

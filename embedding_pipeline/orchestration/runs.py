@@ -1,0 +1,108 @@
+"""Jobs run in this process against the pipeline's Dagster instance: ingesting a drop from the CLI, deleting a
+drop, switching search to another model's collection and observing the served model.
+
+Each run is recorded in the instance like one launched from the UI. This is the one module (with
+:mod:`~embedding_pipeline.orchestration.backfill`) that loads the definitions to execute them; runs launched
+through the webserver are :mod:`~embedding_pipeline.orchestration.webserver`.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from dagster import DagsterInstance
+
+from embedding_pipeline import ingest as stages
+from embedding_pipeline.defs import defs
+from embedding_pipeline.defs.models import switch_collection
+from embedding_pipeline.defs.retention import delete_drop_data
+from embedding_pipeline.orchestration.instance import DagsterDrops, pipeline_instance, step_errors
+from embedding_pipeline.orchestration.names import (
+    DELETE_DROP_JOB,
+    DROP_TAG,
+    INGEST_JOB,
+    OBSERVE_MODEL_JOB,
+    SWITCH_JOB,
+)
+from embedding_pipeline.retention import DropBusyError
+from embedding_pipeline.runtime.locks import drop_lock
+from embedding_pipeline.settings import Settings
+from embedding_pipeline.sources.drops import checked_name, place_drop
+
+
+def ingest(settings: Settings, path: Path, name: str | None = None) -> dict[str, Any]:
+    """Register the drop as a partition and execute the ingest job for it; returns a JSON-able summary."""
+    instance = pipeline_instance(settings)
+    drops = DagsterDrops(instance)
+    drop = checked_name(name or Path(path).resolve().name)
+    with drop_lock(settings.paths.data, drop):  # no deletion of this drop interleaves with placing it
+        busy = drops.runs_in_progress(drop)
+        if busy:
+            # The run queue keeps one run per drop; a run in this process would bypass it.
+            raise DropBusyError(f"drop {drop!r} has run(s) queued or in progress ({', '.join(busy)}); wait for "
+                                "them, then ingest again")
+        # The partition first: a running sensor skips known partitions, so it won't launch a second run.
+        added = not drops.is_partition(drop)
+        if added:
+            drops.add_partition(drop)
+        try:
+            place_drop(settings.drops, Path(path), drop)
+        except Exception:
+            if added:
+                drops.delete_partition(drop)
+            raise
+    job = defs.resolve_job_def(INGEST_JOB)
+    result = job.execute_in_process(instance=instance, partition_key=drop, tags={DROP_TAG: drop},
+                                    raise_on_error=False)
+    summary: dict[str, Any] = {"drop": drop, "run_id": result.run_id, "success": result.success}
+    if not result.success:
+        summary["errors"] = step_errors(result.all_events)
+    try:
+        report = stages.item_report(settings, drop)
+    except OSError:
+        report = []
+    counts = Counter(r["status"] for r in report)
+    summary.update(items=len(report), ok=counts.get("ok", 0), failed=counts.get("failed", 0),
+                   skipped=counts.get("skipped", 0))
+    summary["failures"] = [
+        {k: r[k] for k in ("id", "uri", "status", "error_kind", "error", "stage")} for r in report if r["status"] != "ok"
+    ]
+    return summary
+
+
+def execute_delete_drop(settings: Settings, drop: str, dry_run: bool = True) -> dict[str, Any]:
+    """Run the ``delete_drop`` job; returns ``{"run_id", "success", "summary" | "errors"}``."""
+    op = delete_drop_data.name
+    result = defs.resolve_job_def(DELETE_DROP_JOB).execute_in_process(
+        run_config={"ops": {op: {"config": {"drop": drop, "dry_run": dry_run}}}},
+        instance=pipeline_instance(settings),
+        raise_on_error=False,
+    )
+    outcome: dict[str, Any] = {"run_id": result.run_id, "success": result.success}
+    if result.success:
+        outcome["summary"] = result.output_for_node(op)
+    else:
+        outcome["errors"] = step_errors(result.all_events)
+    return outcome
+
+
+def switch_search(settings: Settings, target: str = "", force: bool = False) -> dict[str, Any]:
+    """Run ``switch_search_collection`` (to ``target``, a collection or model label; empty: the model Triton
+    serves); returns ``{"run_id", "success", "errors"}``."""
+    op = switch_collection.name
+    result = defs.resolve_job_def(SWITCH_JOB).execute_in_process(
+        run_config={"ops": {op: {"config": {"target": target, "force": force}}}},
+        instance=pipeline_instance(settings), raise_on_error=False,
+    )
+    return {"run_id": result.run_id, "success": result.success,
+            "errors": [] if result.success else step_errors(result.all_events)}
+
+
+def observe_model(instance: DagsterInstance) -> str:
+    """Record an observation of ``embedding_model`` in ``instance``; returns the label observed."""
+    result = defs.resolve_job_def(OBSERVE_MODEL_JOB).execute_in_process(instance=instance)
+    observations = [e for e in result.all_events if e.event_type_value == "ASSET_OBSERVATION"]
+    data = observations[-1].event_specific_data.asset_observation
+    return str(data.tags.get("dagster/data_version", ""))
