@@ -1,19 +1,51 @@
 """Dagster resources over the plain Triton and Milvus clients; clients are created lazily, per use.
 
-A field left empty takes its value from the pipeline settings (YAML file + environment) when the resource is used,
-not when the code location loads, so runs follow the environment they run in. Set a field (launchpad or
-Definitions) to override one value.
+The resources' fields are derived from the settings model (:class:`~embedding_pipeline.settings.TritonSettings`,
+:class:`~embedding_pipeline.settings.MilvusSettings`): same names, same descriptions, every one optional. A field
+left empty takes its value from the pipeline settings (YAML file + environment) of the process that runs the step,
+not of the process that loads the code location, so runs follow the environment they run in. Set a field
+(launchpad or Definitions) to override one value for a run.
 """
 
-from typing import Any, Optional, TypeVar
+from __future__ import annotations
+
+import types
+from typing import TYPE_CHECKING, Any, Literal, Optional, TypeVar, Union, get_args, get_origin
 
 from dagster import ConfigurableResource
-from pydantic import BaseModel
+from pydantic import BaseModel, Field, create_model
 
 from embedding_pipeline.index.client import ImageIndex
-from embedding_pipeline.settings import MilvusSettings, TritonSettings, load_settings
+from embedding_pipeline.serving.client import TritonEmbedder
+from embedding_pipeline.settings import MilvusSettings, Settings, TritonSettings, load_settings
 
 S = TypeVar("S", bound=BaseModel)
+
+# The Triton settings a run may override: the client's. Where the bundled server listens and which model file it
+# serves are the server's settings, fixed when it starts.
+TRITON_RUN_FIELDS = ("url", "model_name", "model_version", "timeout_s", "ready_timeout_s", "protocol", "concurrency",
+                     "retries", "retry_backoff_s", "shared_memory")
+
+
+def _config_type(annotation: Any) -> Any:
+    """The Dagster config type of a settings field: literals as strings (the settings model checks the value),
+    dicts as dicts of any value, ``X | None`` as ``X``."""
+    origin = get_origin(annotation)
+    if origin is Literal:
+        return str
+    if origin in (Union, types.UnionType):
+        return _config_type(next(a for a in get_args(annotation) if a is not type(None)))
+    if origin is dict:
+        return dict[str, Any]
+    return annotation
+
+
+def _overridable(model: type[BaseModel], names: tuple[str, ...] | None = None) -> dict[str, Any]:
+    fields = model.model_fields
+    return {
+        name: (Optional[_config_type(fields[name].annotation)], Field(None, description=fields[name].description))
+        for name in (names or tuple(fields))
+    }
 
 
 def _overlay(base: S, resource: ConfigurableResource) -> S:
@@ -22,28 +54,16 @@ def _overlay(base: S, resource: ConfigurableResource) -> S:
     return type(base).model_validate({**base.model_dump(), **overrides})
 
 
-class TritonResource(ConfigurableResource):
+class _TritonResource(ConfigurableResource):
     """The model server that turns tensors into embeddings (NVIDIA Triton, HTTP or gRPC)."""
 
-    url: Optional[str] = None
-    model_name: Optional[str] = None
-    model_version: Optional[str] = None
-    timeout_s: Optional[float] = None
-    ready_timeout_s: Optional[float] = None
-    protocol: Optional[str] = None
-    concurrency: Optional[int] = None
-    retries: Optional[int] = None
-    retry_backoff_s: Optional[float] = None
-    shared_memory: Optional[str] = None
+    def settings(self, base: Settings | None = None) -> TritonSettings:
+        """The Triton settings of this run: ``base`` (default: loaded now) with this resource's fields on top."""
+        return _overlay((base or load_settings()).triton, self)
 
-    def settings(self) -> TritonSettings:
-        return _overlay(load_settings().triton, self)
-
-    def embedder(self):
+    def embedder(self, base: Settings | None = None) -> TritonEmbedder:
         """A new client, ready to use, with ``concurrency`` requests in flight; the caller closes it."""
-        from embedding_pipeline.serving.client import TritonEmbedder
-
-        s = self.settings()
+        s = self.settings(base)
         client = TritonEmbedder.from_settings(s)
         try:
             client.wait_ready(s.ready_timeout_s)
@@ -53,30 +73,38 @@ class TritonResource(ConfigurableResource):
         return client
 
 
-class MilvusResource(ConfigurableResource):
+class _MilvusResource(ConfigurableResource):
     """The vector database holding one row per image (Milvus, by URI)."""
 
-    uri: Optional[str] = None
-    token: Optional[str] = None
-    db_name: Optional[str] = None
-    collection: Optional[str] = None
-    embedding_dim: Optional[int] = None
-    index_type: Optional[str] = None
-    metric_type: Optional[str] = None
-    index_params: Optional[dict[str, Any]] = None
-    search_params: Optional[dict[str, Any]] = None
-    insert_batch_size: Optional[int] = None
-    user: Optional[str] = None
-    password: Optional[str] = None
-    secure: Optional[bool] = None
-    ca_pem_path: Optional[str] = None
-    server_name: Optional[str] = None
-    consistency_level: Optional[str] = None
-    filter_fields: Optional[dict[str, str]] = None
+    def settings(self, base: Settings | None = None) -> MilvusSettings:
+        """The Milvus settings of this run: ``base`` (default: loaded now) with this resource's fields on top."""
+        return _overlay((base or load_settings()).milvus, self)
 
-    def settings(self) -> MilvusSettings:
-        return _overlay(load_settings().milvus, self)
-
-    def index(self) -> ImageIndex:
+    def index(self, base: Settings | None = None) -> ImageIndex:
         """A new client for the collection; the caller closes it."""
-        return ImageIndex(self.settings())
+        return ImageIndex(self.settings(base))
+
+
+if TYPE_CHECKING:
+    # The fields exist at run time only (derived below); for the type checker the classes are their behaviour.
+    class TritonResource(_TritonResource): ...
+
+    class MilvusResource(_MilvusResource): ...
+
+else:
+    TritonResource = create_model("TritonResource", __base__=_TritonResource, __module__=__name__,
+                                  **_overridable(TritonSettings, TRITON_RUN_FIELDS))
+    MilvusResource = create_model("MilvusResource", __base__=_MilvusResource, __module__=__name__,
+                                  **_overridable(MilvusSettings))
+
+
+def step_settings(triton: _TritonResource | None = None, milvus: _MilvusResource | None = None) -> Settings:
+    """The settings of one step, loaded once, with the run's resource overrides applied: what the step passes to
+    the plain functions it calls."""
+    settings = load_settings()
+    update: dict[str, Any] = {}
+    if triton is not None:
+        update["triton"] = triton.settings(settings)
+    if milvus is not None:
+        update["milvus"] = milvus.settings(settings)
+    return settings.model_copy(update=update) if update else settings
