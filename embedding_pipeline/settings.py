@@ -1,8 +1,8 @@
 """The one settings model: defaults < YAML file < environment variables.
 
 The YAML file is ``$EMBEDDING_PIPELINE_CONFIG`` if set, else ``embedding_pipeline.yaml`` in the working directory
-if present. Environment variables use the seed's names (``TRITON_URL``, ``MILVUS_URI``/``MILVUS_HOST`` +
-``MILVUS_PORT``, ...; the full table is in the README). Every consumer — Dagster resources, the CLI, the Python
+if present. Environment variables use the originally specified names (``TRITON_URL``, ``MILVUS_URI``/``MILVUS_HOST`` +
+``MILVUS_PORT``, ...; full table: docs/configuration.md). Every consumer — Dagster resources, the CLI, the Python
 search API, the service launcher — reads settings from here.
 """
 
@@ -353,7 +353,7 @@ def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
             continue
         target = data if section is None else data.setdefault(section, {})
         target[key] = value
-    # The seed's host + port form; MILVUS_URI wins when both are given.
+    # The original specification's host + port form; MILVUS_URI wins when both are given.
     if "uri" not in data.get("milvus", {}) and environ.get("MILVUS_HOST"):
         port = environ.get("MILVUS_PORT") or "19530"
         data.setdefault("milvus", {})["uri"] = f"http://{environ['MILVUS_HOST']}:{port}"

@@ -1,4 +1,4 @@
-"""Request and response bodies of the HTTP API (the seed's field names), with the checks that need no settings.
+"""Request and response bodies of the HTTP API (the original spec's field names), with the checks that need no settings.
 
 Checks that depend on the configuration (top-k limit, allowed roots, input count) run in the endpoints, which
 know the settings, and answer in the same 422 shape.

@@ -1,4 +1,4 @@
-"""The seed's preprocessing API: ``JAXImagePreprocessor(image_size=…, mean=…, std=…)``.
+"""The preprocessing API of the original specification: ``JAXImagePreprocessor(image_size=…, mean=…, std=…)``.
 
 A thin front for the same decode + JAX kernels the pipeline uses::
 

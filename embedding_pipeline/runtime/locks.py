@@ -3,7 +3,7 @@
 Dagster runs each step in its own process, the CLI and retention run in others: whatever must not interleave takes
 one of these. They are ``flock`` locks on files under the state directory, so they hold on one machine; a
 deployment whose runs are spread over several machines serialises the index writes with the ``milvus`` concurrency
-pool instead (see the README).
+pool instead (see docs/operations.md).
 """
 
 from __future__ import annotations

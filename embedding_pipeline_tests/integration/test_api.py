@@ -1,7 +1,7 @@
 """The HTTP API as users call it: `embedding-pipeline serve-api` (uvicorn on 127.0.0.1) in front of a real Triton,
 Milvus, and Dagster webserver + daemon that run the inserts.
 
-The README's curl examples are taken from its "HTTP API" section and run with the real `curl`; only the server
+The curl examples of docs/http-api.md are taken from that page and run with the real `curl`; only the server
 address, the image paths and the example URL are replaced (by this test's server, photos and local web server).
 """
 
@@ -31,8 +31,8 @@ from embedding_pipeline_tests.integration.conftest import REPO_ROOT, running_sta
 
 pytestmark = pytest.mark.integration
 
-README = REPO_ROOT / "README.md"
-# What the README's examples say, and what stands in for it here.
+API_DOC = REPO_ROOT / "docs" / "http-api.md"
+# What the examples say, and what stands in for it here.
 README_BASE = "http://127.0.0.1:18080"
 README_PATHS = "/path/to/"
 README_URL = "https://example.com/image2.jpg"
@@ -54,9 +54,9 @@ class Api:
 
 
 def readme_curl_examples() -> list[str]:
-    """The curl commands of the README's HTTP API section, in order."""
-    section = README.read_text().split("\n## HTTP API\n", 1)[1].split("\n## ", 1)[0]
-    return [block for block in re.findall(r"```bash\n(.*?)```", section, re.S) if block.lstrip().startswith("curl")]
+    """The curl commands of docs/http-api.md, in order."""
+    return [block for block in re.findall(r"```bash\n(.*?)```", API_DOC.read_text(), re.S)
+            if block.lstrip().startswith("curl")]
 
 
 def no_proxy_env(**extra: str) -> dict[str, str]:
@@ -92,7 +92,7 @@ def api(tmp_path_factory) -> Iterator[Api]:
 
 @pytest.fixture(scope="module")
 def my_images(api) -> str:
-    """``my_images`` holding the README's two images (img_1 nature, img_2 urban), inserted by this fixture through
+    """``my_images`` holding the documented two images (img_1 nature, img_2 urban), inserted by this fixture through
     the API (idempotent: the same ids and bytes), so a test never depends on what the test before it inserted."""
     answer = api.post("/insert", json={
         "inputs": [str(api.photos / "image1.jpg"), api.web.url("/files/image2.jpg")], "ids": ["img_1", "img_2"],

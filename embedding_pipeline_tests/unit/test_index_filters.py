@@ -15,7 +15,7 @@ def typed(key: str, inner: str) -> str:
 @pytest.mark.parametrize(
     "expr, expected",
     [
-        # The seed's syntax, both quote styles; the rest of the expression is kept byte for byte.
+        # The original specification's syntax, both quote styles; the rest of the expression is kept byte for byte.
         ('metadata["category"] == "nature"', typed("category", 'meta_category == "nature"')),
         ("metadata['category'] == 'nature' and drop == 'x'",
          typed("category", "meta_category == 'nature'") + " and drop == 'x'"),
