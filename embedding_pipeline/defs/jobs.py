@@ -17,7 +17,7 @@ from dagster import (
 )
 
 from embedding_pipeline.defs.assets import GROUP
-from embedding_pipeline.defs.resources import MilvusResource, TritonResource
+from embedding_pipeline.defs.resources import MilvusResource, TritonResource, step_settings
 from embedding_pipeline.orchestration.names import INGEST_JOB
 
 # In-process: the four steps share one process, so JAX and the clients initialise once per run.
@@ -43,11 +43,10 @@ def embed_query(
     context: OpExecutionContext, config: SearchQuery, triton: TritonResource, milvus: MilvusResource
 ) -> dict[str, Any]:
     from embedding_pipeline.retrieval import ImageSearcher
-    from embedding_pipeline.settings import load_settings
     from embedding_pipeline.sources.inputs import read_image_input
     from embedding_pipeline.thumbnails import thumbnail_uri
 
-    settings = load_settings().model_copy(update={"triton": triton.settings(), "milvus": milvus.settings()})
+    settings = step_settings(triton, milvus)
     # Read once (a URL is fetched once): the bytes are embedded and shown as the query's thumbnail.
     image = read_image_input(config.image, settings.sources)
     with ImageSearcher(settings) as searcher:

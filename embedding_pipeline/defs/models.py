@@ -27,7 +27,7 @@ from dagster import (
 
 from embedding_pipeline.defs.partitions import drops_partitions
 from embedding_pipeline.orchestration.names import OBSERVE_MODEL_JOB, SWITCH_JOB
-from embedding_pipeline.defs.resources import MilvusResource, TritonResource
+from embedding_pipeline.defs.resources import MilvusResource, TritonResource, step_settings
 
 MODEL_GROUP = "models"
 
@@ -66,15 +66,14 @@ def switch_collection(
     context: OpExecutionContext, config: SwitchConfig, triton: TritonResource, milvus: MilvusResource
 ) -> None:
     from embedding_pipeline.index.collections import ModelCollections, embedded_counts, model_collection_name
-    from embedding_pipeline.settings import load_settings
 
-    settings = load_settings()
+    settings = step_settings(triton, milvus)
     drops = context.instance.get_dynamic_partitions(drops_partitions.name)
-    with ModelCollections(milvus.settings()) as collections:
+    with ModelCollections(settings.milvus) as collections:
         if config.target:
             collection = collections.resolve_target(config.target)
         else:
-            with triton.embedder() as embedder:
+            with triton.embedder(settings) as embedder:
                 label = embedder.model_version_label()
             collection = model_collection_name(collections.alias, label)
         label = collections.model_of(collection) if collection in collections.names() else label

@@ -12,10 +12,9 @@ from pydantic import Field
 
 from embedding_pipeline import retention
 from embedding_pipeline.defs.assets import MILVUS_POOL
-from embedding_pipeline.defs.resources import MilvusResource
+from embedding_pipeline.defs.resources import MilvusResource, step_settings
 from embedding_pipeline.orchestration.instance import DagsterDrops
 from embedding_pipeline.orchestration.names import DELETE_DROP_JOB, DROP_TAG
-from embedding_pipeline.settings import load_settings
 
 
 
@@ -49,7 +48,7 @@ def delete_drop_data(context: OpExecutionContext, config: DeleteDropConfig, milv
     """Deletes one drop: its source in the drop directory, its files (manifest, tensor batches, embeddings,
     downloaded blobs no other drop uses), its rows in every collection of the configured name, and its partition.
     Refuses an unknown drop and a drop with a run in progress. A dry run only reports."""
-    settings = load_settings().model_copy(update={"milvus": milvus.settings()})
+    settings = step_settings(milvus=milvus)
     retention.check_name(config.drop)
     # Tagged like the drop's ingest runs: filtering Runs by the tag shows a drop's whole life.
     context.instance.add_run_tags(context.run_id, {DROP_TAG: config.drop})
