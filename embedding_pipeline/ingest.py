@@ -26,7 +26,8 @@ from embedding_pipeline.preprocess.preprocessor import SourceError, for_model
 from embedding_pipeline.settings import QualitySettings, Settings
 from embedding_pipeline.sources.drops import find_drop
 from embedding_pipeline.sources.fetch import FetchError, read_local
-from embedding_pipeline.sources.items import FAILED, OK, Item, collect_items, is_transient
+from embedding_pipeline.sources.items import FAILED, OK, SKIPPED, Item, collect_items, is_transient
+from embedding_pipeline.sources.statuses import ErrorKind
 from embedding_pipeline.storage import arrow
 
 EXAMPLES = 5
@@ -129,7 +130,7 @@ def build_manifest(settings: Settings, drop_name: str) -> dict[str, Any]:
         "items": len(items),
         "ok": status.get(OK, 0),
         "failed": status.get(FAILED, 0),
-        "skipped": status.get("skipped", 0),
+        "skipped": status.get(SKIPPED, 0),
         "bytes": sum(i.size for i in items if i.status == OK),
         "seconds": round(time.perf_counter() - started, 3),
         **_failure_summary([_failure(i.id, i.error_kind, i.error, i.uri) for i in items if i.status == FAILED]),
@@ -137,7 +138,8 @@ def build_manifest(settings: Settings, drop_name: str) -> dict[str, Any]:
 
 
 def _failure(item_id: str, kind: str, error: str, uri: str = "") -> dict[str, str]:
-    return {"id": item_id, "error_kind": kind, "error": error, "uri": uri}
+    # Plain strings: the record goes to failures.json, Dagster metadata and log lines, where a member's repr would show.
+    return {"id": item_id, "error_kind": str(kind), "error": error, "uri": uri}
 
 
 def read_manifest(settings: Settings, drop_name: str) -> list[Item]:
@@ -209,13 +211,14 @@ def _reader(item: Item, roots: list[Path], blobs: Path, max_bytes: int) -> Calla
             else:
                 data = read_local(item.source, roots, max_bytes, identity=item.file_id or None)
         except FetchError as exc:
-            if exc.kind == "source_changed":
-                raise SourceError("source_changed", str(exc)) from None
+            if exc.kind == ErrorKind.SOURCE_CHANGED:
+                raise SourceError(ErrorKind.SOURCE_CHANGED, str(exc)) from None
             message = f"source changed since the drop was listed ({exc.kind}): {exc}"
-            raise SourceError("source_changed", message) from None
+            raise SourceError(ErrorKind.SOURCE_CHANGED, message) from None
         if hashlib.sha256(data).hexdigest() != item.sha256:
             # The recorded sha256 is the row's lineage: never embed other bytes under it.
-            raise SourceError("source_changed", "source changed since the manifest was built (re-run the drop)")
+            message = "source changed since the manifest was built (re-run the drop)"
+            raise SourceError(ErrorKind.SOURCE_CHANGED, message)
         return data
 
     return read
@@ -569,7 +572,7 @@ def item_report(settings: Settings, drop_name: str) -> list[dict[str, Any]]:
                 else:
                     error = (f"id {item.id!r} already names another image, held by drop(s) {held}; give this image "
                              "another id (the other drop's image is kept)")
-                row.update(status=FAILED, error_kind="id_conflict", stage="index", error=error)
+                row.update(status=FAILED, error_kind=ErrorKind.ID_CONFLICT, stage="index", error=error)
             else:
                 row["stage"] = "reused" if item.id in reused else "embedded"
         report.append(row)
@@ -597,7 +600,7 @@ def report_summary(report: list[dict[str, Any]]) -> dict[str, Any]:
         "items_total": len(report),
         "items_ok": status.get(OK, 0),
         "items_failed": status.get(FAILED, 0),
-        "items_skipped": status.get("skipped", 0),
+        "items_skipped": status.get(SKIPPED, 0),
         "items_reused": sum(1 for r in report if r["stage"] == "reused"),
         "items_kept_previous": sum(1 for r in report if r.get("kept_previous")),
         **_failure_summary(failures),

@@ -26,6 +26,7 @@ from embedding_pipeline.api.inputs import check_input
 from embedding_pipeline.api.models import InsertRequest
 from embedding_pipeline.api.search import collection_settings
 from embedding_pipeline.settings import Settings
+from embedding_pipeline.sources.statuses import ItemStatus
 
 JOB = "ingest_drop"
 PARTITION_TAG = "dagster/partition"
@@ -177,11 +178,11 @@ class DagsterRuns:
             "status": status,
             "drop": drop,
             "items": len(report),
-            "ok": counts.get("ok", 0),
-            "failed": counts.get("failed", 0),
-            "skipped": counts.get("skipped", 0),
+            "ok": counts.get(ItemStatus.OK, 0),
+            "failed": counts.get(ItemStatus.FAILED, 0),
+            "skipped": counts.get(ItemStatus.SKIPPED, 0),
             "failures": [{k: str(r.get(k) or "") for k in ("id", "uri", "error_kind", "error", "stage")}
-                         for r in report if r["status"] != "ok"],
+                         for r in report if r["status"] != ItemStatus.OK],
             "errors": errors,
         }
 

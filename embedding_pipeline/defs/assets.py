@@ -21,6 +21,7 @@ from embedding_pipeline.defs.partitions import drops_partitions
 from embedding_pipeline.defs.resources import MilvusResource, TritonResource
 from embedding_pipeline.settings import load_settings
 from embedding_pipeline.sources.drops import DROP_SIGNATURE_KEY, drop_signature, find_drop
+from embedding_pipeline.sources.statuses import ItemStatus
 
 GROUP = "image_ingest"
 # Who gets asked about these assets in the UI (Dagster owners are e-mail addresses or "team:<name>").
@@ -177,7 +178,7 @@ def _drop_story(context: AssetExecutionContext, settings, summary: dict[str, Any
     drop = context.partition_key
     stages = {**ui.earlier_stage_metadata(context.instance, drop), "index": summary}
     timings = ui.stage_timings(stages, summary["items_ok"])
-    failures = [r for r in report if r["status"] == "failed"]
+    failures = [r for r in report if r["status"] == ItemStatus.FAILED]
     story = {
         "stage_timings": timings.pop("stage_timings"),
         "failures": MetadataValue.md(ui.failure_table(summary["failures_by_kind"], failures)),
