@@ -158,7 +158,7 @@ def milvus_collection(context: AssetExecutionContext, milvus: MilvusResource) ->
     settings = load_settings()
     with ModelCollections(milvus.settings()) as collections:
         summary = ingest.index_drop(settings, context.partition_key, collections)
-        described = {}
+        described: dict[str, Any] = {}
         if summary.collection:
             with collections.index(summary.collection) as index:
                 described["index"] = index.describe_index()
