@@ -181,13 +181,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_items(args: argparse.Namespace) -> int:
     from embedding_pipeline import ingest
+    from embedding_pipeline.sources.statuses import ItemStatus
 
     try:
         report = ingest.item_report(_settings(args), args.drop)
     except FileNotFoundError:
         raise FileNotFoundError(f"drop {args.drop!r} has no manifest yet (not ingested)") from None
     if args.failed:
-        report = [r for r in report if r["status"] != "ok"]
+        report = [r for r in report if r["status"] != ItemStatus.OK]
     if args.json:
         print(json.dumps(report, indent=2))
     else:

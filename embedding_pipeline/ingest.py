@@ -1,7 +1,7 @@
 """The four stages of ingesting one drop, as plain functions (the Dagster assets only call these).
 
 manifest → preprocessed tensor batches → embeddings → Milvus rows. Each stage reads the previous stage's files
-under ``<home>/data`` and returns a summary whose values become the asset's materialization metadata.
+under ``<home>/data`` and returns a typed summary whose ``as_dict()`` becomes the asset's materialization metadata.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import itertools
 import json
 import time
 from collections import Counter, defaultdict, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -26,7 +26,8 @@ from embedding_pipeline.preprocess.preprocessor import SourceError, for_model
 from embedding_pipeline.settings import QualitySettings, Settings
 from embedding_pipeline.sources.drops import find_drop
 from embedding_pipeline.sources.fetch import FetchError, read_local
-from embedding_pipeline.sources.items import FAILED, OK, Item, collect_items, is_transient
+from embedding_pipeline.sources.items import FAILED, OK, SKIPPED, Item, collect_items, is_transient
+from embedding_pipeline.sources.statuses import ErrorKind
 from embedding_pipeline.storage import arrow
 
 EXAMPLES = 5
@@ -82,16 +83,38 @@ def _failure_summary(failures: list[dict[str, str]]) -> dict[str, Any]:
     }
 
 
-def _under_drop_lock(stage: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
+_S = TypeVar("_S")
+
+
+def _under_drop_lock(stage: Callable[..., _S]) -> Callable[..., _S]:
     """Run a stage ``stage(settings, drop_name, ...)`` holding the drop's lock: retention never deletes a drop under
     a running stage of it, whatever runs the stage (a Dagster run, the CLI, a test)."""
 
     @functools.wraps(stage)
-    def run(settings: Settings, drop_name: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    def run(settings: Settings, drop_name: str, *args: Any, **kwargs: Any) -> _S:
         with drop_lock(settings.paths.data, drop_name):
             return stage(settings, drop_name, *args, **kwargs)
 
     return run
+
+
+class StageSummary:
+    """What a stage reports; the asset shows ``as_dict()`` as its materialization metadata, key for key, in field
+    order. A field declared ``_optional()`` is left out of the dict while it is ``None``."""
+
+    def as_dict(self) -> dict[str, Any]:
+        out = {}
+        for f in fields(self):  # type: ignore[arg-type] - every subclass is a dataclass
+            value = getattr(self, f.name)
+            if value is None and f.metadata.get("optional"):
+                continue
+            out[f.name] = value
+        return out
+
+
+def _optional() -> Any:
+    """A summary field that only some runs of a stage report (absent from ``as_dict()`` while ``None``)."""
+    return field(default=None, metadata={"optional": True})
 
 
 MANIFEST_SCHEMA = pa.schema(
@@ -110,8 +133,22 @@ MANIFEST_SCHEMA = pa.schema(
 )
 
 
+@dataclass(frozen=True, kw_only=True)
+class ManifestSummary(StageSummary):
+    """The drop's items by status, with failures by kind."""
+
+    items: int
+    ok: int
+    failed: int
+    skipped: int
+    bytes: int  # of the ok items
+    seconds: float
+    failures_by_kind: dict[str, int]
+    failure_examples: list[dict[str, str]]
+
+
 @_under_drop_lock
-def build_manifest(settings: Settings, drop_name: str) -> dict[str, Any]:
+def build_manifest(settings: Settings, drop_name: str) -> ManifestSummary:
     """List the drop's items, read each once, hash it, check it is an image, and record a status per item."""
     started = time.perf_counter()
     drop = find_drop(settings.drops, drop_name)
@@ -125,19 +162,20 @@ def build_manifest(settings: Settings, drop_name: str) -> dict[str, Any]:
             columns[name].append(row[name])
     arrow.write_table(files.manifest, pa.Table.from_pydict(columns, schema=MANIFEST_SCHEMA))
     status = Counter(i.status for i in items)
-    return {
-        "items": len(items),
-        "ok": status.get(OK, 0),
-        "failed": status.get(FAILED, 0),
-        "skipped": status.get("skipped", 0),
-        "bytes": sum(i.size for i in items if i.status == OK),
-        "seconds": round(time.perf_counter() - started, 3),
+    return ManifestSummary(
+        items=len(items),
+        ok=status.get(OK, 0),
+        failed=status.get(FAILED, 0),
+        skipped=status.get(SKIPPED, 0),
+        bytes=sum(i.size for i in items if i.status == OK),
+        seconds=round(time.perf_counter() - started, 3),
         **_failure_summary([_failure(i.id, i.error_kind, i.error, i.uri) for i in items if i.status == FAILED]),
-    }
+    )
 
 
 def _failure(item_id: str, kind: str, error: str, uri: str = "") -> dict[str, str]:
-    return {"id": item_id, "error_kind": kind, "error": error, "uri": uri}
+    # Plain strings: the record goes to failures.json, Dagster metadata and log lines, where a member's repr would show.
+    return {"id": item_id, "error_kind": str(kind), "error": error, "uri": uri}
 
 
 def read_manifest(settings: Settings, drop_name: str) -> list[Item]:
@@ -209,22 +247,40 @@ def _reader(item: Item, roots: list[Path], blobs: Path, max_bytes: int) -> Calla
             else:
                 data = read_local(item.source, roots, max_bytes, identity=item.file_id or None)
         except FetchError as exc:
-            if exc.kind == "source_changed":
-                raise SourceError("source_changed", str(exc)) from None
+            if exc.kind == ErrorKind.SOURCE_CHANGED:
+                raise SourceError(ErrorKind.SOURCE_CHANGED, str(exc)) from None
             message = f"source changed since the drop was listed ({exc.kind}): {exc}"
-            raise SourceError("source_changed", message) from None
+            raise SourceError(ErrorKind.SOURCE_CHANGED, message) from None
         if hashlib.sha256(data).hexdigest() != item.sha256:
             # The recorded sha256 is the row's lineage: never embed other bytes under it.
-            raise SourceError("source_changed", "source changed since the manifest was built (re-run the drop)")
+            message = "source changed since the manifest was built (re-run the drop)"
+            raise SourceError(ErrorKind.SOURCE_CHANGED, message)
         return data
 
     return read
 
 
+@dataclass(frozen=True, kw_only=True)
+class PreprocessSummary(StageSummary):
+    """Images decoded into model inputs; ``reused`` and ``kept_previous`` count rows carried from earlier runs."""
+
+    images: int  # decoded and written this run
+    reused: int
+    kept_previous: int
+    failed: int
+    batches: int
+    bytes: int
+    tensor: str
+    seconds: float
+    images_per_s: float
+    failures_by_kind: dict[str, int]
+    failure_examples: list[dict[str, str]]
+
+
 @_under_drop_lock
 def preprocess_drop(
     settings: Settings, drop_name: str, model_input: tuple[str, Sequence[int]], model: str = ""
-) -> dict[str, Any]:
+) -> PreprocessSummary:
     """Decode the drop's good items into exactly the model's input, one Arrow file per batch.
 
     ``model_input`` is the model's (datatype, shape) from Triton. Items whose id and sha256 already have an
@@ -272,22 +328,38 @@ def preprocess_drop(
         writer.add_json("kept.json", kept)
         writer.commit()
     elapsed = time.perf_counter() - started
-    return {
-        "images": written,
-        "reused": len(reused),
-        "kept_previous": sum(len(ids) for ids in kept.values()),
-        "failed": len(failures),
-        "batches": len(writer.files),
-        "bytes": writer.bytes,
-        "tensor": spec.describe(),
-        "seconds": round(elapsed, 3),
-        "images_per_s": round(written / elapsed, 1) if elapsed else 0.0,
+    return PreprocessSummary(
+        images=written,
+        reused=len(reused),
+        kept_previous=sum(len(ids) for ids in kept.values()),
+        failed=len(failures),
+        batches=len(writer.files),
+        bytes=writer.bytes,
+        tensor=spec.describe(),
+        seconds=round(elapsed, 3),
+        images_per_s=round(written / elapsed, 1) if elapsed else 0.0,
         **_failure_summary(failures),
-    }
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class EmbedSummary(StageSummary):
+    """Vectors computed and carried over, and the model that made them."""
+
+    embeddings: int  # computed + carried over
+    computed: int
+    reused: int
+    kept_previous: int
+    dimension: int
+    model: str
+    bytes: int
+    seconds: float
+    inference_seconds: float
+    images_per_s: float
 
 
 @_under_drop_lock
-def embed_drop(settings: Settings, drop_name: str, embedder: Embedder) -> dict[str, Any]:
+def embed_drop(settings: Settings, drop_name: str, embedder: Embedder) -> EmbedSummary:
     """Send every tensor batch through the model and store the vectors with their lineage and model version.
 
     Vectors of items the preprocess stage marked as reused are copied from the drop's previous embeddings
@@ -354,18 +426,18 @@ def embed_drop(settings: Settings, drop_name: str, embedder: Embedder) -> dict[s
                 )
         writer.commit()
     elapsed = time.perf_counter() - started
-    return {
-        "embeddings": count + carried,
-        "computed": count,
-        "reused": len(reused),
-        "kept_previous": len(kept),
-        "dimension": dim or 0,
-        "model": model,
-        "bytes": writer.bytes,
-        "seconds": round(elapsed, 3),
-        "inference_seconds": round(infer_s, 3),
-        "images_per_s": round(count / infer_s, 1) if infer_s else 0.0,
-    }
+    return EmbedSummary(
+        embeddings=count + carried,
+        computed=count,
+        reused=len(reused),
+        kept_previous=len(kept),
+        dimension=dim or 0,
+        model=model,
+        bytes=writer.bytes,
+        seconds=round(elapsed, 3),
+        inference_seconds=round(infer_s, 3),
+        images_per_s=round(count / infer_s, 1) if infer_s else 0.0,
+    )
 
 
 def embeddings_version(settings: Settings, drop_name: str, model: str) -> str:
@@ -378,8 +450,37 @@ def embeddings_version(settings: Settings, drop_name: str, model: str) -> str:
     return f"{model}#{digest.hexdigest()[:16]}"
 
 
+@dataclass(frozen=True, kw_only=True)
+class IndexSummary(StageSummary):
+    """The optional fields are reported when the drop had embeddings to write (the write counts) or when it went
+    to a collection chosen by its model (``model``, ``switch_pending``; ``search_collection`` also when nothing was
+    embedded)."""
+
+    upserted: int
+    unchanged: int
+    removed_stale: int
+    kept_for_transient_failures: int | None = _optional()
+    deleted_rows: int | None = _optional()
+    kept_for_other_drops: int | None = _optional()
+    joined_shared_rows: int | None = _optional()
+    # Ids this drop gives to another image than the drop(s) already holding them: not written (see docs).
+    id_conflicts: int | None = _optional()
+    id_conflict_examples: list[dict[str, Any]] | None = _optional()
+    drop_rows: int
+    collection: str
+    collection_rows: int | None = _optional()
+    # Values that did not fit a declared filter field's type: the rows are stored, the typed column is empty.
+    metadata_type_mismatches: list[dict[str, str]] | None = _optional()
+    model: str | None = _optional()
+    search_collection: str | None = _optional()
+    # Search stays on another model's collection until the switch (see the switch_search_collection job).
+    switch_pending: bool | None = _optional()
+    seconds: float = 0.0
+    vectors_per_s: float | None = _optional()
+
+
 @_under_drop_lock
-def index_drop(settings: Settings, drop_name: str, target) -> dict[str, Any]:
+def index_drop(settings: Settings, drop_name: str, target) -> IndexSummary:
     """Upsert the drop's new or changed rows by id and take the drop out of rows it no longer lists.
 
     ``target`` is a :class:`~embedding_pipeline.index.collections.ModelCollections` (the drop goes into the
@@ -404,9 +505,9 @@ def index_drop(settings: Settings, drop_name: str, target) -> dict[str, Any]:
                 # that failed for a passing reason (an outage right after a model change, say).
                 removed = target.remove_drop(drop_name, keep=protected.kept)
                 arrow.write_json(files.index_report, {"id_conflicts": []})
-                return {"upserted": 0, "unchanged": 0, "removed_stale": removed, "drop_rows": 0,
-                        "collection": "", "search_collection": target.search_collection() or "",
-                        "seconds": round(time.perf_counter() - started, 3)}
+                return IndexSummary(upserted=0, unchanged=0, removed_stale=removed, drop_rows=0,
+                                    collection="", search_collection=target.search_collection() or "",
+                                    seconds=round(time.perf_counter() - started, 3))
             index = target
         else:
             dim = first.schema.field("embedding").type.list_size
@@ -417,20 +518,17 @@ def index_drop(settings: Settings, drop_name: str, target) -> dict[str, Any]:
                 index = target
                 index.ensure_collection(dim)
         try:
-            summary = _write_drop(drop_name, index, first, tables, protected)
+            summary, conflicts = _write_drop(drop_name, index, first, tables, protected)
         finally:
             if placement is not None:
                 index.close()
-        arrow.write_json(files.index_report, {"id_conflicts": summary.pop("_conflicts")})
+        arrow.write_json(files.index_report, {"id_conflicts": conflicts})
     if placement is not None:
-        summary["model"] = model
-        summary["search_collection"] = placement.search_collection or ""
-        # Search stays on another model's collection until the switch (see the switch_search_collection job).
-        summary["switch_pending"] = placement.switch_pending
-    summary["seconds"] = round(time.perf_counter() - started, 3)
-    summary["vectors_per_s"] = round(summary["upserted"] / summary["seconds"], 1) if summary["seconds"] and \
-        summary["upserted"] else 0.0
-    return summary
+        summary = replace(summary, model=model, search_collection=placement.search_collection or "",
+                          switch_pending=placement.switch_pending)
+    seconds = round(time.perf_counter() - started, 3)
+    return replace(summary, seconds=seconds,
+                   vectors_per_s=round(summary.upserted / seconds, 1) if seconds and summary.upserted else 0.0)
 
 
 @dataclass(frozen=True)
@@ -458,7 +556,10 @@ def _protected(settings: Settings, drop_name: str) -> Protected:
     return Protected(tuple(f for f in failed if is_transient(f[2])))
 
 
-def _write_drop(drop_name: str, index, first, tables, protected: Protected = Protected()) -> dict[str, Any]:
+def _write_drop(
+    drop_name: str, index, first, tables, protected: Protected = Protected()
+) -> tuple[IndexSummary, list[dict[str, Any]]]:
+    """The drop's rows written to ``index``: the summary (without timings) and every id conflict."""
     present = first is not None or index.exists()
     stored = index.drop_rows(drop_name) if present else {}
     model = str(first.column("model")[0].as_py()) if first is not None else None
@@ -511,27 +612,25 @@ def _write_drop(drop_name: str, index, first, tables, protected: Protected = Pro
     deleted, still_listed = index.release(drop_name, stale) if stale else (0, 0)
     if upserted or stale:
         index.flush()
-    return {
-        "upserted": upserted,
-        "unchanged": unchanged,
-        "removed_stale": len(stale),
-        "kept_for_transient_failures": len(set(stored) - ids) - len(stale),
-        "deleted_rows": deleted,
-        "kept_for_other_drops": still_listed,
-        "joined_shared_rows": shared,
-        # Ids this drop gives to another image than the drop(s) already holding them: not written (see docs).
-        "id_conflicts": len(conflicts),
-        "id_conflict_examples": conflicts[:EXAMPLES],
-        "_conflicts": conflicts,
-        "drop_rows": index.count_drop(drop_name, consistency_level="Strong") if present else 0,
-        "collection": index.collection,
-        "collection_rows": index.count() if present else 0,
-        # Values that did not fit a declared filter field's type: the rows are stored, the typed column is empty.
-        "metadata_type_mismatches": [
+    summary = IndexSummary(
+        upserted=upserted,
+        unchanged=unchanged,
+        removed_stale=len(stale),
+        kept_for_transient_failures=len(set(stored) - ids) - len(stale),
+        deleted_rows=deleted,
+        kept_for_other_drops=still_listed,
+        joined_shared_rows=shared,
+        id_conflicts=len(conflicts),
+        id_conflict_examples=conflicts[:EXAMPLES],
+        drop_rows=index.count_drop(drop_name, consistency_level="Strong") if present else 0,
+        collection=index.collection,
+        collection_rows=index.count() if present else 0,
+        metadata_type_mismatches=[
             {"id": m.id, "key": m.key, "declared": m.declared, "reason": m.reason}
             for m in getattr(index, "type_mismatches", [])[:EXAMPLES]
         ],
-    }
+    )
+    return summary, conflicts
 
 
 def fingerprint(row: dict[str, Any]) -> tuple:
@@ -569,7 +668,7 @@ def item_report(settings: Settings, drop_name: str) -> list[dict[str, Any]]:
                 else:
                     error = (f"id {item.id!r} already names another image, held by drop(s) {held}; give this image "
                              "another id (the other drop's image is kept)")
-                row.update(status=FAILED, error_kind="id_conflict", stage="index", error=error)
+                row.update(status=FAILED, error_kind=ErrorKind.ID_CONFLICT, stage="index", error=error)
             else:
                 row["stage"] = "reused" if item.id in reused else "embedded"
         report.append(row)
@@ -589,17 +688,31 @@ def index_conflicts(settings: Settings, drop_name: str) -> set[str]:
     return {c["id"] for c in report.get("id_conflicts", [])}
 
 
-def report_summary(report: list[dict[str, Any]]) -> dict[str, Any]:
+@dataclass(frozen=True, kw_only=True)
+class ReportSummary(StageSummary):
+    """End-to-end counts of a drop's item report."""
+
+    items_total: int
+    items_ok: int
+    items_failed: int
+    items_skipped: int
+    items_reused: int
+    items_kept_previous: int
+    failures_by_kind: dict[str, int]
+    failure_examples: list[dict[str, str]]
+
+
+def report_summary(report: list[dict[str, Any]]) -> ReportSummary:
     """End-to-end counts for the drop (what the last asset shows in the UI)."""
     status = Counter(r["status"] for r in report)
     failures = [_failure(r["id"], r["error_kind"], r["error"], r["uri"]) for r in report if r["status"] == FAILED]
-    summary = {
-        "items_total": len(report),
-        "items_ok": status.get(OK, 0),
-        "items_failed": status.get(FAILED, 0),
-        "items_skipped": status.get("skipped", 0),
-        "items_reused": sum(1 for r in report if r["stage"] == "reused"),
-        "items_kept_previous": sum(1 for r in report if r.get("kept_previous")),
+    summary = ReportSummary(
+        items_total=len(report),
+        items_ok=status.get(OK, 0),
+        items_failed=status.get(FAILED, 0),
+        items_skipped=status.get(SKIPPED, 0),
+        items_reused=sum(1 for r in report if r["stage"] == "reused"),
+        items_kept_previous=sum(1 for r in report if r.get("kept_previous")),
         **_failure_summary(failures),
-    }
+    )
     return summary

@@ -1,7 +1,7 @@
 """The ingest chain for one drop: manifest → tensor batches → embeddings → Milvus rows."""
 
 
-from typing import Any
+from typing import Any, Mapping
 
 from dagster import (
     AssetExecutionContext,
@@ -21,6 +21,7 @@ from embedding_pipeline.defs.partitions import drops_partitions
 from embedding_pipeline.defs.resources import MilvusResource, TritonResource
 from embedding_pipeline.settings import load_settings
 from embedding_pipeline.sources.drops import DROP_SIGNATURE_KEY, drop_signature, find_drop
+from embedding_pipeline.sources.statuses import ItemStatus
 
 GROUP = "image_ingest"
 # Who gets asked about these assets in the UI (Dagster owners are e-mail addresses or "team:<name>").
@@ -44,8 +45,9 @@ def _retry_policy() -> RetryPolicy:
 RETRY = _retry_policy()
 
 
-def _metadata(summary: dict[str, Any]) -> dict[str, Any]:
-    """A stage summary as materialization metadata (numbers, JSON, and a failures table; see defs/metadata.py)."""
+def _metadata(summary: Mapping[str, Any]) -> dict[str, Any]:
+    """A stage summary (its ``as_dict()``, with what the asset adds) as materialization metadata (numbers, JSON,
+    and a failures table; see defs/metadata.py)."""
     return ui.summary_metadata(summary)
 
 
@@ -67,16 +69,16 @@ def raw_image_manifest(context: AssetExecutionContext) -> MaterializeResult:
     # Taken before the items are read: a file changing meanwhile makes the next rescan see a change.
     signature = drop_signature(find_drop(settings.drops, context.partition_key))
     summary = ingest.build_manifest(settings, context.partition_key)
-    summary[DROP_SIGNATURE_KEY] = signature
-    summary["items_per_s"] = round(summary["items"] / summary["seconds"], 1) if summary["seconds"] else 0.0
-    if summary["failed"]:
-        context.log.warning(f"{summary['failed']} item(s) failed: {summary['failure_examples']}")
+    items_per_s = round(summary.items / summary.seconds, 1) if summary.seconds else 0.0
+    if summary.failed:
+        context.log.warning(f"{summary.failed} item(s) failed: {summary.failure_examples}")
     files = ingest.drop_files(settings, context.partition_key)
-    extra = {ui.ROW_COUNT_KEY: summary["items"], **ui.output_schema_metadata(files.manifest)}
+    extra = {ui.ROW_COUNT_KEY: summary.items, **ui.output_schema_metadata(files.manifest)}
     preview = ui.drop_preview(settings, context.partition_key)
     if preview is not None:
         extra["preview"] = preview
-    return MaterializeResult(metadata={**_metadata(summary), **extra})
+    shown = {**summary.as_dict(), DROP_SIGNATURE_KEY: signature, "items_per_s": items_per_s}
+    return MaterializeResult(metadata={**_metadata(shown), **extra})
 
 
 @asset(
@@ -102,11 +104,11 @@ def preprocessed_batches(context: AssetExecutionContext, triton: TritonResource)
     summary = ingest.preprocess_drop(
         settings, context.partition_key, (model_input.datatype, tuple(model_input.shape)), model
     )
-    if summary["failed"]:
-        context.log.warning(f"{summary['failed']} image(s) could not be decoded: {summary['failure_examples']}")
+    if summary.failed:
+        context.log.warning(f"{summary.failed} image(s) could not be decoded: {summary.failure_examples}")
     files = ingest.drop_files(settings, context.partition_key)
-    extra = {ui.ROW_COUNT_KEY: summary["images"], **ui.output_schema_metadata(files.preprocessed)}
-    return MaterializeResult(metadata={**_metadata(summary), **extra})
+    extra = {ui.ROW_COUNT_KEY: summary.images, **ui.output_schema_metadata(files.preprocessed)}
+    return MaterializeResult(metadata={**_metadata(summary.as_dict()), **extra})
 
 
 @asset(
@@ -127,10 +129,10 @@ def image_embeddings(context: AssetExecutionContext, triton: TritonResource) -> 
     settings = load_settings()
     with triton.embedder() as embedder:
         summary = ingest.embed_drop(settings, context.partition_key, embedder)
-    version = ingest.embeddings_version(settings, context.partition_key, summary["model"])
+    version = ingest.embeddings_version(settings, context.partition_key, summary.model)
     files = ingest.drop_files(settings, context.partition_key)
-    extra = {ui.ROW_COUNT_KEY: summary["embeddings"], **ui.output_schema_metadata(files.embeddings)}
-    return MaterializeResult(metadata={**_metadata(summary), **extra}, data_version=DataVersion(version))
+    extra = {ui.ROW_COUNT_KEY: summary.embeddings, **ui.output_schema_metadata(files.embeddings)}
+    return MaterializeResult(metadata={**_metadata(summary.as_dict()), **extra}, data_version=DataVersion(version))
 
 
 @asset(
@@ -156,37 +158,40 @@ def milvus_collection(context: AssetExecutionContext, milvus: MilvusResource) ->
     settings = load_settings()
     with ModelCollections(milvus.settings()) as collections:
         summary = ingest.index_drop(settings, context.partition_key, collections)
-        if summary["collection"]:
-            with collections.index(summary["collection"]) as index:
-                summary["index"] = index.describe_index()
-    if summary.get("switch_pending"):
+        described: dict[str, Any] = {}
+        if summary.collection:
+            with collections.index(summary.collection) as index:
+                described["index"] = index.describe_index()
+    if summary.switch_pending:
         context.log.info(
-            f"drop written to {summary['collection']}; search still uses {summary['search_collection']} until "
+            f"drop written to {summary.collection}; search still uses {summary.search_collection} until "
             "the switch_search_collection job runs"
         )
     report = ingest.item_report(settings, context.partition_key)
-    summary.update(ingest.report_summary(report))
-    story = _drop_story(context, settings, summary, report)
+    totals = ingest.report_summary(report)
+    story = _drop_story(context, settings, summary, totals, report)
+    shown = {**summary.as_dict(), **described, **totals.as_dict()}
     # The story first: the UI lists metadata in this order.
-    return MaterializeResult(metadata={**story, **{k: v for k, v in _metadata(summary).items() if k not in story}})
+    return MaterializeResult(metadata={**story, **{k: v for k, v in _metadata(shown).items() if k not in story}})
 
 
-def _drop_story(context: AssetExecutionContext, settings, summary: dict[str, Any], report: list) -> dict[str, Any]:
+def _drop_story(context: AssetExecutionContext, settings, summary: ingest.IndexSummary,
+                totals: ingest.ReportSummary, report: list) -> dict[str, Any]:
     """What the last asset adds so its page tells the whole drop: every stage's time and rate (earlier stages'
     figures come from their materializations in the instance), all failures by kind, and a preview."""
     drop = context.partition_key
-    stages = {**ui.earlier_stage_metadata(context.instance, drop), "index": summary}
-    timings = ui.stage_timings(stages, summary["items_ok"])
-    failures = [r for r in report if r["status"] == "failed"]
+    stages = {**ui.earlier_stage_metadata(context.instance, drop), "index": summary.as_dict()}
+    timings = ui.stage_timings(stages, totals.items_ok)
+    failures = [r for r in report if r["status"] == ItemStatus.FAILED]
     story = {
         "stage_timings": timings.pop("stage_timings"),
-        "failures": MetadataValue.md(ui.failure_table(summary["failures_by_kind"], failures)),
+        "failures": MetadataValue.md(ui.failure_table(totals.failures_by_kind, failures)),
     }
     embedded = {r["id"] for r in report if r["stage"] in ("embedded", "reused")}
     preview = ui.drop_preview(settings, drop, only=embedded, what="embedded items")
     if preview is not None:
         story["preview"] = preview
-    return {**story, ui.ROW_COUNT_KEY: summary.get("drop_rows", 0), **timings}
+    return {**story, ui.ROW_COUNT_KEY: summary.drop_rows, **timings}
 
 
 ingest_assets = [raw_image_manifest, preprocessed_batches, image_embeddings, milvus_collection]

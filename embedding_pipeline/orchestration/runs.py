@@ -29,6 +29,7 @@ from embedding_pipeline.orchestration.names import (
 from embedding_pipeline.retention import DropBusyError
 from embedding_pipeline.runtime.locks import drop_lock
 from embedding_pipeline.settings import Settings
+from embedding_pipeline.sources.statuses import ItemStatus
 from embedding_pipeline.sources.drops import checked_name, place_drop
 
 
@@ -64,10 +65,10 @@ def ingest(settings: Settings, path: Path, name: str | None = None) -> dict[str,
     except OSError:
         report = []
     counts = Counter(r["status"] for r in report)
-    summary.update(items=len(report), ok=counts.get("ok", 0), failed=counts.get("failed", 0),
-                   skipped=counts.get("skipped", 0))
+    summary.update(items=len(report), ok=counts.get(ItemStatus.OK, 0), failed=counts.get(ItemStatus.FAILED, 0),
+                   skipped=counts.get(ItemStatus.SKIPPED, 0))
     summary["failures"] = [
-        {k: r[k] for k in ("id", "uri", "status", "error_kind", "error", "stage")} for r in report if r["status"] != "ok"
+        {k: r[k] for k in ("id", "uri", "status", "error_kind", "error", "stage")} for r in report if r["status"] != ItemStatus.OK
     ]
     return summary
 

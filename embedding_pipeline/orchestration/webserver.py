@@ -29,6 +29,7 @@ from embedding_pipeline.orchestration.names import (
 from embedding_pipeline.runtime import processes
 from embedding_pipeline.services import webserver_url
 from embedding_pipeline.settings import Settings
+from embedding_pipeline.sources.statuses import ItemStatus
 from embedding_pipeline.sources.drops import place_drop
 
 
@@ -114,11 +115,11 @@ class WebserverRuns:
             "status": status,
             "drop": drop,
             "items": len(report),
-            "ok": counts.get("ok", 0),
-            "failed": counts.get("failed", 0),
-            "skipped": counts.get("skipped", 0),
+            "ok": counts.get(ItemStatus.OK, 0),
+            "failed": counts.get(ItemStatus.FAILED, 0),
+            "skipped": counts.get(ItemStatus.SKIPPED, 0),
             "failures": [{k: str(r.get(k) or "") for k in ("id", "uri", "error_kind", "error", "stage")}
-                         for r in report if r["status"] != "ok"],
+                         for r in report if r["status"] != ItemStatus.OK],
             "errors": errors,
         }
 

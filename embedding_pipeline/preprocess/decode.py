@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
 from embedding_pipeline.sources.sniff import PIL_FORMATS
+from embedding_pipeline.sources.statuses import ErrorKind
 
 # Pillow's own guard warns at ~89 Mpx and refuses at twice that; ours refuses earlier and says why.
 DEFAULT_MAX_PIXELS = 64_000_000
@@ -116,8 +117,8 @@ def _cmyk_to_rgb(img: Image.Image) -> Image.Image:
 def _decode_error(exc: Exception) -> DecodeError:
     text = str(exc) or type(exc).__name__
     if "truncated" in text.lower() or isinstance(exc, EOFError):
-        return DecodeError("truncated", f"truncated image data: {text}")
-    return DecodeError("decode_error", f"cannot decode image: {text}")
+        return DecodeError(ErrorKind.TRUNCATED, f"truncated image data: {text}")
+    return DecodeError(ErrorKind.DECODE_ERROR, f"cannot decode image: {text}")
 
 
 def decode(data: bytes, geometry: Geometry, options: DecodeOptions = DecodeOptions()) -> tuple[np.ndarray, Box]:
@@ -133,7 +134,7 @@ def decode(data: bytes, geometry: Geometry, options: DecodeOptions = DecodeOptio
         width, height = img.size
         if width * height > options.max_pixels:
             raise DecodeError(
-                "too_many_pixels", f"image too large: {width}x{height} pixels > {options.max_pixels} allowed"
+                ErrorKind.TOO_MANY_PIXELS, f"image too large: {width}x{height} pixels > {options.max_pixels} allowed"
             )
         orientation = img.getexif().get(0x0112, 1)
         if img.format == "JPEG":
@@ -147,7 +148,7 @@ def decode(data: bytes, geometry: Geometry, options: DecodeOptions = DecodeOptio
     except DecodeError:
         raise
     except Image.DecompressionBombError as exc:
-        raise DecodeError("too_many_pixels", f"refused as a decompression bomb: {exc}") from None
+        raise DecodeError(ErrorKind.TOO_MANY_PIXELS, f"refused as a decompression bomb: {exc}") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:  # what Pillow raises for broken data
         raise _decode_error(exc) from None
     w, h = img.size

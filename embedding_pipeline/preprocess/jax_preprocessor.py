@@ -22,6 +22,7 @@ from embedding_pipeline.preprocess.spec import IMAGENET_MEAN, IMAGENET_STD, Tens
 from embedding_pipeline.settings import Settings, load_settings
 from embedding_pipeline.sources.fetch import FetchError
 from embedding_pipeline.sources.inputs import ImageInput, read_image_input
+from embedding_pipeline.sources.statuses import ErrorKind
 
 
 class PreprocessError(ValueError):
@@ -64,7 +65,7 @@ class JAXImagePreprocessor:
             try:
                 return read_image_input(image, self.settings.sources)
             except FetchError as exc:
-                raise SourceError(getattr(exc, "kind", "unreadable"), str(exc)) from None
+                raise SourceError(getattr(exc, "kind", ErrorKind.UNREADABLE), str(exc)) from None
 
         return read
 

@@ -43,6 +43,7 @@ from urllib3.util.retry import Retry
 
 from embedding_pipeline.settings import SourceSettings
 from embedding_pipeline.sources.addresses import AddressPolicy, AddressRefused
+from embedding_pipeline.sources.statuses import ErrorKind
 
 MAX_REDIRECTS = 5
 # A server asking for a longer pause than this gets this long: one hostile header must not stall a run.
@@ -73,7 +74,7 @@ def read_local(path: str | Path, roots: list[Path], max_bytes: int, identity: st
     refuse a file that was replaced since: ``source_changed``."""
     data, found = read_local_file(path, roots, max_bytes)
     if identity and found != identity:
-        raise FetchError("source_changed", f"the file was replaced since the drop was listed: {path}")
+        raise FetchError(ErrorKind.SOURCE_CHANGED, f"the file was replaced since the drop was listed: {path}")
     return data
 
 
@@ -84,14 +85,14 @@ def read_local_file(path: str | Path, roots: list[Path], max_bytes: int) -> tupl
     in between is refused, never waited on); at most ``max_bytes + 1`` bytes are read."""
     real = os.path.realpath(path)  # follows symlinks, so a link out of the roots is caught below
     if not any(_inside(real, _real_root(str(root))) for root in roots):
-        raise FetchError("outside_roots", f"path outside the allowed roots: {path}")
+        raise FetchError(ErrorKind.OUTSIDE_ROOTS, f"path outside the allowed roots: {path}")
     try:
         # Look before opening: a device is never opened (opening some has effects), a file over the cap never read.
         info = os.stat(real)
         if not stat.S_ISREG(info.st_mode):
-            raise FetchError("not_a_file", f"not a regular file ({_file_type(info.st_mode)}): {path}")
+            raise FetchError(ErrorKind.NOT_A_FILE, f"not a regular file ({_file_type(info.st_mode)}): {path}")
         if info.st_size > max_bytes:
-            raise FetchError("too_large", f"file too large: {info.st_size} bytes > {max_bytes}")
+            raise FetchError(ErrorKind.TOO_LARGE, f"file too large: {info.st_size} bytes > {max_bytes}")
         try:
             with open_regular(real, path) as (f, opened):
                 # Sized by the open file, not the cap: read(cap) would allocate the whole cap for every small file.
@@ -100,18 +101,18 @@ def read_local_file(path: str | Path, roots: list[Path], max_bytes: int) -> tupl
                     data += f.read(max_bytes + 1 - len(data))  # grew while read: still capped
         except OSError as exc:
             if exc.errno == errno.ELOOP:  # O_NOFOLLOW met a link put in place since the path was resolved
-                raise FetchError("not_a_file", f"became a symbolic link while being read: {path}") from None
+                raise FetchError(ErrorKind.NOT_A_FILE, f"became a symbolic link while being read: {path}") from None
             raise
         if len(data) > max_bytes:
-            raise FetchError("too_large", f"file too large: more than {max_bytes} bytes")
+            raise FetchError(ErrorKind.TOO_LARGE, f"file too large: more than {max_bytes} bytes")
         # Inode numbers are reused at once after a delete: the modification time tells a new file in the same slot.
         return data, f"{opened.st_dev}:{opened.st_ino}:{opened.st_mtime_ns}"
     except FileNotFoundError:
-        raise FetchError("not_found", f"file not found: {path}") from None
+        raise FetchError(ErrorKind.NOT_FOUND, f"file not found: {path}") from None
     except PermissionError:
-        raise FetchError("unreadable", f"permission denied: {path}") from None
+        raise FetchError(ErrorKind.UNREADABLE, f"permission denied: {path}") from None
     except OSError as exc:
-        raise FetchError("unreadable", f"cannot read {path}: {exc.strerror or exc}") from None
+        raise FetchError(ErrorKind.UNREADABLE, f"cannot read {path}: {exc.strerror or exc}") from None
 
 
 @lru_cache(maxsize=256)
@@ -133,7 +134,9 @@ def open_regular(path: str | Path, shown: str | Path | None = None) -> Iterator[
     try:
         opened = os.fstat(fd)
         if not stat.S_ISREG(opened.st_mode):
-            raise FetchError("not_a_file", f"not a regular file ({_file_type(opened.st_mode)}): {shown or path}")
+            raise FetchError(
+                ErrorKind.NOT_A_FILE, f"not a regular file ({_file_type(opened.st_mode)}): {shown or path}"
+            )
         f = os.fdopen(fd, "rb")
     except BaseException:
         os.close(fd)
@@ -404,7 +407,7 @@ class UrlFetcher:
             return data
 
     def _late(self, url: str) -> FetchError:
-        return FetchError("timeout", f"download took longer than {self.settings.fetch_deadline_s:g} s: {url}")
+        return FetchError(ErrorKind.TIMEOUT, f"download took longer than {self.settings.fetch_deadline_s:g} s: {url}")
 
     def _get(self, url: str, deadline: _Deadline) -> bytes:
         current = url
@@ -419,10 +422,11 @@ class UrlFetcher:
                     continue
                 if resp.status_code != 200:
                     # A server error or "try later" may pass; any other status is the server's answer about the URL.
-                    kind = "http_unavailable" if resp.status_code in TRY_LATER_STATUSES else "http_error"
+                    unavailable = resp.status_code in TRY_LATER_STATUSES
+                    kind = ErrorKind.HTTP_UNAVAILABLE if unavailable else ErrorKind.HTTP_ERROR
                     raise FetchError(kind, f"HTTP {resp.status_code} from {current}")
                 return self._body(resp, current, deadline)
-        raise FetchError("too_many_redirects", f"more than {MAX_REDIRECTS} redirects from {url}")
+        raise FetchError(ErrorKind.TOO_MANY_REDIRECTS, f"more than {MAX_REDIRECTS} redirects from {url}")
 
     def close(self) -> None:
         self.session.close()
@@ -432,26 +436,27 @@ class UrlFetcher:
             parts = urlsplit(url)
             port = parts.port or (443 if parts.scheme.lower() == "https" else 80)
         except ValueError as exc:
-            raise FetchError("bad_url", f"invalid URL ({exc}): {url}") from None
+            raise FetchError(ErrorKind.BAD_URL, f"invalid URL ({exc}): {url}") from None
         if parts.scheme.lower() not in ("http", "https"):
-            raise FetchError("bad_url", f"unsupported URL scheme {parts.scheme!r} (only http/https): {url}")
+            raise FetchError(ErrorKind.BAD_URL, f"unsupported URL scheme {parts.scheme!r} (only http/https): {url}")
         if not parts.hostname:
-            raise FetchError("bad_url", f"URL has no host: {url}")
+            raise FetchError(ErrorKind.BAD_URL, f"URL has no host: {url}")
         if self.settings.fetch_proxy and not self.policy.allow_all:
             # Through a proxy no connection of ours reaches the target: check its address up front.
             try:
                 self.policy.resolve(parts.hostname, port)
             except AddressRefused as exc:
-                raise FetchError("refused_address", str(exc)) from None
+                raise FetchError(ErrorKind.REFUSED_ADDRESS, str(exc)) from None
             except socket.gaierror as exc:
-                raise FetchError("connection_error", f"cannot resolve {parts.hostname}: {exc.strerror}") from None
+                message = f"cannot resolve {parts.hostname}: {exc.strerror}"
+                raise FetchError(ErrorKind.CONNECTION_ERROR, message) from None
 
     def _request(self, url: str, remaining: float) -> requests.Response:
         t = max(0.001, min(self.settings.fetch_timeout_s, remaining))
         try:
             return self.session.get(url, stream=True, timeout=(t, t), allow_redirects=False)
         except AddressRefused as exc:
-            raise FetchError("refused_address", str(exc)) from None
+            raise FetchError(ErrorKind.REFUSED_ADDRESS, str(exc)) from None
         except Exception as exc:  # noqa: BLE001 - requests/urllib3 raise many types; classify them all
             raise _classify(exc, url, t) from None
 
@@ -459,7 +464,8 @@ class UrlFetcher:
         limit = self.settings.max_image_bytes
         declared = resp.headers.get("Content-Length", "").strip()
         if declared.isdigit() and int(declared) > limit:
-            raise FetchError("too_large", f"download too large: Content-Length {declared} > {limit} bytes: {url}")
+            message = f"download too large: Content-Length {declared} > {limit} bytes: {url}"
+            raise FetchError(ErrorKind.TOO_LARGE, message)
         chunks: list[bytes] = []
         total = 0
         try:
@@ -470,10 +476,10 @@ class UrlFetcher:
                     break
                 total += len(chunk)
                 if total > limit:
-                    raise FetchError("too_large", f"download larger than {limit} bytes: {url}")
+                    raise FetchError(ErrorKind.TOO_LARGE, f"download larger than {limit} bytes: {url}")
                 if deadline.remaining() < 0:
                     raise FetchError(
-                        "timeout", f"download took longer than {self.settings.fetch_deadline_s:g} s: {url}"
+                        ErrorKind.TIMEOUT, f"download took longer than {self.settings.fetch_deadline_s:g} s: {url}"
                     )
                 chunks.append(chunk)
         except FetchError:
@@ -504,19 +510,19 @@ def _classify(exc: Exception, url: str, timeout: float) -> FetchError:
 
     if has(AddressRefused):
         refused = next(c for c in causes if isinstance(c, AddressRefused))
-        return FetchError("refused_address", str(refused))
+        return FetchError(ErrorKind.REFUSED_ADDRESS, str(refused))
     if has(requests.exceptions.InvalidURL, requests.exceptions.InvalidSchema, requests.exceptions.MissingSchema):
-        return FetchError("bad_url", f"invalid URL: {url}")
+        return FetchError(ErrorKind.BAD_URL, f"invalid URL: {url}")
     if has(u3.LocationValueError):
-        return FetchError("bad_url", f"invalid URL: {url}")
+        return FetchError(ErrorKind.BAD_URL, f"invalid URL: {url}")
     if has(requests.exceptions.TooManyRedirects):
-        return FetchError("too_many_redirects", f"too many redirects from {url}")
+        return FetchError(ErrorKind.TOO_MANY_REDIRECTS, f"too many redirects from {url}")
     if has(u3.NameResolutionError):
-        return FetchError("connection_error", f"cannot resolve host of {url}")
+        return FetchError(ErrorKind.CONNECTION_ERROR, f"cannot resolve host of {url}")
     if has(u3.NewConnectionError):  # a subclass of ConnectTimeoutError, so before the timeouts
-        return FetchError("connection_error", f"cannot connect to {url}")
+        return FetchError(ErrorKind.CONNECTION_ERROR, f"cannot connect to {url}")
     if has(requests.exceptions.Timeout, u3.TimeoutError, socket.timeout):
-        return FetchError("timeout", f"timed out after {timeout:g} s: {url}")
+        return FetchError(ErrorKind.TIMEOUT, f"timed out after {timeout:g} s: {url}")
     if has(requests.exceptions.SSLError, u3.SSLError):
-        return FetchError("connection_error", f"TLS error for {url}")
-    return FetchError("connection_error", f"download failed for {url}: {type(exc).__name__}")
+        return FetchError(ErrorKind.CONNECTION_ERROR, f"TLS error for {url}")
+    return FetchError(ErrorKind.CONNECTION_ERROR, f"download failed for {url}: {type(exc).__name__}")

@@ -65,11 +65,13 @@ from embedding_pipeline.sources.drops import Drop
 from embedding_pipeline.sources.fetch import FetchError, UrlFetcher, read_local_file
 from embedding_pipeline.sources.manifest import Entry, is_url, list_entries, looks_like_url
 from embedding_pipeline.sources.sniff import PIL_FORMATS, sniff
+from embedding_pipeline.sources.statuses import ErrorKind, ItemStatus
 
-OK, FAILED, SKIPPED = "ok", "failed", "skipped"
-_SKIP_KINDS = {"ignored", "duplicate"}
+OK, FAILED, SKIPPED = ItemStatus.OK, ItemStatus.FAILED, ItemStatus.SKIPPED
+_SKIP_KINDS = {ErrorKind.IGNORED, ErrorKind.DUPLICATE}
 # Failures that may pass by themselves (see the table above): they never remove a row indexed before.
-TRANSIENT_KINDS = frozenset({"http_unavailable", "timeout", "connection_error", "unreadable", "source_changed"})
+TRANSIENT_KINDS = frozenset({ErrorKind.HTTP_UNAVAILABLE, ErrorKind.TIMEOUT, ErrorKind.CONNECTION_ERROR,
+                             ErrorKind.UNREADABLE, ErrorKind.SOURCE_CHANGED})
 
 
 def is_transient(kind: str) -> bool:
@@ -86,9 +88,9 @@ class Item:
     size: int = 0
     source: str = ""  # where the bytes are now: the local file, or the blob of a download
     file_id: str = ""  # "<device>:<inode>:<mtime ns>" of a local file when listed: later stages refuse a replaced one
-    status: str = OK
+    status: str = OK  # an ItemStatus (a plain str once read back from the manifest)
     error: str = ""
-    error_kind: str = ""
+    error_kind: str = ""  # an ErrorKind, or "" when ok
 
     def as_row(self) -> dict[str, Any]:
         return asdict(self)
@@ -120,10 +122,11 @@ def check_image(data: bytes) -> str:
         return found.format or "image"
     except UnidentifiedImageError:
         if found.format:
-            raise FetchError("not_image", f"{found.format} signature but Pillow cannot read its header") from None
-        raise FetchError("not_image", "not an image (unrecognised format)") from None
+            message = f"{found.format} signature but Pillow cannot read its header"
+            raise FetchError(ErrorKind.NOT_IMAGE, message) from None
+        raise FetchError(ErrorKind.NOT_IMAGE, "not an image (unrecognised format)") from None
     except Exception as exc:  # noqa: BLE001 - Pillow raises many types for broken headers
-        raise FetchError("not_image", f"unreadable {found.format or 'image'} header: {exc}") from None
+        raise FetchError(ErrorKind.NOT_IMAGE, f"unreadable {found.format or 'image'} header: {exc}") from None
 
 
 def check_image_header(data: bytes) -> str | None:
@@ -152,9 +155,10 @@ def collect_items(drop: Drop, settings: SourceSettings, blob_dir: Path) -> list[
             if owner is not None:
                 # The same content listed twice without ids is one row, not an error.
                 if entry.id is None and item.id == content_id(item.sha256):
-                    _mark(item, "duplicate", f"duplicate of {owner}")
+                    _mark(item, ErrorKind.DUPLICATE, f"duplicate of {owner}")
                 else:
-                    _mark(item, "duplicate_id", f"duplicate id {item.id!r} in this drop (first listed by {owner})")
+                    message = f"duplicate id {item.id!r} in this drop (first listed by {owner})"
+                    _mark(item, ErrorKind.DUPLICATE_ID, message)
             else:
                 seen_ids[item.id] = entry.origin or item.uri
         items.append(item)
@@ -165,7 +169,7 @@ def _resolve(entry: Entry, roots: list[Path], settings: SourceSettings, download
     item = Item(id=entry.id or "", uri=entry.uri, metadata=entry.metadata)
     try:
         if entry.error is not None:
-            raise FetchError(entry.error_kind or "bad_row", entry.error)
+            raise FetchError(entry.error_kind or ErrorKind.BAD_ROW, entry.error)
         if is_url(entry.uri):
             result = downloaded[entry.uri]
             if isinstance(result, FetchError):
@@ -173,7 +177,7 @@ def _resolve(entry: Entry, roots: list[Path], settings: SourceSettings, download
             sha, size, source = result
         elif looks_like_url(entry.uri):
             scheme = entry.uri.split("://", 1)[0]
-            raise FetchError("bad_url", f"unsupported URL scheme {scheme!r} (only http/https): {entry.uri}")
+            raise FetchError(ErrorKind.BAD_URL, f"unsupported URL scheme {scheme!r} (only http/https): {entry.uri}")
         else:
             data, item.file_id = read_local_file(entry.uri, roots, settings.max_image_bytes)
             check_image(data)
@@ -221,7 +225,7 @@ def _download_all(urls: list[str], settings: SourceSettings, blob_dir: Path) -> 
         except FetchError as exc:
             return exc
         except Exception as exc:  # noqa: BLE001 - one odd URL must fail its item, not the drop
-            return FetchError("connection_error", f"download failed for {url}: {type(exc).__name__}: {exc}")
+            return FetchError(ErrorKind.CONNECTION_ERROR, f"download failed for {url}: {type(exc).__name__}: {exc}")
         sha = hashlib.sha256(data).hexdigest()
         path = blob_path(blob_dir, sha)
         if not _blob_intact(path, sha, len(data)):

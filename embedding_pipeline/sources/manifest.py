@@ -34,6 +34,7 @@ from typing import Any, Iterator
 
 from embedding_pipeline.sources.drops import MANIFEST_SUFFIXES, READY_MARKER, Drop, ignored
 from embedding_pipeline.sources.fetch import FetchError, open_regular
+from embedding_pipeline.sources.statuses import ErrorKind
 
 
 @dataclass
@@ -74,7 +75,7 @@ def list_entries(drop: Drop) -> list[Entry]:
     """Every item the drop lists. A manifest that cannot be read fails the listing (raises): its items are not
     known to have left the drop, so no stage may act as if they had."""
     if not drop.path.is_dir() and not drop.is_manifest:
-        raise FetchError("not_a_file", f"drop {drop.name!r} is neither a folder nor a regular manifest file")
+        raise FetchError(ErrorKind.NOT_A_FILE, f"drop {drop.name!r} is neither a folder nor a regular manifest file")
     if drop.is_manifest:
         return list(_read_manifest(drop.path))
     files = _walk(drop.path)
@@ -94,7 +95,7 @@ def list_entries(drop: Drop) -> list[Entry]:
         origin = str(path.relative_to(drop.path))
         entry = Entry(uri=str(path), origin=origin)
         if path.suffix.lower() in IGNORED_SUFFIXES or (path.suffix.lower() == ".csv" and path.is_file()):
-            entry.error, entry.error_kind = f"not an image file, ignored: {origin}", "ignored"
+            entry.error, entry.error_kind = f"not an image file, ignored: {origin}", ErrorKind.IGNORED
         entries.append(entry)
     return entries
 
@@ -134,7 +135,7 @@ def _read_manifest(path: Path) -> Iterator[Entry]:
     for where, row in rows:
         origin = f"{path.name}:{where}"
         if isinstance(row, str):  # a parse error
-            yield Entry(uri="", origin=origin, error=row, error_kind="bad_row")
+            yield Entry(uri="", origin=origin, error=row, error_kind=ErrorKind.BAD_ROW)
             continue
         yield _entry_from_row(row, path.parent, origin)
 
@@ -171,7 +172,7 @@ def _entry_from_row(row: dict[str, Any], base: Path, origin: str) -> Entry:
     item_id = str(raw_id).strip() if raw_id not in (None, "") else None
     uri = row.get("uri")
     if not isinstance(uri, str) or not uri.strip():
-        return Entry(uri="", id=item_id, origin=origin, error="missing 'uri'", error_kind="bad_row")
+        return Entry(uri="", id=item_id, origin=origin, error="missing 'uri'", error_kind=ErrorKind.BAD_ROW)
     uri = uri.strip()
     if not looks_like_url(uri) and not Path(uri).is_absolute():
         uri = str(base / uri)
@@ -181,21 +182,21 @@ def _entry_from_row(row: dict[str, Any], base: Path, origin: str) -> Entry:
             metadata = json.loads(metadata)
         except json.JSONDecodeError as exc:
             error = f"metadata is not valid JSON: {exc.msg}"
-            return Entry(uri=uri, id=item_id, origin=origin, error=error, error_kind="bad_metadata")
+            return Entry(uri=uri, id=item_id, origin=origin, error=error, error_kind=ErrorKind.BAD_METADATA)
     if not isinstance(metadata, dict):
         error = "metadata must be a JSON object"
-        return Entry(uri=uri, id=item_id, origin=origin, error=error, error_kind="bad_metadata")
+        return Entry(uri=uri, id=item_id, origin=origin, error=error, error_kind=ErrorKind.BAD_METADATA)
     if item_id is not None and len(item_id.encode()) > MAX_ID_CHARS:
         error = f"id longer than {MAX_ID_CHARS} bytes as UTF-8"
-        return Entry(uri=uri, id=item_id[:64] + "…", origin=origin, error=error, error_kind="bad_row")
+        return Entry(uri=uri, id=item_id[:64] + "…", origin=origin, error=error, error_kind=ErrorKind.BAD_ROW)
     if item_id is not None and "\0" in item_id:
         # The one character no Milvus expression can carry: such an id could never be read or deleted again.
         return Entry(uri=uri, id=item_id.replace("\0", "\\0"), origin=origin, error="id contains a NUL character",
-                     error_kind="bad_row")
+                     error_kind=ErrorKind.BAD_ROW)
     extra = {k: v for k, v in row.items() if k not in ("uri", "id", "metadata")}
     merged = {**extra, **metadata}
     size = len(json.dumps(merged, default=str).encode())
     if size > MAX_METADATA_BYTES:
         error = f"metadata is {size} bytes as JSON; at most {MAX_METADATA_BYTES} are stored"
-        return Entry(uri=uri, id=item_id, origin=origin, error=error, error_kind="bad_metadata")
+        return Entry(uri=uri, id=item_id, origin=origin, error=error, error_kind=ErrorKind.BAD_METADATA)
     return Entry(uri=uri, id=item_id, metadata=merged, origin=origin)

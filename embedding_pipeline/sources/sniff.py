@@ -11,6 +11,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from embedding_pipeline.sources.statuses import ErrorKind
+
 # (format, test on the leading bytes). Order matters only where signatures share a prefix.
 _SIGNATURES: list[tuple[str, object]] = [
     ("JPEG", lambda b: b[:3] == b"\xff\xd8\xff"),
@@ -54,7 +56,7 @@ class Sniffed:
 
 def sniff(data: bytes) -> Sniffed:
     if not data:
-        return Sniffed(kind="empty_file", reason="empty file (0 bytes)")
+        return Sniffed(kind=ErrorKind.EMPTY_FILE, reason="empty file (0 bytes)")
     head = data[:_SAMPLE]
     for name, test in _SIGNATURES:
         if test(head):  # type: ignore[operator]
@@ -62,26 +64,26 @@ def sniff(data: bytes) -> Sniffed:
     if head[4:8] == b"ftyp":
         brand = head[8:12]
         if brand in _HEIC_BRANDS:
-            return Sniffed(kind="not_image", reason="unsupported image format heic")
+            return Sniffed(kind=ErrorKind.NOT_IMAGE, reason="unsupported image format heic")
         if brand in _AVIF_BRANDS:
             from PIL import features
 
             # Pillow decodes AVIF when built with libavif (its wheels are); otherwise say why it is refused.
             if features.check("avif"):
                 return Sniffed(format="AVIF")
-            return Sniffed(kind="not_image", reason="unsupported image format avif (Pillow built without AVIF)")
+            return Sniffed(kind=ErrorKind.NOT_IMAGE, reason="unsupported image format avif (Pillow built without AVIF)")
         label = brand.decode("ascii", "replace")
-        return Sniffed(kind="not_image", reason=f"ISO media file (brand {label!r}), not an image")
+        return Sniffed(kind=ErrorKind.NOT_IMAGE, reason=f"ISO media file (brand {label!r}), not an image")
     text = _strip_text_start(head)
     lowered = text[:64].lower()
     if lowered.startswith(_HTML_STARTS):
-        return Sniffed(kind="not_image", reason="HTML page, not an image")
+        return Sniffed(kind=ErrorKind.NOT_IMAGE, reason="HTML page, not an image")
     if lowered.startswith(b"<svg") or (lowered.startswith(b"<?xml") and b"<svg" in text.lower()):
-        return Sniffed(kind="not_image", reason="unsupported image format svg")
+        return Sniffed(kind=ErrorKind.NOT_IMAGE, reason="unsupported image format svg")
     if head.startswith(b"%PDF-"):
-        return Sniffed(kind="not_image", reason="PDF document, not an image")
+        return Sniffed(kind=ErrorKind.NOT_IMAGE, reason="PDF document, not an image")
     if _mostly_printable(head):
-        return Sniffed(kind="not_image", reason="text, not an image")
+        return Sniffed(kind=ErrorKind.NOT_IMAGE, reason="text, not an image")
     return Sniffed()
 
 

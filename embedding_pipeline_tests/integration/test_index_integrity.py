@@ -156,7 +156,7 @@ def write_drop(settings, server: Images, drop: str, slots: list[Slot]) -> None:
     (folder / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def run_stages(settings, embedder: TritonEmbedder, drop: str) -> dict:
+def run_stages(settings, embedder: TritonEmbedder, drop: str) -> ingest.IndexSummary:
     """The four stages of the ingest job, in this process (what the Dagster assets call)."""
     ingest.build_manifest(settings, drop)
     spec = embedder.input_spec()
@@ -323,7 +323,7 @@ def test_an_id_that_rewrites_the_delete_expression_deletes_only_its_own_row(worl
     # A re-run that drops the hostile item, then deleting the drop: only its own rows go.
     write_drop(settings, server, "hostile", [Slot("local", 2, "O'Brien")])
     summary = run_stages(settings, embedder, "hostile")
-    assert summary["removed_stale"] == 1 and set(stored(settings)) == {"plain-id", "O'Brien"}
+    assert summary.removed_stale == 1 and set(stored(settings)) == {"plain-id", "O'Brien"}
     delete(settings, "hostile")
     assert set(stored(settings)) == {"plain-id"}
     delete(settings, "keep-me")
@@ -344,7 +344,7 @@ def test_a_rerun_during_an_outage_keeps_every_row_indexed_before(world):
         summary = run_stages(settings, embedder, "urls")
     finally:
         server.down = False
-    assert summary["removed_stale"] == 0 and stored(settings) == before
+    assert summary.removed_stale == 0 and stored(settings) == before
     report = {r["uri"]: r for r in ingest.item_report(settings, "urls")}
     failed = report[server.url(0)]
     assert failed["status"] == "failed" and failed["error_kind"] == "http_unavailable"
@@ -382,7 +382,7 @@ def test_one_id_for_two_different_images_keeps_the_first_and_reports_the_second(
     run_stages(settings, embedder, "first")
     write_drop(settings, server, "second", [Slot("local", 1, "same-id")])
     summary = run_stages(settings, embedder, "second")
-    assert summary["id_conflicts"] == 1 and summary["id_conflict_examples"][0]["held_by"] == ["first"]
+    assert summary.id_conflicts == 1 and summary.id_conflict_examples[0]["held_by"] == ["first"]
     assert stored(settings) == {"same-id": (("first",), SHA[0])}  # the first drop's image is not overwritten
     (item,) = ingest.item_report(settings, "second")
     assert (item["status"], item["error_kind"], item["stage"]) == ("failed", "id_conflict", "index")

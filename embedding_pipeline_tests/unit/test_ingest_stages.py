@@ -42,13 +42,13 @@ def settings(tmp_path):
 
 def test_stages_write_arrow_with_lineage_and_report_failures(settings):
     manifest = ingest.build_manifest(settings, "d1")
-    assert (manifest["items"], manifest["ok"], manifest["failed"]) == (4, 3, 1)
-    assert manifest["failure_examples"][0]["error"]
+    assert (manifest.items, manifest.ok, manifest.failed) == (4, 3, 1)
+    assert manifest.failure_examples[0]["error"]
 
     pre = ingest.preprocess_drop(settings, "d1", MODEL_INPUT, "fake:1")
-    assert (pre["images"], pre["batches"], pre["failed"]) == (3, 2, 0)
+    assert (pre.images, pre.batches, pre.failed) == (3, 2, 0)
     emb = ingest.embed_drop(settings, "d1", FakeEmbedder())
-    assert (emb["embeddings"], emb["dimension"], emb["model"]) == (3, 3, "fake:1")
+    assert (emb.embeddings, emb.dimension, emb.model) == (3, 3, "fake:1")
 
     tables = list(arrow.read_batches(ingest.drop_files(settings, "d1").embeddings))
     vectors = np.concatenate([arrow.vectors_of(t) for t in tables])
@@ -63,10 +63,10 @@ def test_a_file_changed_after_the_manifest_is_not_embedded_under_the_old_hash(se
     ingest.build_manifest(settings, "d1")
     (settings.drops / "d1" / "img0.png").write_bytes(encode(np.zeros((20, 20, 3), np.uint8)))
     pre = ingest.preprocess_drop(settings, "d1", MODEL_INPUT, "fake:1")
-    assert pre["images"] == 2 and pre["failed"] == 1
+    assert pre.images == 2 and pre.failed == 1
     # Rewritten in place: its modification time no longer matches the listing (the hash check stands behind it).
-    assert "since the drop was listed" in pre["failure_examples"][0]["error"]
-    assert pre["failures_by_kind"] == {"source_changed": 1}
+    assert "since the drop was listed" in pre.failure_examples[0]["error"]
+    assert pre.failures_by_kind == {"source_changed": 1}
 
 
 def test_rerun_reuses_vectors_and_recomputes_only_changed_items(settings):
@@ -81,7 +81,7 @@ def test_rerun_reuses_vectors_and_recomputes_only_changed_items(settings):
     pre = ingest.preprocess_drop(settings, "d1", MODEL_INPUT, "fake:1")
     again = FakeEmbedder()
     emb = ingest.embed_drop(settings, "d1", again)
-    assert (pre["images"], pre["reused"], again.embedded, emb["embeddings"]) == (0, 3, 0, 3)
+    assert (pre.images, pre.reused, again.embedded, emb.embeddings) == (0, 3, 0, 3)
 
     # Fix the broken file: only that one is computed.
     (settings.drops / "d1" / "bad.png").write_bytes(encode(np.full((20, 20, 3), 128, np.uint8)))
@@ -89,11 +89,11 @@ def test_rerun_reuses_vectors_and_recomputes_only_changed_items(settings):
     pre = ingest.preprocess_drop(settings, "d1", MODEL_INPUT, "fake:1")
     fixed = FakeEmbedder()
     emb = ingest.embed_drop(settings, "d1", fixed)
-    assert (pre["images"], pre["reused"], fixed.embedded, emb["embeddings"]) == (1, 3, 1, 4)
+    assert (pre.images, pre.reused, fixed.embedded, emb.embeddings) == (1, 3, 1, 4)
 
     # Another model version: everything is recomputed.
     pre = ingest.preprocess_drop(settings, "d1", MODEL_INPUT, "fake:2")
-    assert (pre["images"], pre["reused"]) == (4, 0)
+    assert (pre.images, pre.reused) == (4, 0)
 
     report = {r["id"]: r for r in ingest.item_report(settings, "d1")}
     assert len(report) == 4 and all(r["status"] == "ok" for r in report.values())
@@ -110,8 +110,8 @@ def test_a_file_swapped_for_a_fifo_between_stages_fails_its_item_at_once(setting
     started = time.monotonic()
     pre = ingest.preprocess_drop(settings, "d1", MODEL_INPUT, "fake:1")
     assert time.monotonic() - started < 60
-    assert pre["images"] == 2 and pre["failures_by_kind"] == {"source_changed": 1}
-    assert "not_a_file" in pre["failure_examples"][0]["error"]
+    assert pre.images == 2 and pre.failures_by_kind == {"source_changed": 1}
+    assert "not_a_file" in pre.failure_examples[0]["error"]
 
 
 def test_a_file_replaced_by_a_link_out_of_the_drop_or_by_another_file_is_refused(settings, tmp_path):
@@ -126,8 +126,8 @@ def test_a_file_replaced_by_a_link_out_of_the_drop_or_by_another_file_is_refused
     (drop / "img2.png").unlink()
     (drop / "img2.png").write_bytes(data)
     pre = ingest.preprocess_drop(settings, "d1", MODEL_INPUT, "fake:1")
-    assert pre["images"] == 1 and pre["failures_by_kind"] == {"source_changed": 2}
-    errors = " ".join(f["error"] for f in pre["failure_examples"])
+    assert pre.images == 1 and pre.failures_by_kind == {"source_changed": 2}
+    errors = " ".join(f["error"] for f in pre.failure_examples)
     assert "outside_roots" in errors and "replaced since the drop was listed" in errors
 
 

@@ -149,7 +149,7 @@ def test_manifest_schema_and_a_preview_of_real_photos_within_budget(settings):
 
     preview = ui.drop_preview(settings, "photos")
     text = preview.value
-    assert text.startswith(f"12 of {summary['ok']} good items of drop `photos`")
+    assert text.startswith(f"12 of {summary.ok} good items of drop `photos`")
     assert text.count("](data:image/jpeg;base64,") == 12 and "`chelsea`" in text
     assert len(text) < 100_000
     # A tight budget stops adding thumbnails rather than growing the event.

@@ -364,7 +364,7 @@ def test_ingest_streams_batches_through_the_workers_and_keeps_rows_aligned(tmp_p
 
     with TritonEmbedder("127.0.0.1:9", "m", concurrency=3, transport_factory=FakeColourTransport) as embedder:
         summary = ingest.embed_drop(settings, "d1", embedder)
-    assert (summary["computed"], summary["dimension"], summary["model"]) == (5, 3, "m:1")
+    assert (summary.computed, summary.dimension, summary.model) == (5, 3, "m:1")
     assert len(fake_transports.instances) > 1  # several workers took part
     tables = list(arrow.read_batches(ingest.drop_files(settings, "d1").embeddings))
     vectors = np.concatenate([arrow.vectors_of(t) for t in tables])
