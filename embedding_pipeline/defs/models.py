@@ -25,8 +25,8 @@ from dagster import (
     op,
 )
 
-from embedding_pipeline.defs.partitions import drops_partitions
-from embedding_pipeline.orchestration.names import OBSERVE_MODEL_JOB, SWITCH_JOB
+
+from embedding_pipeline.orchestration.names import DROPS_PARTITION, OBSERVE_MODEL_JOB, SWITCH_JOB
 from embedding_pipeline.defs.resources import MilvusResource, TritonResource, step_settings
 
 MODEL_GROUP = "models"
@@ -68,7 +68,7 @@ def switch_collection(
     from embedding_pipeline.index.collections import ModelCollections, embedded_counts, model_collection_name
 
     settings = step_settings(triton, milvus)
-    drops = context.instance.get_dynamic_partitions(drops_partitions.name)
+    drops = context.instance.get_dynamic_partitions(DROPS_PARTITION)
     with ModelCollections(settings.milvus) as collections:
         if config.target:
             collection = collections.resolve_target(config.target)
@@ -98,4 +98,3 @@ def switch_search_collection():
 
 
 model_assets = [embedding_model]
-model_jobs = [observe_embedding_model, switch_search_collection]

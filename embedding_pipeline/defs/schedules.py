@@ -25,8 +25,8 @@ from dagster import (
 )
 
 from embedding_pipeline.defs.jobs import ingest_drop_job
-from embedding_pipeline.defs.partitions import drops_partitions
-from embedding_pipeline.orchestration.names import DROP_TAG, INGEST_ASSETS, PARTITION_TAG, TRIGGER_TAG
+
+from embedding_pipeline.orchestration.names import DROP_TAG, DROPS_PARTITION, INGEST_ASSETS, PARTITION_TAG, TRIGGER_TAG
 from embedding_pipeline.settings import load_settings
 from embedding_pipeline.sources.drops import DROP_SIGNATURE_KEY, Drop, complete_drops, drop_signature
 
@@ -96,7 +96,7 @@ def rescan_requests(instance: DagsterInstance) -> tuple[list[RunRequest], list[s
     """Run requests for the drops that need one, the drops that are new (partitions to add), and the drops that
     are up to date. Only complete drops are looked at: a drop still being written waits for the next tick."""
     settings = load_settings()
-    known = set(instance.get_dynamic_partitions(drops_partitions.name))
+    known = set(instance.get_dynamic_partitions(DROPS_PARTITION))
     requests, new, current = [], [], []
     for drop in complete_drops(settings.drops, settings.dagster.drop_settle_s):
         decision = decide(instance, drop, known)
@@ -138,7 +138,7 @@ def rescan_drops(context: ScheduleEvaluationContext):
     if new:
         # Schedules cannot return partition requests (sensors can): add the partitions here, before the runs
         # that need them are created.
-        context.instance.add_dynamic_partitions(drops_partitions.name, new)
+        context.instance.add_dynamic_partitions(DROPS_PARTITION, new)
     if not requests:
         return SkipReason(f"{len(current)} drop(s) up to date; nothing new, changed or failed")
     return requests

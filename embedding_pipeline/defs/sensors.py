@@ -13,7 +13,7 @@ from dagster import DefaultSensorStatus, RunRequest, SensorEvaluationContext, Se
 
 from embedding_pipeline.defs.jobs import ingest_drop_job
 from embedding_pipeline.defs.partitions import drops_partitions
-from embedding_pipeline.orchestration.names import DROP_TAG, TRIGGER_TAG
+from embedding_pipeline.orchestration.names import DROP_TAG, DROPS_PARTITION, TRIGGER_TAG
 from embedding_pipeline.settings import load_settings
 from embedding_pipeline.sources.drops import complete_drops, drop_signature, scan
 
@@ -30,7 +30,7 @@ _interval = load_settings().dagster.sensor_interval_s
 )
 def drop_sensor(context: SensorEvaluationContext):
     settings = load_settings()
-    known = set(context.instance.get_dynamic_partitions(drops_partitions.name))
+    known = set(context.instance.get_dynamic_partitions(DROPS_PARTITION))
     new = [d for d in complete_drops(settings.drops, settings.dagster.drop_settle_s) if d.name not in known]
     if not new:
         invalid = scan(settings.drops)[1]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from dagster import AssetKey, DagsterInstance, DagsterRunStatus, RunsFilter
 
@@ -117,7 +117,7 @@ class DagsterDrops:
 _WRAPPERS = ("DagsterExecutionStepExecutionError", "RetryRequested")
 
 
-def step_errors(events: list[Any]) -> list[dict[str, str]]:
+def step_errors(events: Iterable[Any]) -> list[dict[str, str]]:
     """The failed steps of a run with their error messages (what a user needs to see first when a run fails)."""
     errors = []
     for event in events:

@@ -104,6 +104,5 @@ def switch_search(settings: Settings, target: str = "", force: bool = False) -> 
 def observe_model(instance: DagsterInstance) -> str:
     """Record an observation of ``embedding_model`` in ``instance``; returns the label observed."""
     result = defs.resolve_job_def(OBSERVE_MODEL_JOB).execute_in_process(instance=instance)
-    observations = [e for e in result.all_events if e.event_type_value == "ASSET_OBSERVATION"]
-    data = observations[-1].event_specific_data.asset_observation
-    return str(data.tags.get("dagster/data_version", ""))
+    observation = [e.asset_observation_data for e in result.all_events if e.is_asset_observation][-1]
+    return str(observation.asset_observation.tags.get("dagster/data_version", ""))
