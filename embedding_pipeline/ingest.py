@@ -29,6 +29,7 @@ from embedding_pipeline.sources.fetch import FetchError, read_local
 from embedding_pipeline.sources.items import FAILED, OK, SKIPPED, Item, collect_items, is_transient
 from embedding_pipeline.sources.statuses import ErrorKind
 from embedding_pipeline.storage import arrow
+from embedding_pipeline.storage.layout import MANIFEST_SCHEMA, DropFiles, drop_files
 
 EXAMPLES = 5
 
@@ -40,39 +41,6 @@ class Embedder(Protocol):
     def embed(self, batch: np.ndarray) -> np.ndarray: ...
 
     def model_version_label(self) -> str: ...
-
-
-@dataclass(frozen=True)
-class DropFiles:
-    """Where one drop's stage outputs live."""
-
-    data: Path
-    drop: str
-
-    @property
-    def manifest(self) -> Path:
-        return self.data / "manifests" / f"{self.drop}.arrow"
-
-    @property
-    def preprocessed(self) -> Path:
-        return self.data / "preprocessed" / self.drop
-
-    @property
-    def embeddings(self) -> Path:
-        return self.data / "embeddings" / self.drop
-
-    @property
-    def blobs(self) -> Path:
-        return self.data / "blobs"
-
-    @property
-    def index_report(self) -> Path:
-        """What the index stage could not write (ids held by another drop's image), per item."""
-        return self.data / "index" / f"{self.drop}.json"
-
-
-def drop_files(settings: Settings, drop: str) -> DropFiles:
-    return DropFiles(settings.paths.data, drop)
 
 
 def _failure_summary(failures: list[dict[str, str]]) -> dict[str, Any]:
@@ -115,22 +83,6 @@ class StageSummary:
 def _optional() -> Any:
     """A summary field that only some runs of a stage report (absent from ``as_dict()`` while ``None``)."""
     return field(default=None, metadata={"optional": True})
-
-
-MANIFEST_SCHEMA = pa.schema(
-    [
-        ("id", pa.string()),
-        ("uri", pa.string()),
-        ("metadata", pa.string()),
-        ("sha256", pa.string()),
-        ("size", pa.int64()),
-        ("source", pa.string()),
-        ("file_id", pa.string()),
-        ("status", pa.string()),
-        ("error", pa.string()),
-        ("error_kind", pa.string()),
-    ]
-)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -39,7 +39,7 @@ from typing import Any, Protocol
 
 from embedding_pipeline.index.client import ImageIndex
 from embedding_pipeline.index.collections import ModelCollections
-from embedding_pipeline.ingest import drop_files
+from embedding_pipeline.storage.layout import drop_files
 from embedding_pipeline.orchestration.names import DROPS_PARTITION as PARTITIONS
 from embedding_pipeline.runtime.locks import drop_lock, membership_lock
 from embedding_pipeline.settings import MilvusSettings, Settings

@@ -16,6 +16,7 @@ from dagster import (
 )
 
 from embedding_pipeline import ingest
+from embedding_pipeline.storage import layout
 from embedding_pipeline.defs import metadata as ui
 from embedding_pipeline.defs.partitions import drops_partitions
 from embedding_pipeline.defs.resources import MilvusResource, TritonResource
@@ -72,7 +73,7 @@ def raw_image_manifest(context: AssetExecutionContext) -> MaterializeResult:
     items_per_s = round(summary.items / summary.seconds, 1) if summary.seconds else 0.0
     if summary.failed:
         context.log.warning(f"{summary.failed} item(s) failed: {summary.failure_examples}")
-    files = ingest.drop_files(settings, context.partition_key)
+    files = layout.drop_files(settings, context.partition_key)
     extra = {ui.ROW_COUNT_KEY: summary.items, **ui.output_schema_metadata(files.manifest)}
     preview = ui.drop_preview(settings, context.partition_key)
     if preview is not None:
@@ -106,7 +107,7 @@ def preprocessed_batches(context: AssetExecutionContext, triton: TritonResource)
     )
     if summary.failed:
         context.log.warning(f"{summary.failed} image(s) could not be decoded: {summary.failure_examples}")
-    files = ingest.drop_files(settings, context.partition_key)
+    files = layout.drop_files(settings, context.partition_key)
     extra = {ui.ROW_COUNT_KEY: summary.images, **ui.output_schema_metadata(files.preprocessed)}
     return MaterializeResult(metadata={**_metadata(summary.as_dict()), **extra})
 
@@ -130,7 +131,7 @@ def image_embeddings(context: AssetExecutionContext, triton: TritonResource) -> 
     with triton.embedder() as embedder:
         summary = ingest.embed_drop(settings, context.partition_key, embedder)
     version = ingest.embeddings_version(settings, context.partition_key, summary.model)
-    files = ingest.drop_files(settings, context.partition_key)
+    files = layout.drop_files(settings, context.partition_key)
     extra = {ui.ROW_COUNT_KEY: summary.embeddings, **ui.output_schema_metadata(files.embeddings)}
     return MaterializeResult(metadata={**_metadata(summary.as_dict()), **extra}, data_version=DataVersion(version))
 

@@ -22,6 +22,7 @@ from dagster import (
 )
 
 from embedding_pipeline import ingest, quality
+from embedding_pipeline.storage import layout
 from embedding_pipeline.defs.assets import image_embeddings, milvus_collection
 from embedding_pipeline.defs.partitions import drops_partitions
 from embedding_pipeline.defs.resources import MilvusResource, TritonResource
@@ -92,7 +93,7 @@ def image_embeddings_checks(context: AssetCheckExecutionContext, triton: TritonR
     drop = context.partition_key
     tolerance = settings.quality.norm_tolerance
     # One pass over the drop's vectors serves all four checks.
-    stats = quality.embedding_stats(ingest.drop_files(settings, drop).embeddings, tolerance)
+    stats = quality.embedding_stats(layout.drop_files(settings, drop).embeddings, tolerance)
     expected_ids = quality.ok_item_ids(ingest.item_report(settings, drop))
     with triton.embedder() as embedder:
         model_dimension = embedder.input_spec().output_dim
@@ -122,7 +123,7 @@ def milvus_collection_checks(context: AssetCheckExecutionContext, milvus: Milvus
     drop = context.partition_key
     # Ids held by another drop's image are reported per item (id_conflict) and are not this drop's rows.
     conflicts = ingest.index_conflicts(settings, drop)
-    embedding_ids = [i for i in quality.embedding_ids(ingest.drop_files(settings, drop).embeddings)
+    embedding_ids = [i for i in quality.embedding_ids(layout.drop_files(settings, drop).embeddings)
                      if i not in conflicts]
     with _collection_for_drop(milvus, settings, drop) as index:
         outcomes = quality.collection_outcomes(index, drop, embedding_ids)

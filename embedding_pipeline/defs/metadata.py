@@ -23,6 +23,7 @@ from dagster import (
 )
 
 from embedding_pipeline import ingest, thumbnails
+from embedding_pipeline.storage import layout
 from embedding_pipeline.settings import Settings
 from embedding_pipeline.sources.items import OK, blob_path
 from embedding_pipeline.storage import arrow
@@ -237,7 +238,7 @@ def _manifest_rows(settings: Settings, drop: str, columns: list[str]) -> list[di
     """Only the named columns of the drop's manifest (no per-row JSON parsing: drops can be large); ``[]`` when
     the drop has no manifest (never materialized, or deleted)."""
     try:
-        table = arrow.read_table(ingest.drop_files(settings, drop).manifest)
+        table = arrow.read_table(layout.drop_files(settings, drop).manifest)
     except (OSError, pa.ArrowInvalid):
         return []
     return table.select(columns).to_pylist()
@@ -245,7 +246,7 @@ def _manifest_rows(settings: Settings, drop: str, columns: list[str]) -> list[di
 
 def _thumbnail(settings: Settings, source: str | Path) -> str | None:
     # Sources come from manifests and stored rows: read only inside the drops, the allowed roots and the blob store.
-    roots = [settings.drops, *settings.sources.allowed_roots, ingest.drop_files(settings, "_").blobs]
+    roots = [settings.drops, *settings.sources.allowed_roots, layout.drop_files(settings, "_").blobs]
     return thumbnails.file_thumbnail_uri(
         source, roots, max_pixels=settings.preprocess.max_pixels, max_bytes=settings.sources.max_image_bytes
     )
@@ -268,7 +269,7 @@ def hit_thumbnails(settings: Settings, hits: Sequence[Mapping[str, Any]], limit:
             sources[drop] = {r["id"]: r["source"] for r in _manifest_rows(settings, drop, ["id", "source"])}
         source = sources.get(drop, {}).get(hit.get("id", ""))
         if not source and hit.get("sha256"):
-            source = str(blob_path(ingest.drop_files(settings, drop).blobs, hit["sha256"]))
+            source = str(blob_path(layout.drop_files(settings, drop).blobs, hit["sha256"]))
         uri = _thumbnail(settings, source) if source else None
         if uri is not None and used + len(uri) > max_chars:
             uri = None

@@ -15,6 +15,7 @@ from dagster import AssetCheckKey, AssetKey, DagsterEventType, DagsterInstance
 from PIL import Image
 
 from embedding_pipeline import ingest, quality
+from embedding_pipeline.storage import layout
 from embedding_pipeline.defs import defs
 from embedding_pipeline.defs.checks import COLLECTION_CHECKS, EMBEDDING_CHECKS
 from embedding_pipeline.index.client import ImageIndex
@@ -120,7 +121,7 @@ def test_good_drop_passes_every_check(stack, good_drop):
 def damage_embeddings(settings, drop: str) -> tuple[str, str]:
     """Rewrite the drop's embeddings file as valid Arrow with NaN in the first vector and the second row gone;
     returns (id with NaN, id removed)."""
-    [path] = arrow.batch_files(ingest.drop_files(settings, drop).embeddings)
+    [path] = arrow.batch_files(layout.drop_files(settings, drop).embeddings)
     table = arrow.read_table(path)
     vectors = arrow.vectors_of(table).copy()
     ids = table.column("id").to_pylist()
@@ -190,7 +191,7 @@ def test_rerun_repairs_damaged_embeddings(stack, damaged_drop):
 def test_rerun_restores_a_removed_embedding(stack, good_drop):
     """A row missing from the embeddings (not damaged) is recomputed by a re-run: the checks pass again."""
     drop, ids, _ = good_drop
-    [path] = arrow.batch_files(ingest.drop_files(stack, drop).embeddings)
+    [path] = arrow.batch_files(layout.drop_files(stack, drop).embeddings)
     table = arrow.read_table(path)
     removed = table.column("id")[0].as_py()
     tmp = Path(f"{path}.tmp")

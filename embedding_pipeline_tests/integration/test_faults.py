@@ -24,6 +24,7 @@ import requests
 import yaml
 
 from embedding_pipeline import ingest, services
+from embedding_pipeline.storage import layout
 
 from embedding_pipeline.orchestration import runs
 from embedding_pipeline.runtime import processes
@@ -125,7 +126,7 @@ def test_triton_killed_mid_drop_fails_clearly_and_a_rerun_converges(fault_stack)
     assert settings.triton.url in error and settings.triton.model_name in error
     assert {e["step"] for e in summary["errors"]} == {"image_embeddings"}
     # Half a drop of vectors was computed before the kill; none of it may count as the drop's embeddings.
-    assert not list(ingest.drop_files(settings, "killed-triton").embeddings.glob("*.arrow"))
+    assert not list(layout.drop_files(settings, "killed-triton").embeddings.glob("*.arrow"))
     assert _rows_of(settings, "killed-triton") == 0
 
     services.start_services(settings)
@@ -200,7 +201,7 @@ def test_a_service_down_at_start_fails_clearly_and_a_rerun_converges(fault_stack
     else:
         assert settings.milvus.uri in error
     assert elapsed < 90, f"failing took {elapsed:.0f} s"
-    assert not list(ingest.drop_files(settings, drop).embeddings.glob("*.arrow")) or service == "milvus"
+    assert not list(layout.drop_files(settings, drop).embeddings.glob("*.arrow")) or service == "milvus"
 
     services.start_services(settings)
     assert _rows_of(settings, drop) == 0

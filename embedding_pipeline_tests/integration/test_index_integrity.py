@@ -31,6 +31,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from PIL import Image
 
 from embedding_pipeline import ingest, retention
+from embedding_pipeline.storage import layout
 from embedding_pipeline.orchestration.instance import DagsterDrops
 from embedding_pipeline.index.client import ImageIndex
 from embedding_pipeline.index.collections import ModelCollections
@@ -173,7 +174,7 @@ def delete(settings, drop: str) -> None:
 def reset(settings) -> None:
     """Delete every drop the tests of this module made (sources, files, rows), through retention."""
     names = {p.name for p in settings.drops.iterdir() if not p.name.startswith(".")} if settings.drops.exists() else set()
-    manifests = ingest.drop_files(settings, "x").manifest.parent
+    manifests = layout.drop_files(settings, "x").manifest.parent
     names |= {p.stem for p in manifests.glob("*.arrow")} if manifests.exists() else set()
     for drop in sorted(names):
         delete(settings, drop)
@@ -411,7 +412,7 @@ def test_an_outage_when_no_earlier_vector_can_be_carried_still_removes_nothing(w
     run_stages(settings, embedder, "outage")
     before = stored(settings)
     assert len(before) == 2
-    shutil.rmtree(ingest.drop_files(settings, "outage").embeddings)
+    shutil.rmtree(layout.drop_files(settings, "outage").embeddings)
     server.down = True
     try:
         run_stages(settings, embedder, "outage")
@@ -419,7 +420,7 @@ def test_an_outage_when_no_earlier_vector_can_be_carried_still_removes_nothing(w
         server.down = False
     assert stored(settings) == before
     # A permanent failure does leave: the listing now names a missing file instead of the second URL.
-    shutil.rmtree(ingest.drop_files(settings, "outage").embeddings)
+    shutil.rmtree(layout.drop_files(settings, "outage").embeddings)
     write_drop(settings, server, "outage", [Slot("url", 0, None), Slot("missing", 0, "gone\\\\")])
     server.down = True
     try:

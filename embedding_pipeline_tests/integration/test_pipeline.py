@@ -7,6 +7,7 @@ import pytest
 from dagster import AssetKey, DagsterInstance
 
 from embedding_pipeline import ingest
+from embedding_pipeline.storage import layout
 from embedding_pipeline.orchestration import runs
 from embedding_pipeline.index.client import ImageIndex
 from embedding_pipeline.retrieval import ImageSearcher, search
@@ -32,7 +33,7 @@ def test_drop_materializes_all_four_assets(stack, ingested_photos):
     meta = instance.get_latest_materialization_event(AssetKey("milvus_collection")).asset_materialization.metadata
     assert meta["drop_rows"].value == n
     # Arrow outputs record shape, dtype and lineage.
-    files = ingest.drop_files(stack, "photos")
+    files = layout.drop_files(stack, "photos")
     tables = list(arrow.read_batches(files.preprocessed))
     assert sum(t.num_rows for t in tables) == n
     tensor_type = tables[0].schema.field("tensor").type

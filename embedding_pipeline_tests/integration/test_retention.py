@@ -22,7 +22,7 @@ from embedding_pipeline.orchestration.instance import DagsterDrops
 from embedding_pipeline.orchestration.runs import execute_delete_drop
 from embedding_pipeline.index.client import ImageIndex
 from embedding_pipeline.index.expressions import literal as quote
-from embedding_pipeline.ingest import drop_files
+from embedding_pipeline.storage.layout import drop_files
 from embedding_pipeline.retrieval import search
 from embedding_pipeline.sources.samples import load_photo
 

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from embedding_pipeline import ingest
+from embedding_pipeline.storage import layout
 from embedding_pipeline.settings import load_settings
 from embedding_pipeline.storage import arrow
 from embedding_pipeline_tests.images import encode
@@ -50,7 +51,7 @@ def test_stages_write_arrow_with_lineage_and_report_failures(settings):
     emb = ingest.embed_drop(settings, "d1", FakeEmbedder())
     assert (emb.embeddings, emb.dimension, emb.model) == (3, 3, "fake:1")
 
-    tables = list(arrow.read_batches(ingest.drop_files(settings, "d1").embeddings))
+    tables = list(arrow.read_batches(layout.drop_files(settings, "d1").embeddings))
     vectors = np.concatenate([arrow.vectors_of(t) for t in tables])
     uris = sum((t.column("uri").to_pylist() for t in tables), [])
     # Each row's vector is its own image's colour: rows and tensors stayed aligned through the stages.
@@ -160,4 +161,4 @@ def test_a_stage_waits_for_the_drops_lock_held_by_a_deletion(settings):
         time.sleep(0.5)
         assert not done.is_set()  # the stage waits
     worker.join(30)
-    assert done.is_set() and ingest.drop_files(settings, "d1").manifest.is_file()
+    assert done.is_set() and layout.drop_files(settings, "d1").manifest.is_file()

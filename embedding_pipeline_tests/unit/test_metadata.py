@@ -10,6 +10,7 @@ from dagster import AssetMaterialization, DagsterInstance, MetadataValue
 from PIL import Image
 
 from embedding_pipeline import ingest, thumbnails
+from embedding_pipeline.storage import layout
 from embedding_pipeline.defs import metadata as ui
 from embedding_pipeline.settings import load_settings
 from embedding_pipeline.sources.samples import write_sample_drop
@@ -143,9 +144,9 @@ def test_column_schema_of_tensor_and_embedding_batches(tmp_path):
 def test_manifest_schema_and_a_preview_of_real_photos_within_budget(settings):
     write_sample_drop(settings.drops, "photos")
     summary = ingest.build_manifest(settings, "photos")
-    files = ingest.drop_files(settings, "photos")
+    files = layout.drop_files(settings, "photos")
     names = [c.name for c in ui.output_schema_metadata(files.manifest)[ui.COLUMN_SCHEMA_KEY].columns]
-    assert names == ingest.MANIFEST_SCHEMA.names
+    assert names == layout.MANIFEST_SCHEMA.names
 
     preview = ui.drop_preview(settings, "photos")
     text = preview.value

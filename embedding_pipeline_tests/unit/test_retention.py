@@ -13,7 +13,7 @@ from dagster import DagsterInstance, DagsterRun, DagsterRunStatus
 from embedding_pipeline import retention
 from embedding_pipeline.orchestration.instance import DagsterDrops
 from embedding_pipeline.index.collections import matching_collections
-from embedding_pipeline.ingest import MANIFEST_SCHEMA, drop_files
+from embedding_pipeline.storage.layout import MANIFEST_SCHEMA, drop_files
 from embedding_pipeline.settings import load_settings
 from embedding_pipeline.sources.items import blob_path
 from embedding_pipeline.storage import arrow
