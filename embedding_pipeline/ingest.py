@@ -19,7 +19,6 @@ from typing import Any, Callable, Protocol, Sequence, TypeVar
 import numpy as np
 import pyarrow as pa
 
-from embedding_pipeline import quality
 from embedding_pipeline.index.client import MAX_DROPS_PER_ROW
 from embedding_pipeline.runtime.locks import drop_lock, membership_lock
 from embedding_pipeline.preprocess.preprocessor import SourceError, for_model
@@ -29,7 +28,8 @@ from embedding_pipeline.sources.fetch import FetchError, read_local
 from embedding_pipeline.sources.items import FAILED, OK, SKIPPED, Item, collect_items, is_transient
 from embedding_pipeline.sources.statuses import ErrorKind
 from embedding_pipeline.storage import arrow
-from embedding_pipeline.storage.layout import MANIFEST_SCHEMA, DropFiles, drop_files
+from embedding_pipeline.storage.layout import MANIFEST_SCHEMA, drop_files
+from embedding_pipeline.vectors import sound_vectors, unit_normalised
 
 EXAMPLES = 5
 
@@ -145,7 +145,7 @@ def _embedded_before(folder: Path, model: str, checks: QualitySettings) -> dict[
     run."""
     done: dict[str, tuple[str, str]] = {}
     for table in arrow.read_batches(folder, columns=["id", "sha256", "uri", "model", "embedding"]):
-        sound = quality.sound_vectors(arrow.vectors_of(table), checks.norm_tolerance, checks.unit_norm)
+        sound = sound_vectors(arrow.vectors_of(table), checks.norm_tolerance, checks.unit_norm)
         columns = zip(*(table.column(c).to_pylist() for c in ("id", "sha256", "uri", "model")))
         for (item_id, sha, uri, row_model), ok in zip(columns, sound):
             if row_model == model and ok:
@@ -346,7 +346,7 @@ def embed_drop(settings: Settings, drop_name: str, embedder: Embedder) -> EmbedS
                     break
                 table = tables.popleft()  # results come in order, one per table
                 if settings.quality.unit_norm:
-                    vectors = quality.unit_normalised(vectors)
+                    vectors = unit_normalised(vectors)
                 dim = int(vectors.shape[1])
                 rows = table.select(["id", "drop", "sha256", "uri"]).to_pydict()
                 rows["model"] = [model] * table.num_rows

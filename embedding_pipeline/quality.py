@@ -20,11 +20,8 @@ from embedding_pipeline.index import expressions
 from embedding_pipeline.index import params as index_params
 from embedding_pipeline.settings import MilvusSettings
 from embedding_pipeline.storage import arrow
+from embedding_pipeline.vectors import NORM_TOLERANCE
 
-# A model that L2-normalises returns float32 vectors whose norms are within ~1e-6 of 1. Anything further off was not
-# produced by the model (or was damaged since), and inner-product scores on it would be wrong. (The default of
-# ``quality.norm_tolerance``.)
-NORM_TOLERANCE = 1e-3
 # How many offending ids a check lists in its metadata (the counts are always complete).
 EXAMPLES = 10
 # Stored vectors searched for themselves per drop: enough to catch a broken or wrongly parameterised index, few
@@ -69,26 +66,6 @@ class EmbeddingStats:
     @property
     def duplicate_ids(self) -> list[str]:
         return sorted(i for i, n in self.ids.items() if n > 1)
-
-
-def unit_normalised(vectors: np.ndarray) -> np.ndarray:
-    """Rows divided by their L2 norm (float32). Zero and non-finite rows are left as they are, so the checks still
-    see and report them."""
-    vectors = np.asarray(vectors, dtype=np.float32)
-    with np.errstate(invalid="ignore", over="ignore"):
-        norms = np.linalg.norm(vectors.astype(np.float64), axis=1, keepdims=True)
-    usable = np.isfinite(norms) & (norms > 0)
-    return np.where(usable, vectors / np.where(usable, norms, 1.0), vectors).astype(np.float32)
-
-
-def sound_vectors(vectors: np.ndarray, tolerance: float = NORM_TOLERANCE, unit_norm: bool = True) -> np.ndarray:
-    """One boolean per row: the vector is finite and its L2 norm is within ``tolerance`` of 1 (with ``unit_norm``
-    off: is not 0) — what the embedding checks accept."""
-    vectors = np.asarray(vectors, dtype=np.float32)
-    finite = np.isfinite(vectors).all(axis=1)
-    with np.errstate(invalid="ignore", over="ignore"):
-        norms = np.linalg.norm(vectors.astype(np.float64), axis=1)
-    return finite & ((np.abs(norms - 1.0) <= tolerance) if unit_norm else (norms > 0))
 
 
 def stats_of_tables(tables: Iterable[pa.Table], tolerance: float = NORM_TOLERANCE) -> EmbeddingStats:

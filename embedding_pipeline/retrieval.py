@@ -13,11 +13,11 @@ from typing import Any
 
 import numpy as np
 
-from embedding_pipeline import quality
 from embedding_pipeline.index.client import CollectionError, Hit, ImageIndex
 from embedding_pipeline.preprocess.preprocessor import Preprocessor, for_model
 from embedding_pipeline.settings import Settings, load_settings
 from embedding_pipeline.sources.inputs import ImageInput, read_image_input
+from embedding_pipeline.vectors import unit_normalised
 
 class ImageSearcher:
     """Holds a Triton client, a compiled preprocessor and a Milvus client; reuse it for many queries.
@@ -113,7 +113,7 @@ class ImageSearcher:
             raise ValueError(f"query image: {prepared.errors[0]}")
         vectors = self._embedder.embed(prepared.tensors)
         # Queries get the same treatment as stored vectors, so scores compare like with like.
-        return (quality.unit_normalised(vectors) if self.settings.quality.unit_norm else vectors)[0]
+        return (unit_normalised(vectors) if self.settings.quality.unit_norm else vectors)[0]
 
     def search(
         self,

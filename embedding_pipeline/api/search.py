@@ -24,10 +24,10 @@ from typing import Any
 
 import numpy as np
 
-from embedding_pipeline import quality
 from embedding_pipeline.api.errors import ApiError, invalid
 from embedding_pipeline.index.client import CollectionError, Hit
 from embedding_pipeline.settings import ConfigError, MilvusSettings, Settings
+from embedding_pipeline.vectors import unit_normalised
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +215,7 @@ class SearchService:
                 # In float64: squares of tiny (1e-30) or huge components under/overflow in float32.
                 if not np.linalg.norm(np.asarray(vector, dtype=np.float64)) > 0:
                     raise invalid("invalid_vector", "vector must not be all zeros")
-                data = quality.unit_normalised(data)
+                data = unit_normalised(data)
             return index.search(data, top_k=topk, filter=filter_expr, search_params=search_params)[0]
 
         return self._run(collection, filter_expr, query)

@@ -22,7 +22,7 @@ from dagster import (
     TableSchema,
 )
 
-from embedding_pipeline import ingest, thumbnails
+from embedding_pipeline import thumbnails
 from embedding_pipeline.storage import layout
 from embedding_pipeline.settings import Settings
 from embedding_pipeline.sources.items import OK, blob_path

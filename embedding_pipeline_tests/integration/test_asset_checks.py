@@ -14,7 +14,7 @@ import pytest
 from dagster import AssetCheckKey, AssetKey, DagsterEventType, DagsterInstance
 from PIL import Image
 
-from embedding_pipeline import ingest, quality
+from embedding_pipeline import quality
 from embedding_pipeline.storage import layout
 from embedding_pipeline.defs import defs
 from embedding_pipeline.defs.checks import COLLECTION_CHECKS, EMBEDDING_CHECKS

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 from dagster import AssetKey, DagsterInstance
 
-from embedding_pipeline import ingest
 from embedding_pipeline.storage import layout
 from embedding_pipeline.orchestration import runs
 from embedding_pipeline.index.client import ImageIndex

@@ -8,6 +8,7 @@ import pytest
 from embedding_pipeline import quality
 from embedding_pipeline.settings import MilvusSettings
 from embedding_pipeline.storage import arrow
+from embedding_pipeline.vectors import sound_vectors, unit_normalised
 
 MODEL = "image_embedder:1@abc"
 
@@ -92,9 +93,9 @@ def test_sound_vectors_marks_nan_and_unnormalised_rows():
     vectors = unit_vectors(4)
     vectors[1] *= 3
     vectors[3, 0] = np.nan
-    assert quality.sound_vectors(vectors).tolist() == [True, False, True, False]
-    assert quality.sound_vectors(vectors, unit_norm=False).tolist() == [True, True, True, False]
-    assert quality.sound_vectors(np.zeros((1, 4)), unit_norm=False).tolist() == [False]
+    assert sound_vectors(vectors).tolist() == [True, False, True, False]
+    assert sound_vectors(vectors, unit_norm=False).tolist() == [True, True, True, False]
+    assert sound_vectors(np.zeros((1, 4)), unit_norm=False).tolist() == [False]
 
 
 def test_dimension_check_against_model_and_settings():
@@ -291,9 +292,9 @@ def test_collection_outcomes_without_a_collection():
 
 def test_unit_normalised_scales_rows_and_leaves_broken_ones_for_the_checks():
     vectors = np.array([[3.0, 4.0], [0.0, 0.0], [np.nan, 1.0]], dtype=np.float32)
-    out = quality.unit_normalised(vectors)
+    out = unit_normalised(vectors)
     np.testing.assert_allclose(out[0], [0.6, 0.8], rtol=1e-6)
     assert out.dtype == np.float32
     np.testing.assert_array_equal(out[1], [0.0, 0.0])  # a zero vector has no direction: the norm check fails it
     assert np.isnan(out[2, 0])  # non-finite stays non-finite: the finite check names it
-    assert quality.sound_vectors(out).tolist() == [True, False, False]
+    assert sound_vectors(out).tolist() == [True, False, False]

@@ -348,7 +348,6 @@ class FakeColourTransport(FakeTransport):
 
 def test_ingest_streams_batches_through_the_workers_and_keeps_rows_aligned(tmp_path, fake_transports):
     from embedding_pipeline import ingest
-    from embedding_pipeline.storage import layout
     from embedding_pipeline.settings import load_settings
     from embedding_pipeline.storage import arrow
     from embedding_pipeline_tests.images import encode
