@@ -17,10 +17,10 @@ from embedding_pipeline.serving.client import (
     RetryPolicy,
     TritonClientError,
     TritonEmbedder,
-    _missing_model_problem,
     describe_error,
     is_retryable,
 )
+from embedding_pipeline.serving.client.embedder import _missing_model_problem
 
 WHERE = "model 'm' on Triton at http://127.0.0.1:9"
 
