@@ -68,8 +68,10 @@ def cmd_up(args: argparse.Namespace) -> int:
         if not args.no_sample:
             folder = write_sample_drop(settings.drops)
             print(f"sample drop: {folder} (the sensor ingests it within seconds)")
-        print(f"\nDagster UI: {services.webserver_url(settings)}\nHTTP API: {services.api_url(settings)} "
-              f"(docs: {services.api_url(settings)}/docs)\ndrop folder: {settings.drops}")
+        print(
+            f"\nDagster UI: {services.webserver_url(settings)}\nHTTP API: {services.api_url(settings)} "
+            f"(docs: {services.api_url(settings)}/docs)\ndrop folder: {settings.drops}"
+        )
         print("Ctrl-C or `embedding-pipeline down` stops everything.", flush=True)
         while not stopping:
             # `down` from another shell stops the webserver: then this command has nothing left to hold.
@@ -96,7 +98,6 @@ def cmd_serve_api(args: argparse.Namespace) -> int:
     import uvicorn
 
     from embedding_pipeline.api.app import create_app
-
     from embedding_pipeline.api.guards import api_key_from_env, public_bind_problem
 
     settings = _settings(args)
@@ -106,10 +107,16 @@ def cmd_serve_api(args: argparse.Namespace) -> int:
     if problem:
         print(problem, file=sys.stderr)
         return 2
-    if public_bind_problem(host, False, False) and "*" not in settings.api.allowed_hosts and set(
-            settings.api.allowed_hosts) <= {"127.0.0.1", "localhost", "[::1]"}:
-        print(f"note: serving on {host}, but api.allowed_hosts lists loopback names only: clients that reach this "
-              "address by another name get 400; add those names to api.allowed_hosts", file=sys.stderr)
+    if (
+        public_bind_problem(host, False, False)
+        and "*" not in settings.api.allowed_hosts
+        and set(settings.api.allowed_hosts) <= {"127.0.0.1", "localhost", "[::1]"}
+    ):
+        print(
+            f"note: serving on {host}, but api.allowed_hosts lists loopback names only: clients that reach this "
+            "address by another name get 400; add those names to api.allowed_hosts",
+            file=sys.stderr,
+        )
     print(f"HTTP API on http://{host}:{port} (docs: /docs)", flush=True)
     uvicorn.run(create_app(settings), host=host, port=port, log_level=args.log_level)
     return 0
@@ -155,8 +162,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         with bench.terminate_as_interrupt():  # SIGTERM cleans up like Ctrl-C: servers stopped, temp home removed
             result = bench.run(
-                settings, sizes=args.sizes, stores=args.stores, index_type=args.index_type, queries=args.queries,
-                images=args.images or bench.DEFAULT_IMAGES, dim=args.dim, budget_s=args.search_budget_s,
+                settings,
+                sizes=args.sizes,
+                stores=args.stores,
+                index_type=args.index_type,
+                queries=args.queries,
+                images=args.images or bench.DEFAULT_IMAGES,
+                dim=args.dim,
+                budget_s=args.search_budget_s,
             )
     elif args.what == "preprocess":
         from embedding_pipeline.bench import preprocess as bench
@@ -169,8 +182,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     elif args.what == "api":
         from embedding_pipeline.bench import api as bench
 
-        result = bench.run(settings, requests_per_kind=args.requests, clients=args.clients, url=args.url,
-                           vectors=args.vectors, collection=args.collection)
+        result = bench.run(
+            settings,
+            requests_per_kind=args.requests,
+            clients=args.clients,
+            url=args.url,
+            vectors=args.vectors,
+            collection=args.collection,
+        )
     else:
         from embedding_pipeline.bench import ingest as bench
 
@@ -201,8 +220,8 @@ def cmd_items(args: argparse.Namespace) -> int:
 def cmd_delete_drop(args: argparse.Namespace) -> int:
     """Delete a drop through the `delete_drop` job (a dry run without --yes), so it shows in the run history."""
     from embedding_pipeline import retention
-    from embedding_pipeline.orchestration.runs import execute_delete_drop
     from embedding_pipeline.index.server import start_milvus
+    from embedding_pipeline.orchestration.runs import execute_delete_drop
 
     settings = _settings(args)
     retention.check_name(args.drop)
@@ -250,8 +269,10 @@ def cmd_models(args: argparse.Namespace) -> int:
         print(f"no collections behind {settings.milvus.collection!r} yet")
     for info in infos:
         mark = "*" if info.search else " "
-        print(f"{mark} {info.name}  model {info.model or '?'}  dim {info.dimension}  rows {info.rows}  "
-              f"drops {len(info.drops)}")
+        print(
+            f"{mark} {info.name}  model {info.model or '?'}  dim {info.dimension}  rows {info.rows}  "
+            f"drops {len(info.drops)}"
+        )
     print(f"(* = the collection search uses through {settings.milvus.collection!r})")
     return 0
 
@@ -266,8 +287,10 @@ def cmd_reembed(args: argparse.Namespace) -> int:
     instance = pipeline_instance(settings)
     label = observe_model(instance)  # recorded first: the UI then shows every embedded drop as stale
     backfill_id, drops = launch_reembed_backfill(instance)
-    print(f"backfill {backfill_id}: {len(drops)} drop(s) to re-embed with {label}; the Dagster daemon runs it "
-          "(`embedding-pipeline up` starts one). Then: embedding-pipeline models switch")
+    print(
+        f"backfill {backfill_id}: {len(drops)} drop(s) to re-embed with {label}; the Dagster daemon runs it "
+        "(`embedding-pipeline up` starts one). Then: embedding-pipeline models switch"
+    )
     return 0
 
 
@@ -282,14 +305,24 @@ def cmd_model_repository(args: argparse.Namespace) -> int:
     artifact = model_artifact(settings.paths, model, max_batch, "--model" if args.model else MODEL_PATH_SETTING)
     name = args.name or settings.triton.model_name
     write_model_repository(
-        Path(args.out_dir), name, artifact.path, artifact.spec, max_batch_size=max_batch,
-        parameters=artifact.parameters, flavour=args.flavour, instances=args.instances, gpu=not args.cpu,
-        accelerator="tensorrt" if args.tensorrt else None, tensorrt_precision=args.tensorrt or "FP16",
+        Path(args.out_dir),
+        name,
+        artifact.path,
+        artifact.spec,
+        max_batch_size=max_batch,
+        parameters=artifact.parameters,
+        flavour=args.flavour,
+        instances=args.instances,
+        gpu=not args.cpu,
+        accelerator="tensorrt" if args.tensorrt else None,
+        tensorrt_precision=args.tensorrt or "FP16",
     )
     image, embedding = artifact.spec.inputs[0], artifact.spec.outputs[0]
     print(f"wrote {Path(args.out_dir) / name} ({args.flavour} flavour) from {artifact.path}")
-    print(f"  input {image.name!r} {image.datatype} {list(image.shape)}, "
-          f"output {embedding.name!r} {embedding.datatype} {list(embedding.shape)}")
+    print(
+        f"  input {image.name!r} {image.datatype} {list(image.shape)}, "
+        f"output {embedding.name!r} {embedding.datatype} {list(embedding.shape)}"
+    )
     print(f"serve it with: tritonserver --model-repository={Path(args.out_dir).resolve()}")
     return 0
 
@@ -309,8 +342,11 @@ def build_parser() -> argparse.ArgumentParser:
     api = sub.add_parser("serve-api", help="serve the HTTP API (health, collections, insert, search)")
     api.add_argument("--host", help="bind address (default: api.host, 127.0.0.1)")
     api.add_argument("--port", type=int, help="port (default: api.port, 18080)")
-    api.add_argument("--insecure", action="store_true",
-                     help="serve a non-loopback address without an API key (anyone who reaches it can use it)")
+    api.add_argument(
+        "--insecure",
+        action="store_true",
+        help="serve a non-loopback address without an API key (anyone who reaches it can use it)",
+    )
     api.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     api.set_defaults(func=cmd_serve_api)
     ing = sub.add_parser("ingest", help="ingest a folder or manifest as a drop, in the Dagster instance")
@@ -328,8 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
     it.add_argument("--failed", action="store_true", help="only items that failed or were skipped")
     it.add_argument("--json", action="store_true")
     it.set_defaults(func=cmd_items)
-    dd = sub.add_parser("delete-drop", help="delete a drop: source, files, Milvus rows, partition (dry run "
-                        "without --yes)")
+    dd = sub.add_parser(
+        "delete-drop", help="delete a drop: source, files, Milvus rows, partition (dry run without --yes)"
+    )
     dd.add_argument("drop", help="drop (partition) name")
     dd.add_argument("--yes", action="store_true", help="really delete (default: only show what would go)")
     dd.add_argument("--json", action="store_true")
@@ -340,45 +377,84 @@ def build_parser() -> argparse.ArgumentParser:
     mo.add_argument("--force", action="store_true", help="switch even if the collection lacks drops")
     mo.add_argument("--json", action="store_true")
     mo.set_defaults(func=cmd_models)
-    sub.add_parser("reembed", help="re-embed every drop with the current model (a backfill the daemon runs)"
-                   ).set_defaults(func=cmd_reembed)
+    sub.add_parser(
+        "reembed", help="re-embed every drop with the current model (a backfill the daemon runs)"
+    ).set_defaults(func=cmd_reembed)
     mr = sub.add_parser("model-repository", help="write a ready-to-serve Triton model repository for the model")
     mr.add_argument("out_dir", help="repository folder (created; the model goes into OUT_DIR/NAME)")
-    mr.add_argument("--flavour", choices=["python", "onnxruntime"], default="python",
-                    help="python: python backend + ONNX Runtime (the bundled server); onnxruntime: NVIDIA's "
-                    "Triton containers' ONNX Runtime backend")
+    mr.add_argument(
+        "--flavour",
+        choices=["python", "onnxruntime"],
+        default="python",
+        help="python: python backend + ONNX Runtime (the bundled server); onnxruntime: NVIDIA's "
+        "Triton containers' ONNX Runtime backend",
+    )
     mr.add_argument("--model", help="ONNX file (default: triton.model_path, else the default model)")
     mr.add_argument("--name", help="model name (default: triton.model_name)")
     mr.add_argument("--max-batch-size", type=int, help="default: triton.max_batch_size")
     mr.add_argument("--instances", type=int, default=1, help="model instances (default 1)")
     mr.add_argument("--cpu", action="store_true", help="onnxruntime flavour: KIND_CPU instances instead of KIND_GPU")
-    mr.add_argument("--tensorrt", nargs="?", const="FP16", choices=["FP16", "FP32"],
-                    help="onnxruntime flavour: run through TensorRT (precision, default FP16)")
+    mr.add_argument(
+        "--tensorrt",
+        nargs="?",
+        const="FP16",
+        choices=["FP16", "FP32"],
+        help="onnxruntime flavour: run through TensorRT (precision, default FP16)",
+    )
     mr.set_defaults(func=cmd_model_repository)
     be = sub.add_parser(
-        "bench", help="benchmarks that print figures against baselines measured in the same run; without a "
-        "subcommand: embedding extraction, insert and search, on servers started for the run")
-    be.add_argument("what", nargs="?", choices=["preprocess", "ingest", "api", "integrity"],
-                    help="preprocess: decode + JAX vs Pillow; ingest: memory of a whole drop; api: search latency "
-                    "through the HTTP API under concurrent load; integrity: the guarded reader and fsync against "
-                    "plain reads and page-cache writes (default: none of these)")
+        "bench",
+        help="benchmarks that print figures against baselines measured in the same run; without a "
+        "subcommand: embedding extraction, insert and search, on servers started for the run",
+    )
+    be.add_argument(
+        "what",
+        nargs="?",
+        choices=["preprocess", "ingest", "api", "integrity"],
+        help="preprocess: decode + JAX vs Pillow; ingest: memory of a whole drop; api: search latency "
+        "through the HTTP API under concurrent load; integrity: the guarded reader and fsync against "
+        "plain reads and page-cache writes (default: none of these)",
+    )
     be.add_argument("--images", type=int, help="photos to embed / images to process (default 3000 / 512 / 5000)")
     be.add_argument("--baseline-images", type=int, default=500, help="ingest: the small drop compared against")
-    be.add_argument("--sizes", type=lambda v: _csv(int, v), default=[10_000, 100_000],
-                    help="collection sizes, comma-separated (default 10000,100000)")
-    be.add_argument("--stores", type=lambda v: _csv(str, v), default=["lite", "standalone"],
-                    help="lite (milvus-lite) and/or standalone (Milvus 2.3.5), comma-separated (default both)")
-    be.add_argument("--index-type", choices=["FLAT", "IVF_FLAT", "HNSW"], type=str.upper,
-                    help="vector index (default: milvus.index_type)")
+    be.add_argument(
+        "--sizes",
+        type=lambda v: _csv(int, v),
+        default=[10_000, 100_000],
+        help="collection sizes, comma-separated (default 10000,100000)",
+    )
+    be.add_argument(
+        "--stores",
+        type=lambda v: _csv(str, v),
+        default=["lite", "standalone"],
+        help="lite (milvus-lite) and/or standalone (Milvus 2.3.5), comma-separated (default both)",
+    )
+    be.add_argument(
+        "--index-type",
+        choices=["FLAT", "IVF_FLAT", "HNSW"],
+        type=str.upper,
+        help="vector index (default: milvus.index_type)",
+    )
     be.add_argument("--queries", type=int, default=1000, help="search queries per kind (default 1000)")
-    be.add_argument("--dim", type=int, help="vector dimension (default: the model's; another one skips real "
-                    "embeddings and measures recall on synthetic vectors)")
-    be.add_argument("--search-budget-s", type=float, default=60.0,
-                    help="stop a kind of search after this many seconds (default 60; JSON-path filters are slow)")
+    be.add_argument(
+        "--dim",
+        type=int,
+        help="vector dimension (default: the model's; another one skips real "
+        "embeddings and measures recall on synthetic vectors)",
+    )
+    be.add_argument(
+        "--search-budget-s",
+        type=float,
+        default=60.0,
+        help="stop a kind of search after this many seconds (default 60; JSON-path filters are slow)",
+    )
     be.add_argument("--requests", type=int, default=2000, help="api: search requests per kind (default 2000)")
     be.add_argument("--clients", type=int, default=8, help="api: concurrent clients (default 8)")
-    be.add_argument("--url", help="api: an HTTP API already running on loopback (default: the configured one, "
-                    "started if needed, with a collection of its own)")
+    be.add_argument(
+        "--url",
+        help="api: an HTTP API already running on loopback (default: the configured one, "
+        "started if needed, with a collection of its own)",
+    )
     be.add_argument("--vectors", type=int, default=10_000, help="api: vectors in its own collection (default 10000)")
     be.add_argument("--collection", help="api with --url: the collection to search (default: the API's default)")
     be.add_argument("--json", action="store_true")

@@ -20,8 +20,8 @@ import numpy as np
 import pyarrow as pa
 
 from embedding_pipeline.index.client import MAX_DROPS_PER_ROW
-from embedding_pipeline.runtime.locks import drop_lock, membership_lock
 from embedding_pipeline.preprocess.preprocessor import SourceError, for_model
+from embedding_pipeline.runtime.locks import drop_lock, membership_lock
 from embedding_pipeline.settings import QualitySettings, Settings
 from embedding_pipeline.sources.drops import find_drop
 from embedding_pipeline.sources.fetch import FetchError, read_local
@@ -259,17 +259,19 @@ def preprocess_drop(
     roots = _drop_roots(settings, drop_name)
     max_bytes = settings.sources.max_image_bytes
     with arrow.DropWriter(files.preprocessed) as writer:
-        batches = prep.stream(
-            [_reader(item, roots, files.blobs, max_bytes) for item in chunk] for chunk in chunks
-        )
+        batches = prep.stream([_reader(item, roots, files.blobs, max_bytes) for item in chunk] for chunk in chunks)
         for chunk, prepared in zip(chunks, batches):
             for item, err in zip(chunk, prepared.errors):
                 if err is not None:
                     failures.append(_failure(item.id, err.kind, err.message, item.uri))
             good = [chunk[i] for i in prepared.ok_positions]
             if good:
-                rows = {"id": [i.id for i in good], "drop": [drop_name] * len(good),
-                        "sha256": [i.sha256 for i in good], "uri": [i.uri for i in good]}
+                rows = {
+                    "id": [i.id for i in good],
+                    "drop": [drop_name] * len(good),
+                    "sha256": [i.sha256 for i in good],
+                    "uri": [i.uri for i in good],
+                }
                 writer.write(arrow.tensor_table(rows, prepared.tensors, schema))
                 written += len(good)
                 embedded.update(i.id for i in good)
@@ -367,9 +369,12 @@ def embed_drop(settings: Settings, drop_name: str, embedder: Embedder) -> EmbedS
                 dim = old.schema.field("embedding").type.list_size
                 rows = old.select(["id", "drop", "sha256", "uri", "model", "metadata"]).to_pydict()
                 # A reused item takes its current metadata; a kept row stays as it was.
-                rows["metadata"] = [metadata.get(i, "{}") if i in reused else m
-                                    for i, m in zip(rows["id"], rows["metadata"])]
-                writer.write(arrow.embedding_table(rows, arrow.vectors_of(old), arrow.embedding_schema(dim, {"model": model})))
+                rows["metadata"] = [
+                    metadata.get(i, "{}") if i in reused else m for i, m in zip(rows["id"], rows["metadata"])
+                ]
+                writer.write(
+                    arrow.embedding_table(rows, arrow.vectors_of(old), arrow.embedding_schema(dim, {"model": model}))
+                )
                 carried += old.num_rows
             if carried != len(carry):
                 raise RuntimeError(
@@ -457,9 +462,15 @@ def index_drop(settings: Settings, drop_name: str, target) -> IndexSummary:
                 # that failed for a passing reason (an outage right after a model change, say).
                 removed = target.remove_drop(drop_name, keep=protected.kept)
                 arrow.write_json(files.index_report, {"id_conflicts": []})
-                return IndexSummary(upserted=0, unchanged=0, removed_stale=removed, drop_rows=0,
-                                    collection="", search_collection=target.search_collection() or "",
-                                    seconds=round(time.perf_counter() - started, 3))
+                return IndexSummary(
+                    upserted=0,
+                    unchanged=0,
+                    removed_stale=removed,
+                    drop_rows=0,
+                    collection="",
+                    search_collection=target.search_collection() or "",
+                    seconds=round(time.perf_counter() - started, 3),
+                )
             index = target
         else:
             dim = first.schema.field("embedding").type.list_size
@@ -476,11 +487,18 @@ def index_drop(settings: Settings, drop_name: str, target) -> IndexSummary:
                 index.close()
         arrow.write_json(files.index_report, {"id_conflicts": conflicts})
     if placement is not None:
-        summary = replace(summary, model=model, search_collection=placement.search_collection or "",
-                          switch_pending=placement.switch_pending)
+        summary = replace(
+            summary,
+            model=model,
+            search_collection=placement.search_collection or "",
+            switch_pending=placement.switch_pending,
+        )
     seconds = round(time.perf_counter() - started, 3)
-    return replace(summary, seconds=seconds,
-                   vectors_per_s=round(summary.upserted / seconds, 1) if seconds and summary.upserted else 0.0)
+    return replace(
+        summary,
+        seconds=seconds,
+        vectors_per_s=round(summary.upserted / seconds, 1) if seconds and summary.upserted else 0.0,
+    )
 
 
 @dataclass(frozen=True)
@@ -528,8 +546,14 @@ def _write_drop(
         elsewhere = index.rows([i for i in cols["id"] if i not in stored], ["id", "drop", "drops", "sha256"])
         rows = []
         for k, item_id in enumerate(cols["id"]):
-            row = {"id": item_id, "sha256": cols["sha256"][k], "uri": cols["uri"][k], "drop": drop_name,
-                   "model": cols["model"][k], "metadata": json.loads(cols["metadata"][k])}
+            row = {
+                "id": item_id,
+                "sha256": cols["sha256"][k],
+                "uri": cols["uri"][k],
+                "drop": drop_name,
+                "model": cols["model"][k],
+                "metadata": json.loads(cols["metadata"][k]),
+            }
             mine = stored.get(item_id)
             if mine is not None and fingerprint(mine) == fingerprint(row):
                 ids.add(item_id)
@@ -541,16 +565,29 @@ def _write_drop(
                 # The same id names another image in another drop: the row stays that drop's image (the first
                 # holder keeps it); this item is reported, never written over it.
                 # A drop that held it with the old image leaves it (the id is not this drop's any more).
-                conflicts.append({"id": item_id, "held_by": others[:EXAMPLES], "sha256": row["sha256"],
-                                  "held_sha256": existing["sha256"]})
+                conflicts.append(
+                    {
+                        "id": item_id,
+                        "held_by": others[:EXAMPLES],
+                        "sha256": row["sha256"],
+                        "held_sha256": existing["sha256"],
+                    }
+                )
                 continue
             ids.add(item_id)
             if existing is not None:
                 members = list(existing.get("drops") or [])
                 if drop_name not in members and len(members) >= MAX_DROPS_PER_ROW:
                     # Milvus caps an array's length: the image stays indexed for the drops that list it already.
-                    conflicts.append({"id": item_id, "held_by": members[:EXAMPLES], "sha256": row["sha256"],
-                                      "held_sha256": existing["sha256"], "reason": "drops_full"})
+                    conflicts.append(
+                        {
+                            "id": item_id,
+                            "held_by": members[:EXAMPLES],
+                            "sha256": row["sha256"],
+                            "held_sha256": existing["sha256"],
+                            "reason": "drops_full",
+                        }
+                    )
                     continue
                 shared += int(item_id in elsewhere)
                 row["drops"] = members if drop_name in members else [*members, drop_name]
@@ -604,10 +641,17 @@ def item_report(settings: Settings, drop_name: str) -> list[dict[str, Any]]:
     conflicts = {c["id"]: c for c in (_read_json_file(files.index_report) or {}).get("id_conflicts", [])}
     report = []
     for item in read_manifest(settings, drop_name):
-        row = {"id": item.id, "uri": item.uri, "status": item.status, "error_kind": item.error_kind,
-               "error": item.error, "stage": "manifest", "sha256": item.sha256,
-               # Earlier rows this failed item keeps (a transient failure never removes what was indexed).
-               "kept_previous": list(kept.get(item.id, []))}
+        row = {
+            "id": item.id,
+            "uri": item.uri,
+            "status": item.status,
+            "error_kind": item.error_kind,
+            "error": item.error,
+            "stage": "manifest",
+            "sha256": item.sha256,
+            # Earlier rows this failed item keeps (a transient failure never removes what was indexed).
+            "kept_previous": list(kept.get(item.id, [])),
+        }
         if item.status == OK:
             failure = later.get(item.id)
             if failure is not None:
@@ -615,11 +659,15 @@ def item_report(settings: Settings, drop_name: str) -> list[dict[str, Any]]:
             elif item.id in conflicts:
                 held = ", ".join(conflicts[item.id]["held_by"])
                 if conflicts[item.id].get("reason") == "drops_full":
-                    error = (f"the image is listed by {MAX_DROPS_PER_ROW} drops already (Milvus caps a row's drop "
-                             "list); it stays searchable for those drops")
+                    error = (
+                        f"the image is listed by {MAX_DROPS_PER_ROW} drops already (Milvus caps a row's drop "
+                        "list); it stays searchable for those drops"
+                    )
                 else:
-                    error = (f"id {item.id!r} already names another image, held by drop(s) {held}; give this image "
-                             "another id (the other drop's image is kept)")
+                    error = (
+                        f"id {item.id!r} already names another image, held by drop(s) {held}; give this image "
+                        "another id (the other drop's image is kept)"
+                    )
                 row.update(status=FAILED, error_kind=ErrorKind.ID_CONFLICT, stage="index", error=error)
             else:
                 row["stage"] = "reused" if item.id in reused else "embedded"

@@ -170,9 +170,7 @@ def dimension_matches_model(
     if configured_dimension is not None and configured_dimension != model_dimension:
         problems.append(f"milvus.embedding_dim is {configured_dimension} but the model returns {model_dimension}-d")
     passed = not problems
-    description = (
-        f"{stats.rows} {model_dimension}-d vector(s) from {served_model}" if passed else "; ".join(problems)
-    )
+    description = f"{stats.rows} {model_dimension}-d vector(s) from {served_model}" if passed else "; ".join(problems)
     metadata: dict[str, Any] = {
         "expected_dimension": model_dimension,
         "dimensions": {str(d): n for d, n in sorted(dims.items())},
@@ -198,9 +196,7 @@ def vectors_are_finite(stats: EmbeddingStats) -> Outcome:
     )
 
 
-def vectors_are_normalised(
-    stats: EmbeddingStats, tolerance: float = NORM_TOLERANCE, unit_norm: bool = True
-) -> Outcome:
+def vectors_are_normalised(stats: EmbeddingStats, tolerance: float = NORM_TOLERANCE, unit_norm: bool = True) -> Outcome:
     """Every finite vector has L2 norm 1 within ``tolerance`` (``stats`` must be gathered with the same tolerance).
 
     With ``unit_norm`` off (a model that does not normalise its output) only zero vectors fail: they have no
@@ -257,9 +253,7 @@ def embedding_outcomes(
 # -- collection ------------------------------------------------------------------------------------------------
 
 
-def rows_match_embeddings(
-    drop_rows: int, stored_ids: set[str] | None, embedding_ids: Iterable[str]
-) -> Outcome:
+def rows_match_embeddings(drop_rows: int, stored_ids: set[str] | None, embedding_ids: Iterable[str]) -> Outcome:
     """The drop's row count in the index equals its embeddings count; where the stored ids are known, they are
     exactly the embedded ids."""
     expected = set(embedding_ids)

@@ -39,7 +39,6 @@ from typing import Any, Protocol
 
 from embedding_pipeline.index.client import ImageIndex
 from embedding_pipeline.index.collections import ModelCollections
-from embedding_pipeline.storage.layout import drop_files
 from embedding_pipeline.orchestration.names import DROPS_PARTITION as PARTITIONS
 from embedding_pipeline.runtime.locks import drop_lock, membership_lock
 from embedding_pipeline.settings import MilvusSettings, Settings
@@ -47,6 +46,7 @@ from embedding_pipeline.sources.drops import DROP_NAME
 from embedding_pipeline.sources.items import blob_path
 from embedding_pipeline.sources.manifest import is_url
 from embedding_pipeline.storage import arrow
+from embedding_pipeline.storage.layout import drop_files
 
 
 class UnknownDropError(ValueError):
@@ -132,8 +132,12 @@ class DeletionResult:
     history: str = ""  # what happened to the partition's materialization history
 
     def as_dict(self) -> dict[str, Any]:
-        return {**self.plan.as_dict(), "deleted_rows": dict(self.deleted_rows),
-                "partition_deleted": self.partition_deleted, "history": self.history}
+        return {
+            **self.plan.as_dict(),
+            "deleted_rows": dict(self.deleted_rows),
+            "partition_deleted": self.partition_deleted,
+            "history": self.history,
+        }
 
 
 class DropRows(Protocol):
@@ -283,8 +287,12 @@ def plan_drop_deletion(
     source = settings.drops / drop
     if _exists(source):
         plan.paths.append(_planned("source", source))
-    for kind, path in (("manifest", files.manifest), ("preprocessed", files.preprocessed),
-                       ("embeddings", files.embeddings), ("index", files.index_report)):
+    for kind, path in (
+        ("manifest", files.manifest),
+        ("preprocessed", files.preprocessed),
+        ("embeddings", files.embeddings),
+        ("index", files.index_report),
+    ):
         if _exists(path):
             plan.paths.append(_planned(kind, path))
     blobs, plan.shared_blobs = _blobs(settings, drop)

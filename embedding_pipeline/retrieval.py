@@ -19,6 +19,7 @@ from embedding_pipeline.settings import Settings, load_settings
 from embedding_pipeline.sources.inputs import ImageInput, read_image_input
 from embedding_pipeline.vectors import unit_normalised
 
+
 class ImageSearcher:
     """Holds a Triton client, a compiled preprocessor and a Milvus client; reuse it for many queries.
 

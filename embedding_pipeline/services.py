@@ -11,11 +11,11 @@ import shutil
 import sys
 from pathlib import Path
 
+from embedding_pipeline.index.collections import ModelCollections
+from embedding_pipeline.index.server import milvus_status, start_milvus, stop_milvus
+from embedding_pipeline.orchestration.instance import create_instance_storage, prepare_dagster_home
 from embedding_pipeline.runtime import processes
 from embedding_pipeline.runtime.state import private_state_dir
-from embedding_pipeline.orchestration.instance import create_instance_storage, prepare_dagster_home
-from embedding_pipeline.index.server import milvus_status, start_milvus, stop_milvus
-from embedding_pipeline.index.collections import ModelCollections
 from embedding_pipeline.serving.client import ModelLabel
 from embedding_pipeline.serving.server import start_triton, stop_triton, triton_status
 from embedding_pipeline.settings import CONFIG_ENV, Settings, config_path
@@ -79,8 +79,12 @@ def stop_services(settings: Settings, only: list[str] | None = None) -> list[str
 
 def services_status(settings: Settings) -> dict:
     api = processes.read(settings.paths.run, API)
-    return {"triton": triton_status(settings), "milvus": milvus_status(settings), "dagster": dagster_status(settings),
-            "api": {"url": api_url(settings), "pid": api.pid if api else None}}
+    return {
+        "triton": triton_status(settings),
+        "milvus": milvus_status(settings),
+        "dagster": dagster_status(settings),
+        "api": {"url": api_url(settings), "pid": api.pid if api else None},
+    }
 
 
 def _tool(name: str) -> str:
@@ -103,9 +107,12 @@ def start_dagster(settings: Settings, timeout_s: float = 120.0, instance_yaml: s
     if processes.read(paths.run, WEBSERVER) is None:
         argv = [
             _tool("dagster-webserver"),
-            "-h", settings.dagster.webserver_host,
-            "-p", str(settings.dagster.webserver_port),
-            "-w", str(workspace),
+            "-h",
+            settings.dagster.webserver_host,
+            "-p",
+            str(settings.dagster.webserver_port),
+            "-w",
+            str(workspace),
         ]
         proc = processes.start(paths.run, paths.logs, WEBSERVER, argv, env=env)
         url = webserver_url(settings)
@@ -129,8 +136,9 @@ def start_api(settings: Settings, timeout_s: float = 120.0) -> None:
     proc = processes.start(paths.run, paths.logs, API, argv, env=child_env(settings))
     url = api_url(settings)
     # Any answer from /health means it serves (503 only says a service behind it is not ready yet).
-    processes.wait_until(lambda: processes.port_open(settings.api.host, settings.api.port), timeout_s,
-                         f"HTTP API at {url}", proc)
+    processes.wait_until(
+        lambda: processes.port_open(settings.api.host, settings.api.port), timeout_s, f"HTTP API at {url}", proc
+    )
 
 
 def stop_api(settings: Settings) -> bool:

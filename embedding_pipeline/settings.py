@@ -49,7 +49,8 @@ class TritonSettings(_Section):
         "auto", description="Triton system shared memory: auto uses it for a server on this host, else the wire."
     )
     model_path: Path | None = Field(
-        None, description="Your own ONNX model for the locally started server (TRITON_MODEL_PATH); default model if unset."
+        None,
+        description="Your own ONNX model for the locally started server (TRITON_MODEL_PATH); default model if unset.",
     )
 
     @property

@@ -71,7 +71,10 @@ def thumbnail_uri(data: bytes, size: int = THUMBNAIL_PX, max_pixels: int = DEFAU
 
 
 def file_thumbnail_uri(
-    path: str | Path, roots: Sequence[Path], size: int = THUMBNAIL_PX, max_pixels: int = DEFAULT_MAX_PIXELS,
+    path: str | Path,
+    roots: Sequence[Path],
+    size: int = THUMBNAIL_PX,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
     max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> str | None:
     """A thumbnail ``data:`` URI of the image file at ``path``, read through the guarded reader (inside ``roots``, a

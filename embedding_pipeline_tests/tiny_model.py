@@ -103,11 +103,15 @@ def write_two_input_model(path: Path) -> Path:
     from onnx import TensorProto, helper
 
     graph = helper.make_graph(
-        [helper.make_node("Add", ["image", "bias"], ["sum"]),
-         helper.make_node("ReduceMean", ["sum"], ["embedding"], axes=[2, 3], keepdims=0)],
+        [
+            helper.make_node("Add", ["image", "bias"], ["sum"]),
+            helper.make_node("ReduceMean", ["sum"], ["embedding"], axes=[2, 3], keepdims=0),
+        ],
         "two_inputs",
-        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, SIZE, SIZE]),
-         helper.make_tensor_value_info("bias", TensorProto.FLOAT, ["batch", 3, SIZE, SIZE])],
+        [
+            helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, SIZE, SIZE]),
+            helper.make_tensor_value_info("bias", TensorProto.FLOAT, ["batch", 3, SIZE, SIZE]),
+        ],
         [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", 3])],
     )
     return _save(graph, path)

@@ -19,11 +19,10 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from embedding_pipeline.api import errors
 from embedding_pipeline.api.errors import ApiError, invalid
-from starlette.middleware.trustedhost import TrustedHostMiddleware
-
 from embedding_pipeline.api.guards import ApiKeyGuard, BodyLimit, InFlightLimit, api_key_from_env
 from embedding_pipeline.api.inputs import read_query
 from embedding_pipeline.api.models import (
@@ -41,12 +40,22 @@ log = logging.getLogger(__name__)
 
 ERROR_SCHEMA = {
     "type": "object",
-    "properties": {"error": {"type": "object", "properties": {
-        "code": {"type": "string"}, "message": {"type": "string"}, "details": {}}}},
+    "properties": {
+        "error": {
+            "type": "object",
+            "properties": {"code": {"type": "string"}, "message": {"type": "string"}, "details": {}},
+        }
+    },
 }
-_ERRORS = {status: {"description": text, "content": {"application/json": {"schema": ERROR_SCHEMA}}}
-           for status, text in ((401, "Missing or wrong API key"), (413, "Request body too large"),
-                                (422, "Invalid request"), (503, "A service is down"))}
+_ERRORS = {
+    status: {"description": text, "content": {"application/json": {"schema": ERROR_SCHEMA}}}
+    for status, text in (
+        (401, "Missing or wrong API key"),
+        (413, "Request body too large"),
+        (422, "Invalid request"),
+        (503, "A service is down"),
+    )
+}
 
 
 @dataclass
@@ -74,8 +83,11 @@ def real_services(settings: Settings) -> ApiServices:
     runs = DagsterRuns(settings)
 
     def report() -> dict[str, Any]:
-        return {"triton": health.triton_health(settings), "milvus": health.milvus_health(settings),
-                "dagster": runs.reachable()}
+        return {
+            "triton": health.triton_health(settings),
+            "milvus": health.milvus_health(settings),
+            "dagster": runs.reachable(),
+        }
 
     return ApiServices(SearchService(settings), CollectionService(settings), runs, report)
 
@@ -87,23 +99,26 @@ def _search_openapi() -> dict[str, Any]:
             "required": True,
             "content": {
                 "application/json": {"schema": SearchRequest.model_json_schema()},
-                "multipart/form-data": {"schema": {
-                    "type": "object",
-                    "required": ["file"],
-                    "properties": {
-                        "file": {"type": "string", "format": "binary", "description": "The query image."},
-                        "topk": {"type": "integer", "minimum": 1, "default": 10},
-                        "filter_expr": {"type": "string"},
-                        "collection_name": {"type": "string"},
-                    },
-                }},
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["file"],
+                        "properties": {
+                            "file": {"type": "string", "format": "binary", "description": "The query image."},
+                            "topk": {"type": "integer", "minimum": 1, "default": 10},
+                            "filter_expr": {"type": "string"},
+                            "collection_name": {"type": "string"},
+                        },
+                    }
+                },
             },
         }
     }
 
 
-def create_app(settings: Optional[Settings] = None, services: Optional[ApiServices] = None,
-               api_key: Optional[str] = None) -> FastAPI:
+def create_app(
+    settings: Optional[Settings] = None, services: Optional[ApiServices] = None, api_key: Optional[str] = None
+) -> FastAPI:
     """The FastAPI app. ``api_key`` defaults to ``$EMBEDDING_PIPELINE_API_KEY`` (no key: no authentication)."""
     settings = settings or load_settings()
     api_key = api_key if api_key is not None else api_key_from_env()
@@ -144,8 +159,11 @@ def create_app(settings: Optional[Settings] = None, services: Optional[ApiServic
     app.state.settings = settings
     errors.install(app)
 
-    @app.get("/health", summary="Status of Triton, Milvus and the Dagster instance",
-             responses={503: {"description": "Something is down (same shape, status 'unavailable')"}})
+    @app.get(
+        "/health",
+        summary="Status of Triton, Milvus and the Dagster instance",
+        responses={503: {"description": "Something is down (same shape, status 'unavailable')"}},
+    )
     def health() -> JSONResponse:
         from embedding_pipeline.api.health import healthy
 
@@ -153,21 +171,35 @@ def create_app(settings: Optional[Settings] = None, services: Optional[ApiServic
         ok = healthy(report)
         return JSONResponse({"status": "ok" if ok else "unavailable", **report}, status_code=200 if ok else 503)
 
-    @app.post("/collections/create", status_code=201, response_model=CreateCollectionResponse,
-              summary="Create a collection name for the served model (idempotent)",
-              responses={200: {"description": "It exists already with this shape (created: false)",
-                               "model": CreateCollectionResponse},
-                         409: {"description": "It exists with another shape"}})
+    @app.post(
+        "/collections/create",
+        status_code=201,
+        response_model=CreateCollectionResponse,
+        summary="Create a collection name for the served model (idempotent)",
+        responses={
+            200: {
+                "description": "It exists already with this shape (created: false)",
+                "model": CreateCollectionResponse,
+            },
+            409: {"description": "It exists with another shape"},
+        },
+    )
     def create_collection(body: CreateCollectionRequest, response: Response) -> dict[str, Any]:
         result = svc().collections.create(body)
         if not result["created"]:
             response.status_code = 200
         return result
 
-    @app.post("/insert", status_code=202, response_model=InsertAccepted | RunReport,
-              summary="Ingest images as a drop: one Dagster run",
-              responses={200: {"description": "wait=true: the finished run's report", "model": RunReport},
-                         504: {"description": "wait=true and the run did not finish in time"}})
+    @app.post(
+        "/insert",
+        status_code=202,
+        response_model=InsertAccepted | RunReport,
+        summary="Ingest images as a drop: one Dagster run",
+        responses={
+            200: {"description": "wait=true: the finished run's report", "model": RunReport},
+            504: {"description": "wait=true and the run did not finish in time"},
+        },
+    )
     def insert(body: InsertRequest, response: Response) -> dict[str, Any]:
         from embedding_pipeline.api.ingest import manifest_rows
 
@@ -177,8 +209,12 @@ def create_app(settings: Optional[Settings] = None, services: Optional[ApiServic
         response.status_code = 200
         return svc().runs.wait(accepted["run_id"], body.timeout_s or settings.api.insert_timeout_s)
 
-    @app.get("/runs/{run_id}", response_model=RunReport, summary="An ingest run: status and per-item failures",
-             responses={404: {"description": "No such run"}})
+    @app.get(
+        "/runs/{run_id}",
+        response_model=RunReport,
+        summary="An ingest run: status and per-item failures",
+        responses={404: {"description": "No such run"}},
+    )
     def run_status(run_id: str) -> dict[str, Any]:
         if not 1 <= len(run_id) <= 64 or not run_id.replace("-", "").isalnum():
             raise ApiError(404, "not_found", f"no run {run_id!r}")
@@ -187,9 +223,13 @@ def create_app(settings: Optional[Settings] = None, services: Optional[ApiServic
             raise ApiError(404, "not_found", f"no run {run_id!r}")
         return report
 
-    @app.post("/search", response_model=SearchResponse, openapi_extra=_search_openapi(),
-              summary="Top-k similar images: by image (path, URL or upload) or by vector",
-              responses={404: {"description": "No such collection"}})
+    @app.post(
+        "/search",
+        response_model=SearchResponse,
+        openapi_extra=_search_openapi(),
+        summary="Top-k similar images: by image (path, URL or upload) or by vector",
+        responses={404: {"description": "No such collection"}},
+    )
     async def search(request: Request) -> dict[str, Any]:
         content_type = request.headers.get("content-type", "")
         if content_type.startswith("multipart/form-data"):
@@ -197,26 +237,32 @@ def create_app(settings: Optional[Settings] = None, services: Optional[ApiServic
         elif content_type.startswith("application/json") or not content_type:
             body, image = await _json_search(request), None
         else:
-            raise ApiError(415, "unsupported_media_type",
-                           f"send application/json or multipart/form-data, not {content_type!r}")
+            raise ApiError(
+                415, "unsupported_media_type", f"send application/json or multipart/form-data, not {content_type!r}"
+            )
         if body.topk > settings.api.max_topk:
-            raise invalid("invalid_request", f"topk: at most {settings.api.max_topk} (api.max_topk)",
-                          [{"loc": ["body", "topk"], "msg": f"at most {settings.api.max_topk}"}])
+            raise invalid(
+                "invalid_request",
+                f"topk: at most {settings.api.max_topk} (api.max_topk)",
+                [{"loc": ["body", "topk"], "msg": f"at most {settings.api.max_topk}"}],
+            )
         service = svc().search
 
         def run() -> Any:
             if body.vector is not None:
-                return service.search_vector(body.vector, body.topk, body.filter_expr, body.collection_name,
-                                             body.search_params)
+                return service.search_vector(
+                    body.vector, body.topk, body.filter_expr, body.collection_name, body.search_params
+                )
             with decode_slots:
                 data = image if image is not None else read_query(settings, body.query_input)
-                return service.search_image(data, body.topk, body.filter_expr, body.collection_name,
-                                            body.search_params)
+                return service.search_image(data, body.topk, body.filter_expr, body.collection_name, body.search_params)
 
         outcome = await run_in_threadpool(run)
         return {
-            "results": [{"id": h.id, "score": h.score, "uri": h.uri, "metadata": h.metadata, "drop": h.drop}
-                        for h in outcome.hits],
+            "results": [
+                {"id": h.id, "score": h.score, "uri": h.uri, "metadata": h.metadata, "drop": h.drop}
+                for h in outcome.hits
+            ],
             "took_ms": round(outcome.took_ms, 3),
             "collection": outcome.collection,
             "resolved_collection": outcome.resolved,
@@ -237,8 +283,11 @@ def create_app(settings: Optional[Settings] = None, services: Optional[ApiServic
         try:
             upload = form.get("file")
             if upload is None or isinstance(upload, str):
-                raise invalid("invalid_request", "multipart search needs a file field 'file' holding the image",
-                              [{"loc": ["body", "file"], "msg": "field required"}])
+                raise invalid(
+                    "invalid_request",
+                    "multipart search needs a file field 'file' holding the image",
+                    [{"loc": ["body", "file"], "msg": "field required"}],
+                )
             unknown = set(form.keys()) - {"file", "topk", "filter_expr", "collection_name"}
             if unknown:
                 raise invalid("invalid_request", f"unknown form field(s): {', '.join(sorted(unknown))}")
@@ -246,10 +295,14 @@ def create_app(settings: Optional[Settings] = None, services: Optional[ApiServic
             if not data:
                 raise invalid("bad_image", "the uploaded file is empty")
             if len(data) > settings.sources.max_image_bytes:
-                raise invalid("too_large", f"the uploaded file has {len(data)} bytes; at most "
-                              f"{settings.sources.max_image_bytes} (sources.max_image_bytes)")
-            fields: dict[str, Any] = {k: form.get(k) for k in ("topk", "filter_expr", "collection_name")
-                                      if form.get(k) not in (None, "")}
+                raise invalid(
+                    "too_large",
+                    f"the uploaded file has {len(data)} bytes; at most "
+                    f"{settings.sources.max_image_bytes} (sources.max_image_bytes)",
+                )
+            fields: dict[str, Any] = {
+                k: form.get(k) for k in ("topk", "filter_expr", "collection_name") if form.get(k) not in (None, "")
+            }
             try:
                 # The vector is a placeholder that satisfies "exactly one query"; the upload is the query.
                 body = SearchRequest.model_validate({**fields, "vector": [0.0]})
@@ -304,8 +357,7 @@ def _warm(search: Any) -> None:
 
 def _with_body_loc(errors_: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Pydantic's errors located under ``body`` as FastAPI reports them (and without the raw input)."""
-    return [{"loc": ["body", *e.get("loc", ())], "msg": e.get("msg", ""), "type": e.get("type", "")}
-            for e in errors_]
+    return [{"loc": ["body", *e.get("loc", ())], "msg": e.get("msg", ""), "type": e.get("type", "")} for e in errors_]
 
 
 def __getattr__(name: str) -> Any:

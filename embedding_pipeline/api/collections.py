@@ -74,10 +74,12 @@ class CollectionService:
                     with probe.index(existing) as index, index.guard("describing the index"):
                         found = index.describe_index()
                     # What the request leaves open is what the collection has: asking again is not a conflict.
-                    request = request.model_copy(update={
-                        "index_type": request.index_type or found.get("index_type"),
-                        "metric_type": request.metric_type or found.get("metric_type"),
-                    })
+                    request = request.model_copy(
+                        update={
+                            "index_type": request.index_type or found.get("index_type"),
+                            "metric_type": request.metric_type or found.get("metric_type"),
+                        }
+                    )
         except CollectionError as exc:
             raise ApiError(503, "unavailable", str(exc)) from None
         milvus = self._milvus(request)
@@ -88,10 +90,15 @@ class CollectionService:
                     info = index.describe_index()
         except CollectionError as exc:
             text = str(exc)
-            if "holds" in text or "index but the settings ask" in text or "made for model" in text \
-                    or "plain collection" in text:
-                raise ApiError(409, "conflict", f"collection {request.name!r} exists with another shape: {text}") \
-                    from None
+            if (
+                "holds" in text
+                or "index but the settings ask" in text
+                or "made for model" in text
+                or "plain collection" in text
+            ):
+                raise ApiError(
+                    409, "conflict", f"collection {request.name!r} exists with another shape: {text}"
+                ) from None
             raise ApiError(503, "unavailable", text) from None
         return {
             "name": request.name,

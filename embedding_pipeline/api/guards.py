@@ -49,11 +49,13 @@ def api_key_from_env() -> str | None:
 
 async def _reject(send: Send, status: int, code: str, message: str, headers: list[tuple[bytes, bytes]] = ()) -> None:
     body = json.dumps(error_body(code, message)).encode()
-    await send({
-        "type": "http.response.start",
-        "status": status,
-        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers],
-    })
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
@@ -87,9 +89,13 @@ class ApiKeyGuard:
         # compare_digest: the time taken does not reveal how much of a guessed key was right.
         if presented is None or not hmac.compare_digest(presented, self.key):
             message = "missing API key" if presented is None else "wrong API key"
-            await _reject(send, 401, "unauthorized",
-                          f"{message}: send the header 'X-API-Key: <key>' or 'Authorization: Bearer <key>'",
-                          [(b"www-authenticate", b"Bearer")])
+            await _reject(
+                send,
+                401,
+                "unauthorized",
+                f"{message}: send the header 'X-API-Key: <key>' or 'Authorization: Bearer <key>'",
+                [(b"www-authenticate", b"Bearer")],
+            )
             return
         await self.app(scope, receive, send)
 
@@ -160,8 +166,13 @@ class InFlightLimit:
             await self.app(scope, receive, send)
             return
         if self.active >= self.limit:
-            await _reject(send, 503, "busy", f"{self.active} requests are in progress (api.max_in_flight); retry "
-                          "shortly", [(b"retry-after", b"1")])
+            await _reject(
+                send,
+                503,
+                "busy",
+                f"{self.active} requests are in progress (api.max_in_flight); retry shortly",
+                [(b"retry-after", b"1")],
+            )
             return
         self.active += 1
         try:

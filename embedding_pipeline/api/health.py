@@ -33,8 +33,13 @@ def milvus_health(settings: Settings) -> dict[str, Any]:
     from embedding_pipeline.index.collections import ModelCollections
 
     m = settings.milvus
-    out: dict[str, Any] = {"uri": redact(m.uri), "collection": m.collection, "reachable": False,
-                           "resolved_collection": None, "loaded": None}
+    out: dict[str, Any] = {
+        "uri": redact(m.uri),
+        "collection": m.collection,
+        "reachable": False,
+        "resolved_collection": None,
+        "loaded": None,
+    }
     try:
         with ModelCollections(m, connect_timeout=PROBE_TIMEOUT_S) as collections:
             target = collections.search_collection()
@@ -52,5 +57,10 @@ def healthy(report: dict[str, Any]) -> bool:
     """Down is: Triton or its model not ready, Milvus unreachable, or the Dagster instance or webserver not
     answering. A collection that does not exist yet is not a fault (nothing was inserted yet)."""
     t, m, d = report["triton"], report["milvus"], report["dagster"]
-    return bool(t.get("server_ready") and t.get("model_ready") and m.get("reachable")
-                and d.get("instance_reachable") and d.get("webserver_reachable"))
+    return bool(
+        t.get("server_ready")
+        and t.get("model_ready")
+        and m.get("reachable")
+        and d.get("instance_reachable")
+        and d.get("webserver_reachable")
+    )

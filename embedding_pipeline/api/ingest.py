@@ -36,8 +36,12 @@ def manifest_rows(settings: Settings, request: InsertRequest) -> list[dict[str, 
     """The manifest lines for ``request``; raises a 422 for an input outside the rules or oversized metadata."""
     limit = settings.api.max_inputs
     if len(request.inputs) > limit:
-        raise ApiError(422, "too_many_inputs", f"{len(request.inputs)} inputs; at most {limit} per request "
-                       "(api.max_inputs)", {"count": len(request.inputs), "limit": limit})
+        raise ApiError(
+            422,
+            "too_many_inputs",
+            f"{len(request.inputs)} inputs; at most {limit} per request (api.max_inputs)",
+            {"count": len(request.inputs), "limit": limit},
+        )
     rows = []
     for n, uri in enumerate(request.inputs):
         check_input(settings, uri, f"inputs[{n}]")
@@ -47,8 +51,12 @@ def manifest_rows(settings: Settings, request: InsertRequest) -> list[dict[str, 
         if request.metadata is not None:
             size = len(json.dumps(request.metadata[n], default=str).encode())
             if size > MAX_METADATA_BYTES:
-                raise ApiError(422, "invalid_request", f"metadata[{n}] is {size} bytes as JSON; at most "
-                               f"{MAX_METADATA_BYTES}", {"index": n, "bytes": size})
+                raise ApiError(
+                    422,
+                    "invalid_request",
+                    f"metadata[{n}] is {size} bytes as JSON; at most {MAX_METADATA_BYTES}",
+                    {"index": n, "bytes": size},
+                )
             row["metadata"] = request.metadata[n]
         rows.append(row)
     return rows
@@ -96,5 +104,6 @@ class DagsterRuns(WebserverRuns):
         try:
             return super().wait(run_id, timeout_s, poll_s)
         except RunNotFinished as exc:
-            raise ApiError(504, "timeout", f"{exc}; follow it at /runs/{run_id}",
-                           {"run_id": run_id, "status": exc.status}) from exc
+            raise ApiError(
+                504, "timeout", f"{exc}; follow it at /runs/{run_id}", {"run_id": run_id, "status": exc.status}
+            ) from exc

@@ -17,7 +17,6 @@ from embedding_pipeline.sources.inputs import read_image_input
 from embedding_pipeline.sources.manifest import is_url, looks_like_url
 
 
-
 def allowed_roots(settings: Settings) -> list[Path]:
     """Where local inputs may lie: the drop folder (a manifest drop's own root) and ``sources.allowed_roots``."""
     return [settings.drops, *(Path(r).expanduser() for r in settings.sources.allowed_roots)]
@@ -35,8 +34,11 @@ def check_input(settings: Settings, uri: str, where: str) -> None:
     real = Path(os.path.realpath(uri))
     if not any(real.is_relative_to(os.path.realpath(root)) for root in allowed_roots(settings)):
         roots = ", ".join(str(r) for r in allowed_roots(settings))
-        raise invalid("outside_roots", f"{where}: path outside the allowed roots ({roots}): {uri}",
-                      {"input": uri, "allowed_roots": roots})
+        raise invalid(
+            "outside_roots",
+            f"{where}: path outside the allowed roots ({roots}): {uri}",
+            {"input": uri, "allowed_roots": roots},
+        )
 
 
 def read_query(settings: Settings, uri: str) -> bytes:

@@ -42,14 +42,19 @@ def check_collection_name(name: Optional[str]) -> Optional[str]:
 
 class CreateCollectionRequest(_Body):
     name: str = Field(..., description="Collection name: the alias search and insert use (`collection_name`).")
-    dim: Optional[int] = Field(None, ge=1, le=MAX_DIM, description="Vector dimension; must be the model's "
-                               "(default: the served model's output dimension).")
+    dim: Optional[int] = Field(
+        None,
+        ge=1,
+        le=MAX_DIM,
+        description="Vector dimension; must be the model's (default: the served model's output dimension).",
+    )
     description: str = Field("", max_length=2048, description="Free text, echoed back.")
     index_type: Optional[IndexType] = Field(None, description="Vector index (default: milvus.index_type).")
     metric_type: Optional[MetricType] = Field(None, description="Similarity metric (default: milvus.metric_type).")
     index_params: Optional[dict[str, Any]] = Field(
-        None, description='Index build parameters, e.g. {"M": 16, "efConstruction": 256} for HNSW, '
-        '{"nlist": 128} for IVF_FLAT.'
+        None,
+        description='Index build parameters, e.g. {"M": 16, "efConstruction": 256} for HNSW, '
+        '{"nlist": 128} for IVF_FLAT.',
     )
 
     @field_validator("name")
@@ -70,14 +75,18 @@ class CreateCollectionResponse(BaseModel):
 
 
 class InsertRequest(_Body):
-    inputs: list[str] = Field(..., min_length=1, description="Absolute local paths (inside the drop folder or "
-                              "sources.allowed_roots) or http(s) URLs.")
+    inputs: list[str] = Field(
+        ...,
+        min_length=1,
+        description="Absolute local paths (inside the drop folder or sources.allowed_roots) or http(s) URLs.",
+    )
     ids: Optional[list[str]] = Field(None, description="One id per input (default: derived from the content).")
     metadata: Optional[list[dict[str, Any]]] = Field(None, description="One JSON object per input.")
     collection_name: Optional[str] = Field(None, description="Default: milvus.collection.")
     wait: bool = Field(False, description="Answer when the run has ended (200) instead of at once (202).")
-    timeout_s: Optional[float] = Field(None, gt=0, le=600, description="With wait: how long to wait (at most 600 s) "
-                                       "(default api.insert_timeout_s).")
+    timeout_s: Optional[float] = Field(
+        None, gt=0, le=600, description="With wait: how long to wait (at most 600 s) (default api.insert_timeout_s)."
+    )
 
     @field_validator("collection_name")
     @classmethod
@@ -89,8 +98,10 @@ class InsertRequest(_Body):
     def _inputs(cls, inputs: list[str]) -> list[str]:
         for n, uri in enumerate(inputs):
             if not uri.strip() or len(uri) > MAX_URI_CHARS or _CONTROL.search(uri):
-                raise ValueError(f"inputs[{n}] must be a non-empty path or URL of at most {MAX_URI_CHARS} "
-                                 "characters without control characters")
+                raise ValueError(
+                    f"inputs[{n}] must be a non-empty path or URL of at most {MAX_URI_CHARS} "
+                    "characters without control characters"
+                )
         return [uri.strip() for uri in inputs]
 
     @field_validator("ids")
@@ -145,16 +156,27 @@ class RunReport(BaseModel):
 
 
 class SearchRequest(_Body):
-    query_input: Optional[str] = Field(None, max_length=MAX_URI_CHARS, description="Query image: an absolute "
-                                       "local path (inside the allowed roots) or an http(s) URL.")
-    vector: Optional[list[float]] = Field(None, min_length=1, max_length=MAX_DIM, description="A query vector "
-                                          "of the collection's dimension, instead of an image.")
+    query_input: Optional[str] = Field(
+        None,
+        max_length=MAX_URI_CHARS,
+        description="Query image: an absolute local path (inside the allowed roots) or an http(s) URL.",
+    )
+    vector: Optional[list[float]] = Field(
+        None,
+        min_length=1,
+        max_length=MAX_DIM,
+        description="A query vector of the collection's dimension, instead of an image.",
+    )
     topk: int = Field(10, ge=1, description="Hits to return (at most api.max_topk).")
-    filter_expr: Optional[str] = Field(None, max_length=MAX_FILTER_CHARS, description='Milvus boolean '
-                                       'expression, e.g. metadata["category"] == "nature".')
+    filter_expr: Optional[str] = Field(
+        None,
+        max_length=MAX_FILTER_CHARS,
+        description='Milvus boolean expression, e.g. metadata["category"] == "nature".',
+    )
     collection_name: Optional[str] = Field(None, description="Default: milvus.collection.")
-    search_params: Optional[dict[str, Any]] = Field(None, description='Per-query index parameters, e.g. '
-                                                    '{"ef": 128} (HNSW) or {"nprobe": 32} (IVF_FLAT).')
+    search_params: Optional[dict[str, Any]] = Field(
+        None, description='Per-query index parameters, e.g. {"ef": 128} (HNSW) or {"nprobe": 32} (IVF_FLAT).'
+    )
 
     @field_validator("collection_name")
     @classmethod

@@ -66,8 +66,18 @@ def collection_settings(base: MilvusSettings, name: str, index_info: dict[str, A
 
 def _is_unreachable(exc: BaseException) -> bool:
     text = str(exc).lower()
-    return any(word in text for word in ("cannot connect", "nothing answers", "unavailable", "fail connecting",
-                                         "connection refused", "deadline exceeded", "not reachable"))
+    return any(
+        word in text
+        for word in (
+            "cannot connect",
+            "nothing answers",
+            "unavailable",
+            "fail connecting",
+            "connection refused",
+            "deadline exceeded",
+            "not reachable",
+        )
+    )
 
 
 def classify(exc: BaseException, filter_expr: str | None = None) -> ApiError:
@@ -79,8 +89,11 @@ def classify(exc: BaseException, filter_expr: str | None = None) -> ApiError:
     if isinstance(exc, CollectionError) and "nothing to search yet" in str(exc):
         return ApiError(404, "not_found", str(exc))
     if isinstance(exc, CollectionError) and filter_expr and not _is_unreachable(exc):
-        return invalid("invalid_filter", f"the search engine refused filter_expr {filter_expr!r}: {exc}",
-                       {"filter_expr": filter_expr})
+        return invalid(
+            "invalid_filter",
+            f"the search engine refused filter_expr {filter_expr!r}: {exc}",
+            {"filter_expr": filter_expr},
+        )
     if isinstance(exc, ValueError) and str(exc).startswith("query image"):
         return invalid("bad_image", str(exc))
     if isinstance(exc, CollectionError):
@@ -88,8 +101,9 @@ def classify(exc: BaseException, filter_expr: str | None = None) -> ApiError:
         return ApiError(503, "unavailable", str(exc))
     # Anything else (a gRPC or HTTP client error) may carry addresses or paths: logged, not returned.
     log.warning("search failed: %s: %s", type(exc).__name__, exc)
-    return ApiError(503, "unavailable", f"a service the search needs is unavailable ({type(exc).__name__}); "
-                    "see the API's log")
+    return ApiError(
+        503, "unavailable", f"a service the search needs is unavailable ({type(exc).__name__}); see the API's log"
+    )
 
 
 @dataclass
@@ -192,23 +206,38 @@ class SearchService:
             raise classify(exc, filter_expr) from exc
         return SearchOutcome(hits, name or "", resolved, (time.perf_counter() - started) * 1000)
 
-    def search_image(self, image: bytes, topk: int, filter_expr: str | None = None, collection: str | None = None,
-                     search_params: dict[str, Any] | None = None) -> SearchOutcome:
+    def search_image(
+        self,
+        image: bytes,
+        topk: int,
+        filter_expr: str | None = None,
+        collection: str | None = None,
+        search_params: dict[str, Any] | None = None,
+    ) -> SearchOutcome:
         def query(entry: _Entry, resolved: str) -> list[Hit]:
             return entry.searcher.search(image, top_k=topk, filter=filter_expr, search_params=search_params)
 
         return self._run(collection, filter_expr, query)
 
-    def search_vector(self, vector: list[float], topk: int, filter_expr: str | None = None,
-                      collection: str | None = None, search_params: dict[str, Any] | None = None) -> SearchOutcome:
+    def search_vector(
+        self,
+        vector: list[float],
+        topk: int,
+        filter_expr: str | None = None,
+        collection: str | None = None,
+        search_params: dict[str, Any] | None = None,
+    ) -> SearchOutcome:
         def query(entry: _Entry, resolved: str) -> list[Hit]:
             index = entry.searcher.index
             dim = entry.dims.get(resolved)
             if dim is None:
                 dim = entry.dims[resolved] = int(index.dimension() or 0)
             if len(vector) != dim:
-                raise invalid("dimension_mismatch", f"vector has {len(vector)} components but collection "
-                              f"{resolved!r} holds {dim}-d vectors", {"got": len(vector), "expected": dim})
+                raise invalid(
+                    "dimension_mismatch",
+                    f"vector has {len(vector)} components but collection {resolved!r} holds {dim}-d vectors",
+                    {"got": len(vector), "expected": dim},
+                )
             data = np.asarray([vector], dtype=np.float32)
             if self.settings.quality.unit_norm:
                 # Stored vectors are unit length: a query is scaled the same way, so scores compare like with like.

@@ -56,8 +56,10 @@ def require_loopback(url: str) -> str:
     except ValueError:
         loopback = False
     if not loopback:
-        raise ValueError(f"--url must point at this machine (127.0.0.1, ::1 or localhost), not {host!r}: "
-                         "the API benchmark runs on loopback only")
+        raise ValueError(
+            f"--url must point at this machine (127.0.0.1, ::1 or localhost), not {host!r}: "
+            "the API benchmark runs on loopback only"
+        )
     return url.rstrip("/")
 
 
@@ -120,7 +122,7 @@ def load(send: Send, total: int, clients: int, headers: dict[str, str]) -> dict[
             session.headers.update(headers)
             for i in range(WARMUP_PER_CLIENT):  # also opens the keep-alive connection
                 try:
-                    send(session, i).content
+                    _ = send(session, i).content  # read the body, as the measured requests do
                 except requests.RequestException:
                     pass  # counted when it happens in the measured part
             start.wait()
@@ -171,8 +173,12 @@ def vector_sender(url: str, queries: np.ndarray, collection: str | None, topk: i
         bodies.append(json.dumps(body).encode())
 
     def send(session: requests.Session, i: int) -> requests.Response:
-        return session.post(f"{url}/search", data=bodies[i % len(bodies)], timeout=REQUEST_TIMEOUT_S,
-                            headers={"Content-Type": "application/json"})
+        return session.post(
+            f"{url}/search",
+            data=bodies[i % len(bodies)],
+            timeout=REQUEST_TIMEOUT_S,
+            headers={"Content-Type": "application/json"},
+        )
 
     return send
 
@@ -208,30 +214,33 @@ def probe_dimension(url: str, collection: str | None, headers: dict[str, str]) -
     response = requests.post(f"{url}/search", json=body, headers=headers, timeout=REQUEST_TIMEOUT_S)
     if response.status_code == 200:
         return 1
-    error = (response.json() if response.headers.get("content-type", "").startswith("application/json")
-             else {}).get("error") or {}
+    error = (response.json() if response.headers.get("content-type", "").startswith("application/json") else {}).get(
+        "error"
+    ) or {}
     details = error.get("details") or {}
     if error.get("code") == "dimension_mismatch" and isinstance(details.get("expected"), int):
         return details["expected"]
-    raise RuntimeError(f"cannot search collection {collection or '(default)'} at {url}: HTTP "
-                       f"{response.status_code} {_answer(response)} (ingest something into it first, or run "
-                       "without --url to let the benchmark make its own collection)")
+    raise RuntimeError(
+        f"cannot search collection {collection or '(default)'} at {url}: HTTP "
+        f"{response.status_code} {_answer(response)} (ingest something into it first, or run "
+        "without --url to let the benchmark make its own collection)"
+    )
 
 
 def fill_collection(settings: Settings, url: str, vectors: int, headers: dict[str, str]) -> dict[str, Any]:
     """Create the benchmark's collection through the API and fill it with ``vectors`` synthetic unit vectors
     (straight into Milvus: ingest through Dagster is not what is measured); waits until they are indexed."""
-    from embedding_pipeline.runtime import processes
     from embedding_pipeline.bench import corpus as corpus_mod
     from embedding_pipeline.bench.insert import build_index
     from embedding_pipeline.index.client import ImageIndex
     from embedding_pipeline.index.server import NAME as MILVUS
+    from embedding_pipeline.runtime import processes
 
-    response = requests.post(f"{url}/collections/create", json={"name": COLLECTION}, headers=headers,
-                             timeout=REQUEST_TIMEOUT_S)
+    response = requests.post(
+        f"{url}/collections/create", json={"name": COLLECTION}, headers=headers, timeout=REQUEST_TIMEOUT_S
+    )
     if response.status_code not in (200, 201):
-        raise RuntimeError(f"cannot create collection {COLLECTION!r}: HTTP {response.status_code} "
-                           f"{_answer(response)}")
+        raise RuntimeError(f"cannot create collection {COLLECTION!r}: HTTP {response.status_code} {_answer(response)}")
     created = response.json()
     corpus = corpus_mod.build(vectors, created["dim"], real=None, photos=None, queries=1000)
     milvus = settings.milvus.model_copy(update={"collection": created["collection"]})
@@ -242,8 +251,14 @@ def fill_collection(settings: Settings, url: str, vectors: int, headers: dict[st
         # measured searches use the finished index (and do not share the cores with the build).
         server = processes.read(settings.paths.run, MILVUS)
         build_index(index, done, server.pid if server else None)
-    return {"collection": COLLECTION, "resolved_collection": created["collection"], "vectors": done,
-            "dim": created["dim"], "index_type": created["index_type"], "queries": corpus.queries}
+    return {
+        "collection": COLLECTION,
+        "resolved_collection": created["collection"],
+        "vectors": done,
+        "dim": created["dim"],
+        "index_type": created["index_type"],
+        "queries": corpus.queries,
+    }
 
 
 def drop_collection(settings: Settings) -> None:
@@ -259,8 +274,15 @@ def drop_collection(settings: Settings) -> None:
 # -- the benchmark --------------------------------------------------------------------------------------------
 
 
-def measure(url: str, queries: np.ndarray, collection: str | None, requests_per_kind: int, clients: int,
-            topk: int, headers: dict[str, str]) -> dict[str, Any]:
+def measure(
+    url: str,
+    queries: np.ndarray,
+    collection: str | None,
+    requests_per_kind: int,
+    clients: int,
+    topk: int,
+    headers: dict[str, str],
+) -> dict[str, Any]:
     by_vector = load(vector_sender(url, queries, collection, topk), requests_per_kind, clients, headers)
     by_image = load(image_sender(url, query_images(), collection, topk), requests_per_kind, clients, headers)
     return {
@@ -272,8 +294,15 @@ def measure(url: str, queries: np.ndarray, collection: str | None, requests_per_
     }
 
 
-def run(settings: Settings, requests_per_kind: int = 2000, clients: int = 8, url: str | None = None,
-        vectors: int = 10_000, collection: str | None = None, topk: int = TOP_K) -> dict[str, Any]:
+def run(
+    settings: Settings,
+    requests_per_kind: int = 2000,
+    clients: int = 8,
+    url: str | None = None,
+    vectors: int = 10_000,
+    collection: str | None = None,
+    topk: int = TOP_K,
+) -> dict[str, Any]:
     """Every figure of the API benchmark; see the module docstring for what is started and measured."""
     if requests_per_kind < 1 or clients < 1 or vectors < 1:
         raise ValueError("--requests, --clients and --vectors must be positive")
@@ -288,13 +317,26 @@ def run(settings: Settings, requests_per_kind: int = 2000, clients: int = 8, url
 
         queries = corpus_mod.synthetic(1000, dim, seed=11)
         result = measure(url, queries, collection, requests_per_kind, clients, topk, headers)
-        return {"url": url, "collection": collection or "(the API's default)", "dim": dim, "started": [],
-                **config, **result}
+        return {
+            "url": url,
+            "collection": collection or "(the API's default)",
+            "dim": dim,
+            "started": [],
+            **config,
+            **result,
+        }
     return _run_own(settings, requests_per_kind, clients, vectors, topk, headers, config)
 
 
-def _run_own(settings: Settings, requests_per_kind: int, clients: int, vectors: int, topk: int,
-             headers: dict[str, str], config: dict[str, Any]) -> dict[str, Any]:
+def _run_own(
+    settings: Settings,
+    requests_per_kind: int,
+    clients: int,
+    vectors: int,
+    topk: int,
+    headers: dict[str, str],
+    config: dict[str, Any],
+) -> dict[str, Any]:
     from embedding_pipeline import services
     from embedding_pipeline.runtime import processes
 
@@ -346,14 +388,23 @@ def render(r: dict[str, Any]) -> str:
     if "vectors" in r:
         where += f" ({r['vectors']:,} vectors, {r['dim']}-d, {r['index_type']})"
     rows = [("", "by vector", "by image")]
-    for label, key in (("requests", "requests"), ("errors", "errors"), ("p50 (ms)", "p50_ms"), ("p95 (ms)", "p95_ms"),
-                       ("p99 (ms)", "p99_ms"), ("max (ms)", "max_ms"), ("requests/s", "requests_per_s"),
-                       ("server took, p50 (ms)", "server_took_p50_ms")):
+    for label, key in (
+        ("requests", "requests"),
+        ("errors", "errors"),
+        ("p50 (ms)", "p50_ms"),
+        ("p95 (ms)", "p95_ms"),
+        ("p99 (ms)", "p99_ms"),
+        ("max (ms)", "max_ms"),
+        ("requests/s", "requests_per_s"),
+        ("server took, p50 (ms)", "server_took_p50_ms"),
+    ):
         rows.append((label, str(r["by_vector"][key]), str(r["by_image"][key])))
     width = max(len(row[0]) for row in rows) + 2
-    lines = [f"HTTP API search benchmark: {where}",
-             f"  {r['requests_per_kind']} requests per kind from {r['clients']} concurrent "
-             f"client{'s' if r['clients'] != 1 else ''}, top-{r['topk']}"]
+    lines = [
+        f"HTTP API search benchmark: {where}",
+        f"  {r['requests_per_kind']} requests per kind from {r['clients']} concurrent "
+        f"client{'s' if r['clients'] != 1 else ''}, top-{r['topk']}",
+    ]
     lines += [f"  {a:<{width}}{b:>12}{c:>12}" for a, b, c in rows]
     met = "met" if r["vector_p99_target_met"] else "NOT met"
     lines.append(f"  target: p99 <= {r['target_vector_p99_ms']:g} ms by vector with no errors: {met}")

@@ -130,7 +130,13 @@ def build(
         normalise(vectors[: len(kept)])
         fill_synthetic(vectors[len(kept) :], seed, like=real)
         labels = np.asarray(photos if photos is not None else np.full(len(real), -1))
-        return Corpus(vectors, len(kept), normalise(query_vectors), "real photo embeddings",
-                      photos=labels[: len(kept)], query_photos=labels[len(real) - held :])
+        return Corpus(
+            vectors,
+            len(kept),
+            normalise(query_vectors),
+            "real photo embeddings",
+            photos=labels[: len(kept)],
+            query_photos=labels[len(real) - held :],
+        )
     vectors = synthetic(size, dim, seed)
     return Corpus(vectors, 0, synthetic(max(1, min(queries, 1000)), dim, seed + 1), "synthetic")

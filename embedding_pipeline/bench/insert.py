@@ -43,8 +43,13 @@ def insert_ours(index: ImageIndex, corpus: Corpus, model: str) -> dict[str, Any]
 def _figures(rows: int, elapsed: float, cpu: float, batch_rows: int) -> dict[str, Any]:
     # The client's own CPU time tells how much of an insert is ours (building rows, packing protobuf) and how
     # much the server's (the rest of the wall time, on the same cores).
-    return {"rows": rows, "seconds": round(elapsed, 2), "vectors_per_s": round(rows / elapsed, 1),
-            "batch_rows": batch_rows, "client_cpu_s": round(cpu, 2)}
+    return {
+        "rows": rows,
+        "seconds": round(elapsed, 2),
+        "vectors_per_s": round(rows / elapsed, 1),
+        "batch_rows": batch_rows,
+        "client_cpu_s": round(cpu, 2),
+    }
 
 
 def build_index(index: ImageIndex, size: int, server_pid: int | None) -> dict[str, Any]:
@@ -94,8 +99,12 @@ def insert_raw(settings: MilvusSettings, corpus: Corpus) -> dict[str, Any]:
         schema.add_field("embedding", DataType.FLOAT_VECTOR, dim=corpus.dim)
         index = client.prepare_index_params()
         # The same vector index as ours, parameters nested the way every engine reads them.
-        index.add_index(field_name="embedding", index_type=settings.index_type, metric_type=settings.metric_type,
-                        params={"params": index_params.build_params(settings)})
+        index.add_index(
+            field_name="embedding",
+            index_type=settings.index_type,
+            metric_type=settings.metric_type,
+            params={"params": index_params.build_params(settings)},
+        )
         client.create_collection(RAW_COLLECTION, schema=schema, index_params=index)
         step = max(1, RAW_BATCH_BYTES // (corpus.dim * 4))
         vectors = corpus.vectors

@@ -48,17 +48,25 @@ def run(settings: Settings, images: int = 5000, reps: int = 3) -> dict[str, Any]
         files = sorted(folder.glob("*.jpg"))
         cap = settings.sources.max_image_bytes
         identity = {f: read_local_file(f, [folder], cap)[1] for f in files}
-        reads = _best({
-            "plain": lambda: [f.read_bytes() for f in files],
-            "guarded": lambda: [read_local(f, [folder], cap, identity=identity[f]) for f in files],
-        }, reps)
+        reads = _best(
+            {
+                "plain": lambda: [f.read_bytes() for f in files],
+                "guarded": lambda: [read_local(f, [folder], cap, identity=identity[f]) for f in files],
+            },
+            reps,
+        )
 
         tensors = np.random.default_rng(0).integers(0, 255, (BATCH, *SHAPE), dtype=np.uint8)
         schema = arrow.tensor_schema(SHAPE, "uint8", {"drop": "bench", "layout": "NHWC"})
-        rows = {"id": [f"i{k}" for k in range(BATCH)], "drop": ["bench"] * BATCH, "sha256": ["0" * 64] * BATCH,
-                "uri": ["u"] * BATCH}
+        rows = {
+            "id": [f"i{k}" for k in range(BATCH)],
+            "drop": ["bench"] * BATCH,
+            "sha256": ["0" * 64] * BATCH,
+            "uri": ["u"] * BATCH,
+        }
         table = arrow.tensor_table(rows, tensors, schema)
         batches = -(-images // BATCH)
+
         def write(fsync: bool) -> None:
             with arrow.DropWriter(work / ("synced" if fsync else "cached"), durable=fsync) as writer:
                 for _ in range(batches):
@@ -79,26 +87,36 @@ def run(settings: Settings, images: int = 5000, reps: int = 3) -> dict[str, Any]
         shutil.rmtree(work, ignore_errors=True)
     return {
         "images": images,
-        "read": {"plain_s": round(reads["plain"], 6), "guarded_s": round(reads["guarded"], 6),
-                 "ratio": round(reads["guarded"] / reads["plain"], 2),
-                 "extra_us_per_image": round((reads["guarded"] - reads["plain"]) / images * 1e6, 1)},
-        "write": {"batches": batches, "megabytes": round(batches * table.nbytes / 1e6),
-                  "page_cache_s": round(writes["page_cache"], 6), "fsync_s": round(writes["fsync"], 6),
-                  "ratio": round(writes["fsync"] / writes["page_cache"], 2)},
+        "read": {
+            "plain_s": round(reads["plain"], 6),
+            "guarded_s": round(reads["guarded"], 6),
+            "ratio": round(reads["guarded"] / reads["plain"], 2),
+            "extra_us_per_image": round((reads["guarded"] - reads["plain"]) / images * 1e6, 1),
+        },
+        "write": {
+            "batches": batches,
+            "megabytes": round(batches * table.nbytes / 1e6),
+            "page_cache_s": round(writes["page_cache"], 6),
+            "fsync_s": round(writes["fsync"], 6),
+            "ratio": round(writes["fsync"] / writes["page_cache"], 2),
+        },
         "preprocess_stage_s": round(stage_s, 2),
         "added_share_of_preprocess_stage": round(
-            ((reads["guarded"] - reads["plain"]) + (writes["fsync"] - writes["page_cache"])) / stage_s, 4),
+            ((reads["guarded"] - reads["plain"]) + (writes["fsync"] - writes["page_cache"])) / stage_s, 4
+        ),
     }
 
 
 def render(result: dict[str, Any]) -> str:
     r, w = result["read"], result["write"]
-    return "\n".join([
-        f"Drop of {result['images']} images",
-        f"  guarded reads: {r['guarded_s']:.3f} s vs plain {r['plain_s']:.3f} s  (x{r['ratio']}, "
-        f"+{r['extra_us_per_image']} us/image)",
-        f"  fsync'd writes of {w['megabytes']} MB in {w['batches']} files: {w['fsync_s']:.3f} s vs page cache "
-        f"{w['page_cache_s']:.3f} s  (x{w['ratio']})",
-        f"  preprocess stage for the same drop (decode + JAX): ~{result['preprocess_stage_s']} s; both guards add "
-        f"{100 * result['added_share_of_preprocess_stage']:.1f} % to it",
-    ])
+    return "\n".join(
+        [
+            f"Drop of {result['images']} images",
+            f"  guarded reads: {r['guarded_s']:.3f} s vs plain {r['plain_s']:.3f} s  (x{r['ratio']}, "
+            f"+{r['extra_us_per_image']} us/image)",
+            f"  fsync'd writes of {w['megabytes']} MB in {w['batches']} files: {w['fsync_s']:.3f} s vs page cache "
+            f"{w['page_cache_s']:.3f} s  (x{w['ratio']})",
+            f"  preprocess stage for the same drop (decode + JAX): ~{result['preprocess_stage_s']} s; both guards add "
+            f"{100 * result['added_share_of_preprocess_stage']:.1f} % to it",
+        ]
+    )

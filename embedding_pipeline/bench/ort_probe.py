@@ -32,8 +32,19 @@ def main() -> None:
         session.run(None, {inp.name: batch})
         done += args.batch
     elapsed = time.perf_counter() - started
-    print(json.dumps({"images": done, "seconds": elapsed, "images_per_s": done / elapsed, "batch": args.batch,
-                      "threads": args.threads, "input": inp.name, "shape": shape}))
+    print(
+        json.dumps(
+            {
+                "images": done,
+                "seconds": elapsed,
+                "images_per_s": done / elapsed,
+                "batch": args.batch,
+                "threads": args.threads,
+                "input": inp.name,
+                "shape": shape,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -33,8 +33,13 @@ def latency(ms: list[float]) -> dict[str, Any]:
     """Count, average and percentiles of per-query milliseconds."""
     values = np.asarray(ms, dtype=np.float64)
     p50, p95, p99 = np.percentile(values, [50, 95, 99])
-    return {"queries": len(values), "avg_ms": round(float(values.mean()), 3), "p50_ms": round(float(p50), 3),
-            "p95_ms": round(float(p95), 3), "p99_ms": round(float(p99), 3)}
+    return {
+        "queries": len(values),
+        "avg_ms": round(float(values.mean()), 3),
+        "p50_ms": round(float(p50), 3),
+        "p95_ms": round(float(p95), 3),
+        "p99_ms": round(float(p99), 3),
+    }
 
 
 def filter_for(key: str) -> Callable[[int], tuple[str, str]]:
@@ -115,8 +120,13 @@ def recall(corpus: Corpus, hit_ids: list[list[str]]) -> dict[str, Any]:
         want = {corpus.row_id(int(r)) for r in exact[i]}
         found += len(want & set(hit_ids[i]))
     value = found / (measured * exact.shape[1]) if measured else 0.0
-    figures: dict[str, Any] = {"recall_at_10": round(value, 4), "queries": measured, "vectors": corpus.query_kind,
-                               "real_rows": corpus.real, "synthetic_rows": corpus.size - corpus.real}
+    figures: dict[str, Any] = {
+        "recall_at_10": round(value, 4),
+        "queries": measured,
+        "vectors": corpus.query_kind,
+        "real_rows": corpus.real,
+        "synthetic_rows": corpus.size - corpus.real,
+    }
     if corpus.real and corpus.query_photos is not None:
         # Sanity of the embeddings themselves: a variant's nearest stored neighbour is cut from the same photo.
         top1 = exact[:measured, 0]
@@ -125,9 +135,7 @@ def recall(corpus: Corpus, hit_ids: list[list[str]]) -> dict[str, Any]:
     return figures
 
 
-def run(
-    index: ImageIndex, corpus: Corpus, queries: int, budget_s: float, index_type: str
-) -> dict[str, Any]:
+def run(index: ImageIndex, corpus: Corpus, queries: int, budget_s: float, index_type: str) -> dict[str, Any]:
     """Every figure of section 3 for one loaded collection."""
     unfiltered, ids = run_queries(index, corpus, queries, budget_s)
     declared, _ = run_queries(index, corpus, queries, budget_s, DECLARED_KEY)

@@ -111,16 +111,24 @@ def run(
                 t0 = time.perf_counter()
                 with home.milvus(store, str(size)) as (milvus, pid):
                     progress(f"  server ready in {time.perf_counter() - t0:.1f} s; inserting...")
-                    runs.append(_index_run(store, milvus, pid, corpus, index_type, queries, budget_s,
-                                           ext.figures["model"], progress))
+                    runs.append(
+                        _index_run(
+                            store, milvus, pid, corpus, index_type, queries, budget_s, ext.figures["model"], progress
+                        )
+                    )
                     t0 = time.perf_counter()
                 progress(f"  server stopped in {time.perf_counter() - t0:.1f} s")
             del corpus  # one size's matrix at a time
     leftovers = processes_using(home.root)
     result = {
         "config": {
-            "sizes": list(sizes), "stores": list(stores), "queries": queries, "images": images,
-            "dim": vector_dim, "metric_type": settings.milvus.metric_type, "top_k": search.TOP_K,
+            "sizes": list(sizes),
+            "stores": list(stores),
+            "queries": queries,
+            "images": images,
+            "dim": vector_dim,
+            "metric_type": settings.milvus.metric_type,
+            "top_k": search.TOP_K,
             "search_budget_s": budget_s,
         },
         "extraction": ext.figures,
@@ -134,16 +142,32 @@ def run(
 
 
 def _index_run(
-    store: str, milvus: MilvusSettings, pid: int | None, corpus: corpus_mod.Corpus, index_type: str | None,
-    queries: int, budget_s: float, model: str, progress: Callable[[str], None],
+    store: str,
+    milvus: MilvusSettings,
+    pid: int | None,
+    corpus: corpus_mod.Corpus,
+    index_type: str | None,
+    queries: int,
+    budget_s: float,
+    model: str,
+    progress: Callable[[str], None],
 ) -> dict[str, Any]:
     from embedding_pipeline.index.client import ImageIndex
 
     fields = {**milvus.filter_fields, **DECLARED_FILTER_FIELDS}
-    ours = milvus.model_copy(update={"collection": insert.COLLECTION, "embedding_dim": None,
-                                     "filter_fields": fields, **index_overrides(milvus, index_type)})
-    config = {"index_type": ours.index_type, "index_params": index_params.build_params(ours),
-              "search_params": index_params.search_params(ours, top_k=search.TOP_K)}
+    ours = milvus.model_copy(
+        update={
+            "collection": insert.COLLECTION,
+            "embedding_dim": None,
+            "filter_fields": fields,
+            **index_overrides(milvus, index_type),
+        }
+    )
+    config = {
+        "index_type": ours.index_type,
+        "index_params": index_params.build_params(ours),
+        "search_params": index_params.search_params(ours, top_k=search.TOP_K),
+    }
     with ImageIndex(ours) as index:
         try:
             inserted = insert.insert_ours(index, corpus, model)
@@ -180,29 +204,60 @@ SEARCH_P99_TARGET_MS = 10.0
 def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     """Every target of the run: what, where, the measured value, the bound and whether it was met."""
     ext = result["extraction"]
-    out = [{"what": "end-to-end / model-only throughput", "where": "extraction",
-            "value": ext["ratio_to_model_only"], "target": f">= {ext['target_ratio']}", "met": ext["target_met"]}]
+    out = [
+        {
+            "what": "end-to-end / model-only throughput",
+            "where": "extraction",
+            "value": ext["ratio_to_model_only"],
+            "target": f">= {ext['target_ratio']}",
+            "met": ext["target_met"],
+        }
+    ]
     for r in result["runs"]:
         where = f"{r['store']} {r['size']:,}"
         ins, s = r["insert"], r["search"]
-        out.append({"what": "insert vectors/s (ImageIndex.upsert)", "where": where,
-                    "value": ins["ours"]["vectors_per_s"], "target": f">= {ins['target_vectors_per_s']}",
-                    "met": ins["target_met"]})
-        out.append({"what": "declared-key filter p50 / unfiltered p50", "where": where,
-                    "value": s["declared_filter_to_unfiltered_p50"],
-                    "target": f"<= {s['target_declared_filter_ratio']}", "met": s["declared_filter_target_met"]})
+        out.append(
+            {
+                "what": "insert vectors/s (ImageIndex.upsert)",
+                "where": where,
+                "value": ins["ours"]["vectors_per_s"],
+                "target": f">= {ins['target_vectors_per_s']}",
+                "met": ins["target_met"],
+            }
+        )
+        out.append(
+            {
+                "what": "declared-key filter p50 / unfiltered p50",
+                "where": where,
+                "value": s["declared_filter_to_unfiltered_p50"],
+                "target": f"<= {s['target_declared_filter_ratio']}",
+                "met": s["declared_filter_target_met"],
+            }
+        )
         if "target_recall" in s:
-            out.append({"what": f"recall@10 ({r['index_type']}, real embeddings)", "where": where,
-                        "value": s["recall"]["recall_at_10"], "target": f">= {s['target_recall']}",
-                        "met": s["recall_target_met"]})
+            out.append(
+                {
+                    "what": f"recall@10 ({r['index_type']}, real embeddings)",
+                    "where": where,
+                    "value": s["recall"]["recall_at_10"],
+                    "target": f">= {s['target_recall']}",
+                    "met": s["recall_target_met"],
+                }
+            )
     # Search latency: p99 of unfiltered top-10 at 100k vectors or more, on at least one store.
     large = [r for r in result["runs"] if r["size"] >= SEARCH_P99_SIZE]
     if large:
         best = min(large, key=lambda r: r["search"]["unfiltered"]["p99_ms"])
         p99 = best["search"]["unfiltered"]["p99_ms"]
-        out.append({"what": "unfiltered search p99 ms at top-10 (best store)",
-                    "where": f"{best['store']} {best['size']:,}", "value": p99,
-                    "target": f"<= {SEARCH_P99_TARGET_MS}", "met": p99 <= SEARCH_P99_TARGET_MS})
+        out.append(
+            {
+                "what": "unfiltered search p99 ms at top-10 (best store)",
+                "where": f"{best['store']} {best['size']:,}",
+                "value": p99,
+                "target": f"<= {SEARCH_P99_TARGET_MS}",
+                "met": p99 <= SEARCH_P99_TARGET_MS,
+            }
+        )
     return out
 
 
@@ -254,18 +309,27 @@ def _render_run(run: dict[str, Any], config: dict[str, Any]) -> list[str]:
         f"  index build (flush -> indexed -> loaded) {run['index_build']['seconds']:>5.2f} s",
         f"  search, top-{s['top_k']}                 queries    avg ms    p50 ms    p95 ms    p99 ms",
     ]
-    for label, key in (("unfiltered", "unfiltered"), ("filter, declared key", "filtered_declared"),
-                       ("filter, JSON path", "filtered_json_path"), ("numpy brute force (ref)", "numpy_brute_force")):
+    for label, key in (
+        ("unfiltered", "unfiltered"),
+        ("filter, declared key", "filtered_declared"),
+        ("filter, JSON path", "filtered_json_path"),
+        ("numpy brute force (ref)", "numpy_brute_force"),
+    ):
         f = s[key]
         cut = " (time budget)" if f.get("budget_exhausted") else ""
         if f.get("short_results"):
             cut += f" ({f['short_results']} with fewer than {s['top_k']} hits)"
-        lines.append(f"    {label:<26} {f['queries']:>7} {f['avg_ms']:>9.2f} {f['p50_ms']:>9.2f} {f['p95_ms']:>9.2f}"
-                     f" {f['p99_ms']:>9.2f}{cut}")
-    lines.append(f"  declared filter / unfiltered (p50)    {s['declared_filter_to_unfiltered_p50']:>8.2f} x"
-                 f"   (target <= {s['target_declared_filter_ratio']}: {_met(s['declared_filter_target_met'])})")
-    recall_line = (f"  recall@10 vs exact ({quality['queries']} {quality['vectors']} queries)"
-                   f"  {quality['recall_at_10']:.4f}")
+        lines.append(
+            f"    {label:<26} {f['queries']:>7} {f['avg_ms']:>9.2f} {f['p50_ms']:>9.2f} {f['p95_ms']:>9.2f}"
+            f" {f['p99_ms']:>9.2f}{cut}"
+        )
+    lines.append(
+        f"  declared filter / unfiltered (p50)    {s['declared_filter_to_unfiltered_p50']:>8.2f} x"
+        f"   (target <= {s['target_declared_filter_ratio']}: {_met(s['declared_filter_target_met'])})"
+    )
+    recall_line = (
+        f"  recall@10 vs exact ({quality['queries']} {quality['vectors']} queries)  {quality['recall_at_10']:.4f}"
+    )
     if "target_recall" in s:
         recall_line += f"   (target >= {s['target_recall']}: {_met(s['recall_target_met'])})"
     if "same_photo_top1" in quality:

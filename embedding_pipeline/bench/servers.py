@@ -19,12 +19,10 @@ from pathlib import Path
 from typing import Iterator
 
 from embedding_pipeline.runtime import processes
-from embedding_pipeline.settings import MilvusSettings, Settings
 from embedding_pipeline.runtime.state import CACHE_ENV
+from embedding_pipeline.settings import MilvusSettings, Settings
 
 STORES = ("lite", "standalone")
-
-
 
 
 def cpu_seconds(pid: int) -> float | None:
@@ -105,10 +103,19 @@ class BenchHome:
         except BaseException:
             self.close()
             raise
-        triton = self.base.triton.model_copy(update={"url": f"127.0.0.1:{http}", "grpc_port": grpc,
-                                                     "metrics_port": metrics, "model_version": ""})
-        lite = self.base.milvus.model_copy(update={"uri": f"http://127.0.0.1:{milvus}", "token": "", "user": "",
-                                                   "password": "", "secure": False, "db_name": ""})
+        triton = self.base.triton.model_copy(
+            update={"url": f"127.0.0.1:{http}", "grpc_port": grpc, "metrics_port": metrics, "model_version": ""}
+        )
+        lite = self.base.milvus.model_copy(
+            update={
+                "uri": f"http://127.0.0.1:{milvus}",
+                "token": "",
+                "user": "",
+                "password": "",
+                "secure": False,
+                "db_name": "",
+            }
+        )
         self.settings = self.base.model_copy(update={"home": self.root, "triton": triton, "milvus": lite})
         return self
 

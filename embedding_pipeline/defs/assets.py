@@ -1,6 +1,5 @@
 """The ingest chain for one drop: manifest → tensor batches → embeddings → Milvus rows."""
 
-
 from typing import Any, Mapping
 
 from dagster import (
@@ -16,13 +15,13 @@ from dagster import (
 )
 
 from embedding_pipeline import ingest
-from embedding_pipeline.storage import layout
 from embedding_pipeline.defs import metadata as ui
 from embedding_pipeline.defs.partitions import drops_partitions
 from embedding_pipeline.defs.resources import MilvusResource, TritonResource
 from embedding_pipeline.settings import load_settings
 from embedding_pipeline.sources.drops import DROP_SIGNATURE_KEY, drop_signature, find_drop
 from embedding_pipeline.sources.statuses import ItemStatus
+from embedding_pipeline.storage import layout
 
 GROUP = "image_ingest"
 # Who gets asked about these assets in the UI (Dagster owners are e-mail addresses or "team:<name>").
@@ -176,8 +175,9 @@ def milvus_collection(context: AssetExecutionContext, milvus: MilvusResource) ->
     return MaterializeResult(metadata={**story, **{k: v for k, v in _metadata(shown).items() if k not in story}})
 
 
-def _drop_story(context: AssetExecutionContext, settings, summary: ingest.IndexSummary,
-                totals: ingest.ReportSummary, report: list) -> dict[str, Any]:
+def _drop_story(
+    context: AssetExecutionContext, settings, summary: ingest.IndexSummary, totals: ingest.ReportSummary, report: list
+) -> dict[str, Any]:
     """What the last asset adds so its page tells the whole drop: every stage's time and rate (earlier stages'
     figures come from their materializations in the instance), all failures by kind, and a preview."""
     drop = context.partition_key

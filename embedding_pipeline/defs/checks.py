@@ -22,13 +22,13 @@ from dagster import (
 )
 
 from embedding_pipeline import ingest, quality
-from embedding_pipeline.storage import layout
 from embedding_pipeline.defs.assets import image_embeddings, milvus_collection
 from embedding_pipeline.defs.partitions import drops_partitions
 from embedding_pipeline.defs.resources import MilvusResource, TritonResource
 from embedding_pipeline.index.client import ImageIndex
 from embedding_pipeline.index.collections import index_for_drop
 from embedding_pipeline.settings import Settings, load_settings
+from embedding_pipeline.storage import layout
 
 EMBEDDING_CHECKS = {
     "embeddings_match_ok_items": "One embedding per item that passed the manifest and preprocessing.",
@@ -76,8 +76,7 @@ def _results(
             passed=outcome.passed,
             severity=AssetCheckSeverity.ERROR,
             description=outcome.description,
-            metadata={"summary": outcome.description,
-                      **{k: _metadata_value(v) for k, v in outcome.metadata.items()}},
+            metadata={"summary": outcome.description, **{k: _metadata_value(v) for k, v in outcome.metadata.items()}},
         )
 
 
@@ -99,7 +98,12 @@ def image_embeddings_checks(context: AssetCheckExecutionContext, triton: TritonR
         model_dimension = embedder.input_spec().output_dim
         served_model = embedder.model_version_label()
     outcomes = quality.embedding_outcomes(
-        stats, expected_ids, model_dimension, served_model, settings.milvus.embedding_dim, tolerance,
+        stats,
+        expected_ids,
+        model_dimension,
+        served_model,
+        settings.milvus.embedding_dim,
+        tolerance,
         settings.quality.unit_norm,
     )
     yield from _results(context, image_embeddings.key, outcomes)
@@ -123,8 +127,9 @@ def milvus_collection_checks(context: AssetCheckExecutionContext, milvus: Milvus
     drop = context.partition_key
     # Ids held by another drop's image are reported per item (id_conflict) and are not this drop's rows.
     conflicts = ingest.index_conflicts(settings, drop)
-    embedding_ids = [i for i in quality.embedding_ids(layout.drop_files(settings, drop).embeddings)
-                     if i not in conflicts]
+    embedding_ids = [
+        i for i in quality.embedding_ids(layout.drop_files(settings, drop).embeddings) if i not in conflicts
+    ]
     with _collection_for_drop(milvus, settings, drop) as index:
         outcomes = quality.collection_outcomes(index, drop, embedding_ids)
     yield from _results(context, milvus_collection.key, outcomes)

@@ -1,6 +1,5 @@
 """Jobs: ingest one drop (the asset chain), and search the collection by image (ops)."""
 
-
 from typing import Any
 
 from dagster import (
@@ -37,8 +36,11 @@ class SearchQuery(Config):
     filter: str = ""
 
 
-@op(out=Out(dict), description="Embed the query image through the same preprocessing as ingest and the Triton model "
-    "that built the collection search uses (the alias `milvus.collection` resolved).")
+@op(
+    out=Out(dict),
+    description="Embed the query image through the same preprocessing as ingest and the Triton model "
+    "that built the collection search uses (the alias `milvus.collection` resolved).",
+)
 def embed_query(
     context: OpExecutionContext, config: SearchQuery, triton: TritonResource, milvus: MilvusResource
 ) -> dict[str, Any]:
@@ -54,8 +56,14 @@ def embed_query(
         collection = searcher.collection
         model = searcher.embedder.model_version_label()
     context.log.info(f"embedded {config.image} → {vector.shape[0]}-d vector with {model} for collection {collection}")
-    return {"image": config.image, "vector": vector.tolist(), "top_k": config.top_k, "filter": config.filter,
-            "collection": collection, "thumbnail": thumbnail_uri(image, max_pixels=settings.preprocess.max_pixels)}
+    return {
+        "image": config.image,
+        "vector": vector.tolist(),
+        "top_k": config.top_k,
+        "filter": config.filter,
+        "collection": collection,
+        "thumbnail": thumbnail_uri(image, max_pixels=settings.preprocess.max_pixels),
+    }
 
 
 @op(ins={"query": In(dict)}, out=Out(list), description="Top-k nearest images in Milvus, with the filter applied.")

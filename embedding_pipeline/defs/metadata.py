@@ -23,10 +23,9 @@ from dagster import (
 )
 
 from embedding_pipeline import thumbnails
-from embedding_pipeline.storage import layout
 from embedding_pipeline.settings import Settings
 from embedding_pipeline.sources.items import OK, blob_path
-from embedding_pipeline.storage import arrow
+from embedding_pipeline.storage import arrow, layout
 
 # 12 thumbnails of 96 px are ≈ 20–50 KB of markdown (1.5–4 KB each for photos); the budget stops the grid earlier
 # for unusually busy images.
@@ -117,8 +116,9 @@ def thumbnail_grid(cells: Sequence[tuple[str, str | None]], columns: int = PREVI
     return "\n".join(lines)
 
 
-def failure_table(counts: Mapping[str, int], examples: Iterable[Mapping[str, str]],
-                  per_kind: int = EXAMPLES_PER_KIND) -> str:
+def failure_table(
+    counts: Mapping[str, int], examples: Iterable[Mapping[str, str]], per_kind: int = EXAMPLES_PER_KIND
+) -> str:
     """Failures by kind, most frequent first, with up to ``per_kind`` example items (id and error) of each kind."""
     if not counts:
         return "No failures."
@@ -130,8 +130,10 @@ def failure_table(counts: Mapping[str, int], examples: Iterable[Mapping[str, str
             by_kind[kind].append(failure)
     lines = ["| kind | count | examples |", "|---|---:|---|"]
     for kind, count in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
-        shown = [f"**{md_cell(item_label(f.get('id', ''), f.get('uri', '')), 40)}**: {md_cell(f.get('error', ''))}"
-                 for f in by_kind.get(kind, [])]
+        shown = [
+            f"**{md_cell(item_label(f.get('id', ''), f.get('uri', '')), 40)}**: {md_cell(f.get('error', ''))}"
+            for f in by_kind.get(kind, [])
+        ]
         lines.append(f"| {md_code(kind, 40)} | {count} | {'; '.join(shown) if shown else '—'} |")
     return "\n".join(lines)
 
@@ -151,8 +153,9 @@ def summary_metadata(summary: Mapping[str, Any]) -> dict[str, Any]:
         else:
             out[key] = value
     if "failures_by_kind" in summary:
-        out["failures"] = MetadataValue.md(failure_table(summary["failures_by_kind"],
-                                                         summary.get("failure_examples", [])))
+        out["failures"] = MetadataValue.md(
+            failure_table(summary["failures_by_kind"], summary.get("failure_examples", []))
+        )
     return out
 
 
@@ -212,8 +215,14 @@ def output_schema_metadata(path: Path) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- thumbnails
 
 
-def drop_preview(settings: Settings, drop: str, only: Collection[str] | None = None, what: str = "good items",
-                 limit: int = PREVIEW_ITEMS, max_chars: int = PREVIEW_MAX_CHARS) -> MetadataValue | None:
+def drop_preview(
+    settings: Settings,
+    drop: str,
+    only: Collection[str] | None = None,
+    what: str = "good items",
+    limit: int = PREVIEW_ITEMS,
+    max_chars: int = PREVIEW_MAX_CHARS,
+) -> MetadataValue | None:
     """A thumbnail grid of the first good items of the drop (from its manifest; of those in ``only`` if given),
     within ``max_chars``; ``what`` names them in the heading."""
     rows = _manifest_rows(settings, drop, ["id", "uri", "source", "status"])
@@ -252,8 +261,12 @@ def _thumbnail(settings: Settings, source: str | Path) -> str | None:
     )
 
 
-def hit_thumbnails(settings: Settings, hits: Sequence[Mapping[str, Any]], limit: int = 2 * PREVIEW_ITEMS,
-                   max_chars: int = PREVIEW_MAX_CHARS) -> list[str | None]:
+def hit_thumbnails(
+    settings: Settings,
+    hits: Sequence[Mapping[str, Any]],
+    limit: int = 2 * PREVIEW_ITEMS,
+    max_chars: int = PREVIEW_MAX_CHARS,
+) -> list[str | None]:
     """A thumbnail per hit (the first ``limit`` hits, within ``max_chars``; ``None`` for the rest), from where the
     pipeline read the image: the drop's manifest records the source of every item; a download's blob is also
     found by its sha256 when the manifest is gone."""
@@ -278,8 +291,9 @@ def hit_thumbnails(settings: Settings, hits: Sequence[Mapping[str, Any]], limit:
     return out
 
 
-def search_results(query: str, query_thumbnail: str | None, hits: Sequence[Mapping[str, Any]],
-                   hit_images: Sequence[str | None]) -> str:
+def search_results(
+    query: str, query_thumbnail: str | None, hits: Sequence[Mapping[str, Any]], hit_images: Sequence[str | None]
+) -> str:
     """The query image and a table of the hits: rank, id, score, thumbnail, uri."""
     lines = [f"**Query** {md_code(query, 200)}", "", _image("query", query_thumbnail), ""]
     if not hits:
@@ -335,7 +349,8 @@ def stage_timings(stages: Mapping[str, Mapping[str, Any]], items_ok: int | None 
     out["pipeline_seconds"] = round(total, 3)
     if items_ok is not None:
         out["pipeline_images_per_s"] = round(items_ok / total, 1) if total else 0.0
-        lines.append(f"| **all stages** | **{total:.2f}** | **{items_ok} images** | "
-                     f"**{out['pipeline_images_per_s']:.1f}** |")
+        lines.append(
+            f"| **all stages** | **{total:.2f}** | **{items_ok} images** | **{out['pipeline_images_per_s']:.1f}** |"
+        )
     out["stage_timings"] = MetadataValue.md("\n".join(lines))
     return out

@@ -25,9 +25,8 @@ from dagster import (
     op,
 )
 
-
-from embedding_pipeline.orchestration.names import DROPS_PARTITION, OBSERVE_MODEL_JOB, SWITCH_JOB
 from embedding_pipeline.defs.resources import MilvusResource, TritonResource, step_settings
+from embedding_pipeline.orchestration.names import DROPS_PARTITION, OBSERVE_MODEL_JOB, SWITCH_JOB
 
 MODEL_GROUP = "models"
 
@@ -59,9 +58,11 @@ class SwitchConfig(Config):
     force: bool = False
 
 
-@op(description="Point the search alias at the chosen model's collection (one atomic alter_alias), after checking "
+@op(
+    description="Point the search alias at the chosen model's collection (one atomic alter_alias), after checking "
     "that it holds every drop: each drop's rows equal its embeddings for that model. Refuses, listing the "
-    "missing drops, unless forced.")
+    "missing drops, unless forced."
+)
 def switch_collection(
     context: OpExecutionContext, config: SwitchConfig, triton: TritonResource, milvus: MilvusResource
 ) -> None:

@@ -23,8 +23,18 @@ S = TypeVar("S", bound=BaseModel)
 
 # The Triton settings a run may override: the client's. Where the bundled server listens and which model file it
 # serves are the server's settings, fixed when it starts.
-TRITON_RUN_FIELDS = ("url", "model_name", "model_version", "timeout_s", "ready_timeout_s", "protocol", "concurrency",
-                     "retries", "retry_backoff_s", "shared_memory")
+TRITON_RUN_FIELDS = (
+    "url",
+    "model_name",
+    "model_version",
+    "timeout_s",
+    "ready_timeout_s",
+    "protocol",
+    "concurrency",
+    "retries",
+    "retry_backoff_s",
+    "shared_memory",
+)
 
 
 def _config_type(annotation: Any) -> Any:
@@ -49,8 +59,9 @@ def _overridable(model: type[BaseModel], names: tuple[str, ...] | None = None) -
 
 
 def _overlay(base: S, resource: ConfigurableResource) -> S:
-    overrides = {name: getattr(resource, name) for name in type(base).model_fields if getattr(resource, name, None)
-                 is not None}
+    overrides = {
+        name: getattr(resource, name) for name in type(base).model_fields if getattr(resource, name, None) is not None
+    }
     return type(base).model_validate({**base.model_dump(), **overrides})
 
 
@@ -92,10 +103,15 @@ if TYPE_CHECKING:
     class MilvusResource(_MilvusResource): ...
 
 else:
-    TritonResource = create_model("TritonResource", __base__=_TritonResource, __module__=__name__,
-                                  **_overridable(TritonSettings, TRITON_RUN_FIELDS))
-    MilvusResource = create_model("MilvusResource", __base__=_MilvusResource, __module__=__name__,
-                                  **_overridable(MilvusSettings))
+    TritonResource = create_model(
+        "TritonResource",
+        __base__=_TritonResource,
+        __module__=__name__,
+        **_overridable(TritonSettings, TRITON_RUN_FIELDS),
+    )
+    MilvusResource = create_model(
+        "MilvusResource", __base__=_MilvusResource, __module__=__name__, **_overridable(MilvusSettings)
+    )
 
 
 def step_settings(triton: _TritonResource | None = None, milvus: _MilvusResource | None = None) -> Settings:

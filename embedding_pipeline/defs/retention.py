@@ -17,7 +17,6 @@ from embedding_pipeline.orchestration.instance import DagsterDrops
 from embedding_pipeline.orchestration.names import DELETE_DROP_JOB, DROP_TAG
 
 
-
 class DeleteDropConfig(Config):
     """Which drop to delete; a dry run (the default) deletes nothing and shows what would go."""
 
@@ -59,16 +58,19 @@ def delete_drop_data(context: OpExecutionContext, config: DeleteDropConfig, milv
         table = plan.markdown("rows")
         verb = "would delete"
         if plan.runs_in_progress:
-            context.log.warning(f"run(s) in progress on {config.drop!r}: {plan.runs_in_progress}; a real run "
-                                "would refuse now")
+            context.log.warning(
+                f"run(s) in progress on {config.drop!r}: {plan.runs_in_progress}; a real run would refuse now"
+            )
     else:
         result = retention.delete_drop(settings, config.drop, drops, this_run=context.run_id)
         summary = {**result.as_dict(), "dry_run": False}
         table = result.plan.markdown("rows deleted")
         verb = "deleted"
         context.log.info(f"materialization history: {result.history}")
-    context.log.info(f"{verb} drop {config.drop!r}: {summary['files']} file(s), {summary['bytes']} bytes, "
-                     f"{summary['total_rows']} Milvus row(s) {summary['rows']}\n{table}")
+    context.log.info(
+        f"{verb} drop {config.drop!r}: {summary['files']} file(s), {summary['bytes']} bytes, "
+        f"{summary['total_rows']} Milvus row(s) {summary['rows']}\n{table}"
+    )
     context.add_output_metadata(_metadata(summary, table))
     return summary
 

@@ -25,7 +25,6 @@ from dagster import (
 )
 
 from embedding_pipeline.defs.jobs import ingest_drop_job
-
 from embedding_pipeline.orchestration.names import DROP_TAG, DROPS_PARTITION, INGEST_ASSETS, PARTITION_TAG, TRIGGER_TAG
 from embedding_pipeline.settings import load_settings
 from embedding_pipeline.sources.drops import DROP_SIGNATURE_KEY, Drop, complete_drops, drop_signature

@@ -8,7 +8,6 @@ re-ingest those drops. A daemon stopped for a while finds, on its next tick, exa
 meanwhile. On top, Dagster never creates a second run for one run key (drop name + signature) from this sensor.
 """
 
-
 from dagster import DefaultSensorStatus, RunRequest, SensorEvaluationContext, SensorResult, SkipReason, sensor
 
 from embedding_pipeline.defs.jobs import ingest_drop_job

@@ -63,7 +63,10 @@ SCALAR_INDEX_CANDIDATES: dict[str, tuple[str, ...]] = {
     "BOOL": ("INVERTED",),
 }
 SCALAR_INDEX_MILVUS_2_3: dict[str, tuple[str, ...]] = {
-    "VARCHAR": ("Trie",), "INT64": ("STL_SORT",), "DOUBLE": ("STL_SORT",), "BOOL": (),
+    "VARCHAR": ("Trie",),
+    "INT64": ("STL_SORT",),
+    "DOUBLE": ("STL_SORT",),
+    "BOOL": (),
 }
 _DATA_TYPES = ("VARCHAR", "INT64", "DOUBLE", "BOOL")
 
@@ -296,7 +299,9 @@ class ImageIndex:
         for f in self._describe()["fields"]:
             if f["name"] == VECTOR_FIELD:
                 return int(f["params"]["dim"])
-        raise CollectionError(f"collection {self.collection!r} has no 'embedding' field; it was not made by this pipeline")
+        raise CollectionError(
+            f"collection {self.collection!r} has no 'embedding' field; it was not made by this pipeline"
+        )
 
     def ensure_collection(self, dim: int) -> None:
         """Create the collection with its indexes if missing, check it fits the settings, and load it."""
@@ -386,7 +391,10 @@ class ImageIndex:
         schema.add_field("sha256", DataType.VARCHAR, max_length=64)
         schema.add_field("drop", DataType.VARCHAR, max_length=DROP_MAX)
         schema.add_field(
-            MEMBERSHIP_FIELD, DataType.ARRAY, element_type=DataType.VARCHAR, max_capacity=MAX_DROPS_PER_ROW,
+            MEMBERSHIP_FIELD,
+            DataType.ARRAY,
+            element_type=DataType.VARCHAR,
+            max_capacity=MAX_DROPS_PER_ROW,
             max_length=DROP_MAX,
         )
         schema.add_field("model", DataType.VARCHAR, max_length=256)
@@ -400,7 +408,9 @@ class ImageIndex:
             # a collection's description).
             properties = {MODEL_PROPERTY: self.model_label} if self.model_label else {}
             self.client.create_collection(
-                self.collection, schema=schema, consistency_level=self.settings.consistency_level,
+                self.collection,
+                schema=schema,
+                consistency_level=self.settings.consistency_level,
                 **({"properties": properties} if properties else {}),
             )
         except Exception:
@@ -450,8 +460,12 @@ class ImageIndex:
                 return index_type
             except Exception as exc:  # noqa: BLE001 - the engine says no: try the next type
                 refusals.append(f"{index_type}: {str(exc)[:160]}")
-        log.info("no scalar index on %s.%s (%s); filters on it scan the column", self.collection, field_name,
-                 "; ".join(refusals))
+        log.info(
+            "no scalar index on %s.%s (%s); filters on it scan the column",
+            self.collection,
+            field_name,
+            "; ".join(refusals),
+        )
         return None
 
     def describe_index(self) -> dict[str, Any]:
@@ -524,7 +538,11 @@ class ImageIndex:
         log.warning(
             "%d metadata value(s) do not fit their declared filter field type; the rows are stored with the "
             "typed column empty (first: id %r, key %r, %s: %s)",
-            len(problems), first.id, first.key, first.declared, first.reason,
+            len(problems),
+            first.id,
+            first.key,
+            first.declared,
+            first.reason,
         )
 
     def _iterate(self, filter: str, fields: list[str], strong: bool = False) -> Iterable[dict[str, Any]]:
@@ -540,9 +558,15 @@ class ImageIndex:
         while True:
             expr = filter if last is None else f"({filter}) and id > {expressions.literal(last)}"
             with self.guard(f"reading rows ({filter})"):
-                page = self._loaded(lambda: self.client.query(
-                    self.collection, filter=expr, output_fields=columns, limit=PAGE_ROWS, **extra
-                ))
+                page = self._loaded(
+                    lambda expr=expr: self.client.query(
+                        self.collection,
+                        filter=expr,
+                        output_fields=columns,
+                        limit=PAGE_ROWS,
+                        **extra,  # noqa: B023
+                    )
+                )
             if not page:
                 return
             yield from page
@@ -574,9 +598,14 @@ class ImageIndex:
         for chunk in expressions.chunks(wanted):
             expr = expressions.in_list("id", chunk)
             with self.guard(f"reading {len(chunk)} rows"):
-                found = self._loaded(lambda: self.client.query(
-                    self.collection, filter=expr, output_fields=list(fields), consistency_level="Strong"
-                ))
+                found = self._loaded(
+                    lambda expr=expr: self.client.query(
+                        self.collection,
+                        filter=expr,
+                        output_fields=list(fields),
+                        consistency_level="Strong",
+                    )
+                )
             out.update((r["id"], r) for r in found)
         return out
 
@@ -650,7 +679,8 @@ class ImageIndex:
 
     def count(self, filter: str = "", consistency_level: str | None = None) -> int:
         rows = self._call(
-            "count", filter,
+            "count",
+            filter,
             lambda expr, extra: self.client.query(self.collection, filter=expr, output_fields=["count(*)"], **extra),
             consistency_level,
         )
@@ -663,9 +693,11 @@ class ImageIndex:
     def ids(self, filter: str = "", consistency_level: str | None = None, limit: int = 16384) -> set[str]:
         """Ids of the rows matching ``filter`` (at most ``limit``)."""
         rows = self._call(
-            "query", filter,
-            lambda expr, extra: self.client.query(self.collection, filter=expr, output_fields=["id"], limit=limit,
-                                                  **extra),
+            "query",
+            filter,
+            lambda expr, extra: self.client.query(
+                self.collection, filter=expr, output_fields=["id"], limit=limit, **extra
+            ),
             consistency_level,
         )
         return {r["id"] for r in rows}
@@ -694,7 +726,8 @@ class ImageIndex:
         if data.ndim == 1:
             data = data[None, :]
         result = self._call(
-            "search", filter,
+            "search",
+            filter,
             lambda expr, extra: self.client.search(
                 self.collection,
                 data=data.tolist(),
@@ -742,8 +775,17 @@ def _type_name(data_type: Any) -> str:
 def _normalise_index(raw: dict[str, Any]) -> dict[str, Any]:
     """describe_index output in one shape: engines return build parameters nested (a dict or JSON text) or as
     top-level string values."""
-    known = {"index_type", "metric_type", "field_name", "index_name", "total_rows", "indexed_rows",
-             "pending_index_rows", "state", "params"}
+    known = {
+        "index_type",
+        "metric_type",
+        "field_name",
+        "index_name",
+        "total_rows",
+        "indexed_rows",
+        "pending_index_rows",
+        "state",
+        "params",
+    }
     params = raw.get("params")
     if isinstance(params, str):
         params = json.loads(params or "{}")

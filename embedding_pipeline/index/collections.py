@@ -130,8 +130,14 @@ class CollectionInfo:
     search: bool = False
 
     def as_dict(self) -> dict:
-        return {"collection": self.name, "model": self.model, "dimension": self.dimension, "rows": self.rows,
-                "drops": self.drops, "search": self.search}
+        return {
+            "collection": self.name,
+            "model": self.model,
+            "dimension": self.dimension,
+            "rows": self.rows,
+            "drops": self.drops,
+            "search": self.search,
+        }
 
 
 def matching_collections(names: Iterable[str], base: str) -> list[str]:
@@ -311,8 +317,10 @@ class ModelCollections:
     def coverage(self, collection: str, expected: Mapping[str, int | None]) -> list[DropCoverage]:
         """Per drop, the rows ``collection`` holds against the embeddings the drop has for its model."""
         with self.index(collection) as index:
-            return [DropCoverage(drop, count, index.count_drop(drop, consistency_level="Strong"))
-                    for drop, count in expected.items()]
+            return [
+                DropCoverage(drop, count, index.count_drop(drop, consistency_level="Strong"))
+                for drop, count in expected.items()
+            ]
 
     def switch(self, collection: str, expected: Mapping[str, int | None], force: bool = False) -> dict:
         """Point the alias at ``collection`` (one ``alter_alias``: searches see the old or the new collection,
@@ -368,8 +376,11 @@ class ModelCollections:
                     rows += 1
                     for member in row.get("drops") or [row["drop"]]:
                         drops[member] = drops.get(member, 0) + 1
-                out.append(CollectionInfo(name, self.model_of(name), index.dimension(), rows,
-                                          dict(sorted(drops.items())), name == search))
+                out.append(
+                    CollectionInfo(
+                        name, self.model_of(name), index.dimension(), rows, dict(sorted(drops.items())), name == search
+                    )
+                )
         return out
 
 

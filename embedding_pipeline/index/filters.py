@@ -301,8 +301,10 @@ class _Rewriter:
                 i += 1
                 continue
             start, end, key = found
-            if start < done_until or not (_boundary(self.at(start - 1)) and _boundary(self.at(end))) or (
-                self.negated_or_nested(start)
+            if (
+                start < done_until
+                or not (_boundary(self.at(start - 1)) and _boundary(self.at(end)))
+                or (self.negated_or_nested(start))
             ):
                 i += 1
                 continue

@@ -34,8 +34,13 @@ def available() -> bool:
     if os.geteuid() != 0 or not (shutil.which("unshare") and shutil.which("ip")):
         return False
     try:
-        probe = subprocess.run(["unshare", "--net", "--", "ip", "link", "set", "lo", "up"], capture_output=True,
-                               timeout=10, stdin=subprocess.DEVNULL, check=False)
+        probe = subprocess.run(
+            ["unshare", "--net", "--", "ip", "link", "set", "lo", "up"],
+            capture_output=True,
+            timeout=10,
+            stdin=subprocess.DEVNULL,
+            check=False,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return False
     return probe.returncode == 0

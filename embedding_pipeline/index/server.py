@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 import sys
 
-from embedding_pipeline.runtime import processes
 from embedding_pipeline.index.client import redact
+from embedding_pipeline.runtime import processes
 from embedding_pipeline.settings import Settings
 
 NAME = "milvus"

@@ -40,12 +40,12 @@ from typing import Any
 
 import yaml
 
-from embedding_pipeline.runtime import processes
 from embedding_pipeline.index import netns
+from embedding_pipeline.runtime import processes
+from embedding_pipeline.runtime.environments import ensure_env, env_dir
 from embedding_pipeline.runtime.locks import file_lock
-from embedding_pipeline.runtime.environments import env_dir, ensure_env
-from embedding_pipeline.settings import MilvusSettings
 from embedding_pipeline.runtime.state import StatePaths
+from embedding_pipeline.settings import MilvusSettings
 
 ENV_NAME = "milvus-standalone"
 PROCESS_NAME = "milvus-standalone"
@@ -219,7 +219,10 @@ class StandaloneMilvus:
                 root.mkdir(parents=True, exist_ok=True)
                 result = subprocess.run(
                     [str(python), "-c", "import sys, milvus; milvus._initialize_data_files(sys.argv[1])", str(root)],
-                    capture_output=True, text=True, stdin=subprocess.DEVNULL, check=False,
+                    capture_output=True,
+                    text=True,
+                    stdin=subprocess.DEVNULL,
+                    check=False,
                 )
                 if result.returncode != 0 or not binary.exists():
                     raise StandaloneError(f"unpacking the Milvus binaries into {root} failed:\n{result.stderr[-2000:]}")
@@ -231,7 +234,10 @@ class StandaloneMilvus:
         python = ensure_env(self.paths, ENV_NAME)
         found = subprocess.run(
             [str(python), "-c", "import milvus, os; print(os.path.dirname(milvus.__file__))"],
-            capture_output=True, text=True, stdin=subprocess.DEVNULL, check=True,
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
+            check=True,
         )
         return Path(found.stdout.strip()) / "data"
 
@@ -263,8 +269,13 @@ class StandaloneMilvus:
             # Clients reach the proxy and the health endpoint through loopback-only forwards; nothing else is
             # reachable from outside the server's namespace.
             forwarded = [self.ports["proxy_port"], self.ports["metrics_port"]]
-            processes.start(run, logs, FORWARDER_NAME, netns.forwarder_argv(self._proc.pid, forwarded),
-                            env=processes.without_secrets(os.environ))
+            processes.start(
+                run,
+                logs,
+                FORWARDER_NAME,
+                netns.forwarder_argv(self._proc.pid, forwarded),
+                env=processes.without_secrets(os.environ),
+            )
 
     def _pick_ports(self) -> dict[str, int]:
         """The previous start's ports on this data dir when they are all free again, else new free ones.
@@ -341,8 +352,9 @@ class StandaloneMilvus:
             return processes.http_ok(health, timeout=2) and _client_works(self, DEFAULT_ROOT_PASSWORD, self.password)
 
         try:
-            processes.wait_until(serving, max(1.0, deadline - time.monotonic()), f"Milvus standalone at {self.uri}",
-                                 self._proc)
+            processes.wait_until(
+                serving, max(1.0, deadline - time.monotonic()), f"Milvus standalone at {self.uri}", self._proc
+            )
         except processes.ServiceError as exc:
             raise StandaloneError(f"{startup_problem(self.log)}{exc}") from None
 
@@ -420,8 +432,6 @@ def port_free(port: int) -> bool:
             return True
         except OSError:
             return False
-
-
 
 
 def _client(server: StandaloneMilvus, password: str, timeout: float = 5.0):

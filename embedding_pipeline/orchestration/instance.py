@@ -24,8 +24,13 @@ from embedding_pipeline.runtime.state import private_state_dir
 from embedding_pipeline.settings import Settings
 
 # Statuses of a run that is about to read or write a drop's files, or is doing so.
-BUSY_STATUSES = [DagsterRunStatus.NOT_STARTED, DagsterRunStatus.QUEUED, DagsterRunStatus.STARTING,
-                 DagsterRunStatus.STARTED, DagsterRunStatus.CANCELING]
+BUSY_STATUSES = [
+    DagsterRunStatus.NOT_STARTED,
+    DagsterRunStatus.QUEUED,
+    DagsterRunStatus.STARTING,
+    DagsterRunStatus.STARTED,
+    DagsterRunStatus.CANCELING,
+]
 
 
 def prepare_dagster_home(settings: Settings, instance_yaml: str | None = None) -> Path:
@@ -38,10 +43,7 @@ def prepare_dagster_home(settings: Settings, instance_yaml: str | None = None) -
     (home / "dagster.yaml").write_text(instance)
     workspace = home / "workspace.yaml"
     workspace.write_text(
-        "load_from:\n"
-        "  - python_module:\n"
-        f"      module_name: {DEFS_MODULE}\n"
-        f"      location_name: {LOCATION_NAME}\n"
+        f"load_from:\n  - python_module:\n      module_name: {DEFS_MODULE}\n      location_name: {LOCATION_NAME}\n"
     )
     return workspace
 
@@ -126,13 +128,19 @@ def step_errors(events: Iterable[Any]) -> list[dict[str, str]]:
             retried = error is not None and (error.message or "").startswith("Exceeded max_retries")
             # A step that raised from inside a Dagster wrapper, or ran out of retries, carries the real exception
             # as its cause.
-            while error is not None and error.cause is not None and (
-                any(name in (error.cls_name or "") for name in _WRAPPERS)
-                or (error.message or "").startswith("Exceeded max_retries")
+            while (
+                error is not None
+                and error.cause is not None
+                and (
+                    any(name in (error.cls_name or "") for name in _WRAPPERS)
+                    or (error.message or "").startswith("Exceeded max_retries")
+                )
             ):
                 error = error.cause
             message = error.message.strip() if error is not None else "unknown error"
-            errors.append({"step": event.step_key or "", "error": message + (" (retries exhausted)" if retried else "")})
+            errors.append(
+                {"step": event.step_key or "", "error": message + (" (retries exhausted)" if retried else "")}
+            )
     return errors
 
 

@@ -29,8 +29,8 @@ from embedding_pipeline.orchestration.names import (
 from embedding_pipeline.retention import DropBusyError
 from embedding_pipeline.runtime.locks import drop_lock
 from embedding_pipeline.settings import Settings
-from embedding_pipeline.sources.statuses import ItemStatus
 from embedding_pipeline.sources.drops import checked_name, place_drop
+from embedding_pipeline.sources.statuses import ItemStatus
 
 
 def ingest(settings: Settings, path: Path, name: str | None = None) -> dict[str, Any]:
@@ -42,8 +42,9 @@ def ingest(settings: Settings, path: Path, name: str | None = None) -> dict[str,
         busy = drops.runs_in_progress(drop)
         if busy:
             # The run queue keeps one run per drop; a run in this process would bypass it.
-            raise DropBusyError(f"drop {drop!r} has run(s) queued or in progress ({', '.join(busy)}); wait for "
-                                "them, then ingest again")
+            raise DropBusyError(
+                f"drop {drop!r} has run(s) queued or in progress ({', '.join(busy)}); wait for them, then ingest again"
+            )
         # The partition first: a running sensor skips known partitions, so it won't launch a second run.
         added = not drops.is_partition(drop)
         if added:
@@ -55,8 +56,7 @@ def ingest(settings: Settings, path: Path, name: str | None = None) -> dict[str,
                 drops.delete_partition(drop)
             raise
     job = defs.resolve_job_def(INGEST_JOB)
-    result = job.execute_in_process(instance=instance, partition_key=drop, tags={DROP_TAG: drop},
-                                    raise_on_error=False)
+    result = job.execute_in_process(instance=instance, partition_key=drop, tags={DROP_TAG: drop}, raise_on_error=False)
     summary: dict[str, Any] = {"drop": drop, "run_id": result.run_id, "success": result.success}
     if not result.success:
         summary["errors"] = step_errors(result.all_events)
@@ -65,10 +65,16 @@ def ingest(settings: Settings, path: Path, name: str | None = None) -> dict[str,
     except OSError:
         report = []
     counts = Counter(r["status"] for r in report)
-    summary.update(items=len(report), ok=counts.get(ItemStatus.OK, 0), failed=counts.get(ItemStatus.FAILED, 0),
-                   skipped=counts.get(ItemStatus.SKIPPED, 0))
+    summary.update(
+        items=len(report),
+        ok=counts.get(ItemStatus.OK, 0),
+        failed=counts.get(ItemStatus.FAILED, 0),
+        skipped=counts.get(ItemStatus.SKIPPED, 0),
+    )
     summary["failures"] = [
-        {k: r[k] for k in ("id", "uri", "status", "error_kind", "error", "stage")} for r in report if r["status"] != ItemStatus.OK
+        {k: r[k] for k in ("id", "uri", "status", "error_kind", "error", "stage")}
+        for r in report
+        if r["status"] != ItemStatus.OK
     ]
     return summary
 
@@ -95,10 +101,14 @@ def switch_search(settings: Settings, target: str = "", force: bool = False) -> 
     op = switch_collection.name
     result = defs.resolve_job_def(SWITCH_JOB).execute_in_process(
         run_config={"ops": {op: {"config": {"target": target, "force": force}}}},
-        instance=pipeline_instance(settings), raise_on_error=False,
+        instance=pipeline_instance(settings),
+        raise_on_error=False,
     )
-    return {"run_id": result.run_id, "success": result.success,
-            "errors": [] if result.success else step_errors(result.all_events)}
+    return {
+        "run_id": result.run_id,
+        "success": result.success,
+        "errors": [] if result.success else step_errors(result.all_events),
+    }
 
 
 def observe_model(instance: DagsterInstance) -> str:

@@ -29,8 +29,8 @@ from embedding_pipeline.orchestration.names import (
 from embedding_pipeline.runtime import processes
 from embedding_pipeline.services import webserver_url
 from embedding_pipeline.settings import Settings
-from embedding_pipeline.sources.statuses import ItemStatus
 from embedding_pipeline.sources.drops import place_drop
+from embedding_pipeline.sources.statuses import ItemStatus
 
 
 class LaunchError(RuntimeError):
@@ -66,8 +66,9 @@ class WebserverRuns:
             self._client = DagsterGraphQLClient(d.webserver_host, port_number=d.webserver_port, timeout=60)
         return self._client
 
-    def launch_manifest_drop(self, drop: str, rows: list[dict[str, Any]], run_config: dict[str, Any],
-                             trigger: str) -> str:
+    def launch_manifest_drop(
+        self, drop: str, rows: list[dict[str, Any]], run_config: dict[str, Any], trigger: str
+    ) -> str:
         """Place ``rows`` as the JSON Lines manifest drop ``drop`` and launch its ingest run; returns the run id.
 
         The partition is registered before the file lands: the sensor only launches runs for drops that are no
@@ -92,8 +93,10 @@ class WebserverRuns:
         except DagsterGraphQLClientError as exc:
             (self.settings.drops / drop).unlink(missing_ok=True)
             drops.delete_partition(drop)
-            raise LaunchError(f"the Dagster webserver at {self.settings.dagster.webserver_host}:"
-                              f"{self.settings.dagster.webserver_port} did not launch the run: {exc}") from exc
+            raise LaunchError(
+                f"the Dagster webserver at {self.settings.dagster.webserver_host}:"
+                f"{self.settings.dagster.webserver_port} did not launch the run: {exc}"
+            ) from exc
 
     def report(self, run_id: str) -> dict[str, Any] | None:
         """The run's status and per-item outcome; None for an unknown run."""
@@ -118,8 +121,11 @@ class WebserverRuns:
             "ok": counts.get(ItemStatus.OK, 0),
             "failed": counts.get(ItemStatus.FAILED, 0),
             "skipped": counts.get(ItemStatus.SKIPPED, 0),
-            "failures": [{k: str(r.get(k) or "") for k in ("id", "uri", "error_kind", "error", "stage")}
-                         for r in report if r["status"] != ItemStatus.OK],
+            "failures": [
+                {k: str(r.get(k) or "") for k in ("id", "uri", "error_kind", "error", "stage")}
+                for r in report
+                if r["status"] != ItemStatus.OK
+            ],
             "errors": errors,
         }
 

@@ -77,7 +77,7 @@ class Preprocessor:
         cache_dir: Path | None = None,
         policy: str = "crop",
         pad_color: Sequence[int] = (124, 116, 104),
-        options: DecodeOptions = DecodeOptions(),
+        options: DecodeOptions = DecodeOptions(),  # noqa: B008 - frozen dataclass, never mutated
         workers: int = 2,
     ):
         self.spec = spec
@@ -200,9 +200,7 @@ def from_settings(
     )
 
 
-def for_model(
-    settings: "Settings", datatype: str, shape: Sequence[int], batch_size: int | None = None
-) -> Preprocessor:
+def for_model(settings: "Settings", datatype: str, shape: Sequence[int], batch_size: int | None = None) -> Preprocessor:
     """The preprocessor that produces exactly the model input Triton reports, tuned by the settings."""
     p = settings.preprocess
     spec = TensorSpec.from_model_input(datatype, tuple(shape), size=p.size, mean=p.mean, std=p.std)

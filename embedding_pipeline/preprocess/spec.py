@@ -57,12 +57,10 @@ class TensorSpec:
         channels_first = shape[0] == 3 and shape[-1] != 3
         dims = (shape[1], shape[2]) if channels_first else (shape[0], shape[1])
         chosen = []
-        for axis, (model_dim, wanted) in enumerate(zip(dims, size or (None, None))):
+        for model_dim, wanted in zip(dims, size or (None, None)):
             if model_dim > 0:
                 if wanted is not None and wanted != model_dim:
-                    raise ValueError(
-                        f"preprocess.image_size {list(size)} does not match the model input {list(shape)}"
-                    )
+                    raise ValueError(f"preprocess.image_size {list(size)} does not match the model input {list(shape)}")
                 chosen.append(int(model_dim))
             elif wanted is not None:
                 chosen.append(int(wanted))

@@ -147,8 +147,10 @@ def main(argv: list[str] | None = None) -> int:
         os.replace(tmp, output)
     finally:
         tmp.unlink(missing_ok=True)
-    print(f"wrote {output} ({output.stat().st_size / 1e6:.1f} MB, sha256 {sidecar['sha256'][:12]}, "
-          f"ORT vs torch max abs diff {diff:.2g})")
+    print(
+        f"wrote {output} ({output.stat().st_size / 1e6:.1f} MB, sha256 {sidecar['sha256'][:12]}, "
+        f"ORT vs torch max abs diff {diff:.2g})"
+    )
     return 0
 
 

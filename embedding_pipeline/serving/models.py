@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from embedding_pipeline.serving import build_model
 from embedding_pipeline.runtime.environments import ensure_env, file_lock, progress
-from embedding_pipeline.serving.repository import ModelSpec, RepositoryError, check_image_embedder, inspect_onnx
 from embedding_pipeline.runtime.state import StatePaths
+from embedding_pipeline.serving import build_model
+from embedding_pipeline.serving.repository import ModelSpec, RepositoryError, check_image_embedder, inspect_onnx
 
 DEFAULT_MODEL_DIR = "efficientnet_lite0_uint8"
 BUILD_SCRIPT = Path(build_model.__file__)

@@ -142,8 +142,7 @@ def check_image_embedder(spec: ModelSpec, source: Path | str, max_batch_size: in
     image = spec.inputs[0]
     if image.datatype not in IMAGE_DATATYPES:
         raise RepositoryError(
-            f"{what}: input {image.name!r} is {image.datatype}; the preprocessing produces "
-            f"{', '.join(IMAGE_DATATYPES)}"
+            f"{what}: input {image.name!r} is {image.datatype}; the preprocessing produces {', '.join(IMAGE_DATATYPES)}"
         )
     if len(image.shape) != 4 or 3 not in (image.shape[1], image.shape[3]):
         raise RepositoryError(

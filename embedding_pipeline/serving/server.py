@@ -22,14 +22,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 from embedding_pipeline.runtime import processes
-from embedding_pipeline.runtime.processes import ServiceError, is_secret_variable
-from embedding_pipeline.serving import admin
-from embedding_pipeline.runtime.environments import env_dir, ensure_env
+from embedding_pipeline.runtime.environments import ensure_env, env_dir
 from embedding_pipeline.runtime.locks import file_lock
+from embedding_pipeline.runtime.processes import ServiceError, is_secret_variable
+from embedding_pipeline.runtime.state import StatePaths
+from embedding_pipeline.serving import admin
 from embedding_pipeline.serving.models import ModelArtifact, configured_sha256, model_artifact
 from embedding_pipeline.serving.repository import write_model_repository
 from embedding_pipeline.settings import Settings, TritonSettings
-from embedding_pipeline.runtime.state import StatePaths
 
 PROCESS_NAME = "triton"
 MODEL_VERSION = "1"
@@ -182,8 +182,12 @@ def _config_parameter(config: dict[str, Any], key: str) -> str:
 
 
 def _load(triton: TritonSettings, model: str, run_dir: Path | None = None) -> None:
-    _http_json(f"{base_url(triton)}/v2/repository/models/{model}/load", method="POST", timeout=triton.ready_timeout_s,
-               headers=admin.headers(run_dir))
+    _http_json(
+        f"{base_url(triton)}/v2/repository/models/{model}/load",
+        method="POST",
+        timeout=triton.ready_timeout_s,
+        headers=admin.headers(run_dir),
+    )
 
 
 def _archive_served_model(settings: Settings, sha256: str) -> str | None:
@@ -212,9 +216,9 @@ def _archives(settings: Settings) -> dict[str, str]:
     if not repo.is_dir():
         return {}
     return {
-        entry.name: entry.name[len(prefix):]
+        entry.name: entry.name[len(prefix) :]
         for entry in repo.iterdir()
-        if entry.is_dir() and entry.name.startswith(prefix) and re.fullmatch(r"[0-9a-f]{12}", entry.name[len(prefix):])
+        if entry.is_dir() and entry.name.startswith(prefix) and re.fullmatch(r"[0-9a-f]{12}", entry.name[len(prefix) :])
     }
 
 
@@ -228,8 +232,11 @@ def _retire_unused_archives(settings: Settings, configured_sha: str, in_use: set
         if sha12 in in_use and not configured_sha.startswith(sha12):
             continue
         try:
-            _http_json(f"{base_url(triton)}/v2/repository/models/{archived}/unload", method="POST",
-                       headers=admin.headers(settings.paths.run))
+            _http_json(
+                f"{base_url(triton)}/v2/repository/models/{archived}/unload",
+                method="POST",
+                headers=admin.headers(settings.paths.run),
+            )
         except ServiceError:
             pass  # not loaded: nothing to unload
         shutil.rmtree(settings.paths.model_repository / archived, ignore_errors=True)
@@ -240,13 +247,15 @@ def _archives_to_load(settings: Settings, configured_sha: str, in_use: set[str] 
     (all of them when that cannot be told), unless it is the configured model itself."""
     archives = _archives(settings)
     return sorted(
-        name for name, sha12 in archives.items()
+        name
+        for name, sha12 in archives.items()
         if (in_use is None or sha12 in in_use) and not configured_sha.startswith(sha12)
     )
 
 
-def _http_json(url: str, method: str = "GET", timeout: float = 10.0,
-               headers: dict[str, str] | None = None) -> dict[str, Any]:
+def _http_json(
+    url: str, method: str = "GET", timeout: float = 10.0, headers: dict[str, str] | None = None
+) -> dict[str, Any]:
     request = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None, headers=headers or {})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
@@ -327,8 +336,11 @@ def _assemble_backends(paths: StatePaths, tritonserver_root: Path, py_version: s
 def _server_env(paths: StatePaths, layout: dict[str, str]) -> dict[str, str]:
     serving = env_dir(paths, "serving")
     # The server needs none of the pipeline's secrets (Milvus credentials, the API key).
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV") and not is_secret_variable(k)}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV") and not is_secret_variable(k)
+    }
     libs = Path(layout["purelib"]) / "nvidia_pytriton.libs"
     # The stub must load the serving Python's own libpython, not the system one (mismatched stdlib otherwise).
     env["LD_LIBRARY_PATH"] = ":".join(p for p in (str(libs), layout["libdir"], env.get("LD_LIBRARY_PATH")) if p)

@@ -102,7 +102,8 @@ class SharedMemoryRegion:
                 # Tried again: a busy server can miss a call, and a region left registered outlives us there.
                 last = attempt == attempts - 1
                 (log.warning if last else log.debug)(
-                    "could not unregister shared memory region %s (attempt %d): %s", self.name, attempt + 1, exc)
+                    "could not unregister shared memory region %s (attempt %d): %s", self.name, attempt + 1, exc
+                )
                 if not last:
                     time.sleep(0.2 * (attempt + 1))
         self._destroy()

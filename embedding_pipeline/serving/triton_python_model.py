@@ -28,9 +28,7 @@ class TritonPythonModel:
         model_file = os.path.join(args["model_repository"], args["model_version"], "model.onnx")
         self.session = ort.InferenceSession(model_file, sess_options=options, providers=["CPUExecutionProvider"])
         self.inputs = [item["name"] for item in config["input"]]
-        self.outputs = [
-            (item["name"], pb_utils.triton_string_to_numpy(item["data_type"])) for item in config["output"]
-        ]
+        self.outputs = [(item["name"], pb_utils.triton_string_to_numpy(item["data_type"])) for item in config["output"]]
         self.batched = int(config.get("max_batch_size", 0)) > 0
 
     def execute(self, requests):

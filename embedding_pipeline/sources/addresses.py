@@ -40,7 +40,12 @@ def is_public(ip: IPAddress) -> bool:
     # fec0::/10 (IPv6 site-local, deprecated but still routed inside some sites) counts as global to Python.
     site_local = isinstance(ip, ipaddress.IPv6Address) and ip.is_site_local
     return ip.is_global and not (
-        ip.is_multicast or ip.is_reserved or ip.is_unspecified or ip.is_loopback or ip.is_link_local or ip.is_private
+        ip.is_multicast
+        or ip.is_reserved
+        or ip.is_unspecified
+        or ip.is_loopback
+        or ip.is_link_local
+        or ip.is_private
         or site_local
     )
 

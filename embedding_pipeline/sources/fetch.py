@@ -70,8 +70,8 @@ class FetchError(Exception):
 def read_local(path: str | Path, roots: list[Path], max_bytes: int, identity: str | None = None) -> bytes:
     """The bytes of a regular file under one of ``roots`` (after following every symlink).
 
-    ``identity`` (``"<device>:<inode>:<mtime ns>"``, from :func:`read_local_file` when the item was listed) makes a later stage
-    refuse a file that was replaced since: ``source_changed``."""
+    ``identity`` (``"<device>:<inode>:<mtime ns>"``, from :func:`read_local_file` when the item was listed) makes a
+    later stage refuse a file that was replaced since: ``source_changed``."""
     data, found = read_local_file(path, roots, max_bytes)
     if identity and found != identity:
         raise FetchError(ErrorKind.SOURCE_CHANGED, f"the file was replaced since the drop was listed: {path}")
@@ -79,10 +79,10 @@ def read_local(path: str | Path, roots: list[Path], max_bytes: int, identity: st
 
 
 def read_local_file(path: str | Path, roots: list[Path], max_bytes: int) -> tuple[bytes, str]:
-    """The one guarded way to read a local source: (bytes, ``"<device>:<inode>:<mtime ns>"``) of a regular file under one of
-    ``roots``. The path is resolved first (a symlink out of the roots is refused), then opened without following a
-    link, without blocking, and checked again on the open descriptor (a file swapped for a FIFO, a device or a link
-    in between is refused, never waited on); at most ``max_bytes + 1`` bytes are read."""
+    """The one guarded way to read a local source: (bytes, ``"<device>:<inode>:<mtime ns>"``) of a regular file under
+    one of ``roots``. The path is resolved first (a symlink out of the roots is refused), then opened without
+    following a link, without blocking, and checked again on the open descriptor (a file swapped for a FIFO, a device
+    or a link in between is refused, never waited on); at most ``max_bytes + 1`` bytes are read."""
     real = os.path.realpath(path)  # follows symlinks, so a link out of the roots is caught below
     if not any(_inside(real, _real_root(str(root))) for root in roots):
         raise FetchError(ErrorKind.OUTSIDE_ROOTS, f"path outside the allowed roots: {path}")
@@ -319,8 +319,10 @@ class _WatchedAdapter(HTTPAdapter):
 
     def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
         super().init_poolmanager(*args, **kwargs)
-        self.poolmanager.pool_classes_by_scheme = {"http": _WatchedHTTPConnectionPool,
-                                                   "https": _WatchedHTTPSConnectionPool}
+        self.poolmanager.pool_classes_by_scheme = {
+            "http": _WatchedHTTPConnectionPool,
+            "https": _WatchedHTTPSConnectionPool,
+        }
 
     def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> Any:
         manager = super().proxy_manager_for(proxy, **proxy_kwargs)
@@ -339,8 +341,15 @@ class _GuardedAdapter(HTTPAdapter):
 
 
 class _Retry(Retry):
-    def increment(self, method: Any = None, url: Any = None, response: Any = None, error: Any = None,
-                  _pool: Any = None, _stacktrace: Any = None) -> "_Retry":
+    def increment(
+        self,
+        method: Any = None,
+        url: Any = None,
+        response: Any = None,
+        error: Any = None,
+        _pool: Any = None,
+        _stacktrace: Any = None,
+    ) -> "_Retry":
         # urllib3 drains a retried response's body to reuse the connection; a hostile error body can be endless,
         # so drop the connection instead.
         if response is not None:

@@ -70,8 +70,15 @@ from embedding_pipeline.sources.statuses import ErrorKind, ItemStatus
 OK, FAILED, SKIPPED = ItemStatus.OK, ItemStatus.FAILED, ItemStatus.SKIPPED
 _SKIP_KINDS = {ErrorKind.IGNORED, ErrorKind.DUPLICATE}
 # Failures that may pass by themselves (see the table above): they never remove a row indexed before.
-TRANSIENT_KINDS = frozenset({ErrorKind.HTTP_UNAVAILABLE, ErrorKind.TIMEOUT, ErrorKind.CONNECTION_ERROR,
-                             ErrorKind.UNREADABLE, ErrorKind.SOURCE_CHANGED})
+TRANSIENT_KINDS = frozenset(
+    {
+        ErrorKind.HTTP_UNAVAILABLE,
+        ErrorKind.TIMEOUT,
+        ErrorKind.CONNECTION_ERROR,
+        ErrorKind.UNREADABLE,
+        ErrorKind.SOURCE_CHANGED,
+    }
+)
 
 
 def is_transient(kind: str) -> bool:

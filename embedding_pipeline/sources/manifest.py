@@ -191,8 +191,13 @@ def _entry_from_row(row: dict[str, Any], base: Path, origin: str) -> Entry:
         return Entry(uri=uri, id=item_id[:64] + "…", origin=origin, error=error, error_kind=ErrorKind.BAD_ROW)
     if item_id is not None and "\0" in item_id:
         # The one character no Milvus expression can carry: such an id could never be read or deleted again.
-        return Entry(uri=uri, id=item_id.replace("\0", "\\0"), origin=origin, error="id contains a NUL character",
-                     error_kind=ErrorKind.BAD_ROW)
+        return Entry(
+            uri=uri,
+            id=item_id.replace("\0", "\\0"),
+            origin=origin,
+            error="id contains a NUL character",
+            error_kind=ErrorKind.BAD_ROW,
+        )
     extra = {k: v for k, v in row.items() if k not in ("uri", "id", "metadata")}
     merged = {**extra, **metadata}
     size = len(json.dumps(merged, default=str).encode())

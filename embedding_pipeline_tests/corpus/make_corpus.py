@@ -189,8 +189,12 @@ _OTHER_CASES: list[tuple[str, dict[str, Any], str, str]] = [
     ("same-content-no-id-first", {"uri": "good-1x1.png"}, "ok", ""),
     ("same-content-no-id-again", {"uri": "good-1x1.png"}, "skipped", "duplicate"),
     # The case sits in a column of its own here: this row's metadata is the broken part.
-    ("bad-metadata-json", {"id": "bad-metadata", "uri": "good-photo.jpg", "metadata": "{not json",
-     "case": "bad-metadata-json"}, "failed", "bad_metadata"),
+    (
+        "bad-metadata-json",
+        {"id": "bad-metadata", "uri": "good-photo.jpg", "metadata": "{not json", "case": "bad-metadata-json"},
+        "failed",
+        "bad_metadata",
+    ),
     ("missing-uri", {"id": "no-uri"}, "failed", "bad_row"),
     ("missing-file", {"id": "missing-file", "uri": "does-not-exist.jpg"}, "failed", "not_found"),
     ("path-escape", {"id": "path-escape", "uri": "../../../../../etc/hostname"}, "failed", "outside_roots"),
@@ -203,12 +207,24 @@ _OTHER_CASES: list[tuple[str, dict[str, Any], str, str]] = [
     ("url-oversize-body", {"id": "url-big", "uri": f"{{server}}/big/{BIG_BYTES}"}, "failed", "too_large"),
     ("url-declared-oversize", {"id": "url-declared-big", "uri": "{server}/declared-big"}, "failed", "too_large"),
     ("url-html-as-jpeg", {"id": "url-html", "uri": "{server}/html"}, "failed", "not_image"),
-    ("url-private-address", {"id": "url-private", "uri": "{private}/files/good-photo.jpg"}, "failed",
-     "refused_address"),
-    ("url-redirect-to-private", {"id": "url-redirect-private",
-     "uri": "{server}/redirect?to={private}/files/good-photo.jpg"}, "failed", "refused_address"),
-    ("url-metadata-service", {"id": "url-metadata", "uri": "http://169.254.169.254/latest/meta-data/"}, "failed",
-     "refused_address"),
+    (
+        "url-private-address",
+        {"id": "url-private", "uri": "{private}/files/good-photo.jpg"},
+        "failed",
+        "refused_address",
+    ),
+    (
+        "url-redirect-to-private",
+        {"id": "url-redirect-private", "uri": "{server}/redirect?to={private}/files/good-photo.jpg"},
+        "failed",
+        "refused_address",
+    ),
+    (
+        "url-metadata-service",
+        {"id": "url-metadata", "uri": "http://169.254.169.254/latest/meta-data/"},
+        "failed",
+        "refused_address",
+    ),
     ("url-ftp", {"id": "url-ftp", "uri": "ftp://example.com/photo.jpg"}, "failed", "bad_url"),
     ("url-file-scheme", {"id": "url-file", "uri": "file:///etc/hostname"}, "failed", "bad_url"),
     ("url-good", {"id": "url-good", "uri": "{server}/files/good-photo.png"}, "ok", ""),
@@ -272,7 +288,7 @@ def _pillow_outcome(data: bytes) -> str:
 def _check(files: dict[str, bytes]) -> None:
     """Fail loudly if Pillow does not do what the expectations say (files refused by sniffing are not decoded)."""
     upright = np.asarray(Image.open(io.BytesIO(files["good-upright.jpg"])).convert("RGB"), dtype=np.float64)
-    for case, name, status, kind in _FILE_CASES:
+    for case, name, _status, kind in _FILE_CASES:
         if case in _MANIFEST_FAILS:
             continue
         got = _pillow_outcome(files[name])

@@ -15,16 +15,14 @@ from typing import Iterator
 import pytest
 
 from embedding_pipeline.runtime.processes import free_ports
-from embedding_pipeline.settings import CONFIG_ENV, Settings, load_settings
 from embedding_pipeline.runtime.state import CACHE_ENV, HOME_ENV
+from embedding_pipeline.settings import CONFIG_ENV, Settings, load_settings
 from embedding_pipeline_tests.integration.milvus_servers import milvus_lite, standalone_milvus  # noqa: F401 - fixtures
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # Environments and the exported model are rebuildable and slow to make: share them with the CLI's default cache.
 os.environ.setdefault(CACHE_ENV, str(REPO_ROOT / ".embedding_pipeline" / "cache"))
-
-
 
 
 def write_config(home: Path, settle_s: float = 0.0) -> Path:

@@ -20,8 +20,8 @@ import pytest
 
 from embedding_pipeline.index.standalone import ServerTls, StandaloneMilvus
 from embedding_pipeline.runtime.processes import free_ports
-from embedding_pipeline.settings import MilvusSettings, Settings, load_settings
 from embedding_pipeline.runtime.state import HOME_ENV, StatePaths
+from embedding_pipeline.settings import MilvusSettings, Settings, load_settings
 
 
 @dataclass(frozen=True)
@@ -71,14 +71,44 @@ def tls_files(folder: Path, hosts: tuple[str, ...] = ("127.0.0.1", "localhost"))
     ca_key, ca, key, csr, cert = (folder / n for n in ("ca.key", "ca.pem", "server.key", "server.csr", "server.pem"))
     names = ",".join(f"IP:{h}" if h.replace(".", "").isdigit() else f"DNS:{h}" for h in hosts)
     ext = folder / "san.ext"
-    ext.write_text(f"subjectAltName={names}\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n"
-                   "extendedKeyUsage=serverAuth\n")
+    ext.write_text(
+        f"subjectAltName={names}\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n"
+        "extendedKeyUsage=serverAuth\n"
+    )
     for argv in (
-        ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", ca_key, "-out", ca, "-days", "2",
-         "-subj", "/CN=embedding-pipeline test CA"],
+        [
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            ca_key,
+            "-out",
+            ca,
+            "-days",
+            "2",
+            "-subj",
+            "/CN=embedding-pipeline test CA",
+        ],
         ["req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", csr, "-subj", f"/CN={hosts[0]}"],
-        ["x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial", "-out", cert, "-days", "2",
-         "-extfile", ext],
+        [
+            "x509",
+            "-req",
+            "-in",
+            csr,
+            "-CA",
+            ca,
+            "-CAkey",
+            ca_key,
+            "-CAcreateserial",
+            "-out",
+            cert,
+            "-days",
+            "2",
+            "-extfile",
+            ext,
+        ],
     ):
         subprocess.run(["openssl", *map(str, argv)], check=True, capture_output=True)
     return ServerTls(cert=cert, key=key, ca=ca)

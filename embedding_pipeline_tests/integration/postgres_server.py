@@ -63,15 +63,23 @@ class PostgresServer:
     def connect(self, db_name: str | None = None):  # noqa: ANN201 - a psycopg2 connection
         import psycopg2
 
-        return psycopg2.connect(host=self.host, port=self.port, user=self.user, password=self.password,
-                                dbname=db_name or self.db_name, connect_timeout=10)
+        return psycopg2.connect(
+            host=self.host,
+            port=self.port,
+            user=self.user,
+            password=self.password,
+            dbname=db_name or self.db_name,
+            connect_timeout=10,
+        )
 
 
 def postgres_bin_dir() -> Path | None:
     """The newest installed ``/usr/lib/postgresql/<version>/bin`` with initdb and pg_ctl, if any."""
     if not PG_ROOT.is_dir():
         return None
-    candidates = [p / "bin" for p in PG_ROOT.iterdir() if (p / "bin" / "initdb").is_file() and (p / "bin" / "pg_ctl").is_file()]
+    candidates = [
+        p / "bin" for p in PG_ROOT.iterdir() if (p / "bin" / "initdb").is_file() and (p / "bin" / "pg_ctl").is_file()
+    ]
     return max(candidates, key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0, default=None)
 
 
@@ -126,16 +134,33 @@ def postgres_server(bin_dir: Path, db_name: str = "dagster", user: str = "dagste
     started = False
     try:
         try:
-            _run(as_user + [str(bin_dir / "initdb"), "-D", str(data), "-U", user, f"--pwfile={password_file}",
-                            "--auth-local=trust", "--auth-host=scram-sha-256", "-E", "UTF8", "--locale=C",
-                            "--no-sync"], "initdb")
+            _run(
+                as_user
+                + [
+                    str(bin_dir / "initdb"),
+                    "-D",
+                    str(data),
+                    "-U",
+                    user,
+                    f"--pwfile={password_file}",
+                    "--auth-local=trust",
+                    "--auth-host=scram-sha-256",
+                    "-E",
+                    "UTF8",
+                    "--locale=C",
+                    "--no-sync",
+                ],
+                "initdb",
+            )
             password_file.unlink()
             port = free_ports(1)[0]
             with open(data / "postgresql.conf", "a") as conf:
                 conf.write(TEST_CONF.format(port=port, socket_dir=socket_dir))
             started = True  # from here on, stop it whatever happens (stopping a server that is not up is harmless)
-            _run(as_user + [str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-t", "60", "start"],
-                 "pg_ctl start")
+            _run(
+                as_user + [str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-t", "60", "start"],
+                "pg_ctl start",
+            )
         except RuntimeError as exc:
             tail = log.read_text()[-2000:] if log.is_file() else ""
             raise RuntimeError(f"{exc}\nserver log:\n{tail}") from exc
@@ -150,8 +175,11 @@ def postgres_server(bin_dir: Path, db_name: str = "dagster", user: str = "dagste
         yield server
     finally:
         if started:
-            subprocess.run(as_user + [str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "-t", "60",
-                                      "stop"], capture_output=True, timeout=90)
+            subprocess.run(
+                as_user + [str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "-t", "60", "stop"],
+                capture_output=True,
+                timeout=90,
+            )
         shutil.rmtree(root, ignore_errors=True)
 
 

@@ -55,8 +55,11 @@ class Api:
 
 def readme_curl_examples() -> list[str]:
     """The curl commands of docs/http-api.md, in order."""
-    return [block for block in re.findall(r"```bash\n(.*?)```", API_DOC.read_text(), re.S)
-            if block.lstrip().startswith("curl")]
+    return [
+        block
+        for block in re.findall(r"```bash\n(.*?)```", API_DOC.read_text(), re.S)
+        if block.lstrip().startswith("curl")
+    ]
 
 
 def no_proxy_env(**extra: str) -> dict[str, str]:
@@ -78,8 +81,10 @@ def api(tmp_path_factory) -> Iterator[Api]:
     (photos / "chelsea-crop.jpg").write_bytes(altered_copies(load_photo("chelsea"))["crop"])
     with TestServer(files_dir=photos) as web:
         config = write_config(home)
-        config.write_text(config.read_text() + f"sources:\n  allowed_roots: ['{photos}']\n"
-                          f"  private_allowlist: ['127.0.0.1:{web.port}']\n")
+        config.write_text(
+            config.read_text() + f"sources:\n  allowed_roots: ['{photos}']\n"
+            f"  private_allowlist: ['127.0.0.1:{web.port}']\n"
+        )
         with running_stack(home, config) as settings:
             try:
                 services.start_dagster(settings)
@@ -94,19 +99,28 @@ def api(tmp_path_factory) -> Iterator[Api]:
 def my_images(api) -> str:
     """``my_images`` holding the documented two images (img_1 nature, img_2 urban), inserted by this fixture through
     the API (idempotent: the same ids and bytes), so a test never depends on what the test before it inserted."""
-    answer = api.post("/insert", json={
-        "inputs": [str(api.photos / "image1.jpg"), api.web.url("/files/image2.jpg")], "ids": ["img_1", "img_2"],
-        "metadata": [{"category": "nature"}, {"category": "urban"}], "collection_name": "my_images",
-        "wait": True, "timeout_s": 300})
+    answer = api.post(
+        "/insert",
+        json={
+            "inputs": [str(api.photos / "image1.jpg"), api.web.url("/files/image2.jpg")],
+            "ids": ["img_1", "img_2"],
+            "metadata": [{"category": "nature"}, {"category": "urban"}],
+            "collection_name": "my_images",
+            "wait": True,
+            "timeout_s": 300,
+        },
+    )
     assert answer.status_code == 200 and answer.json()["ok"] == 2, answer.text
     return "my_images"
 
 
 def run_curl(api: Api, command: str, **env: str) -> dict[str, Any]:
-    adapted = (command.replace(README_BASE, api.base).replace(README_URL, api.web.url("files/image2.jpg"))
-               .replace(README_PATHS, f"{api.photos}/"))
-    done = subprocess.run(["bash", "-c", adapted], capture_output=True, text=True, timeout=120,
-                          env=no_proxy_env(**env))
+    adapted = (
+        command.replace(README_BASE, api.base)
+        .replace(README_URL, api.web.url("files/image2.jpg"))
+        .replace(README_PATHS, f"{api.photos}/")
+    )
+    done = subprocess.run(["bash", "-c", adapted], capture_output=True, text=True, timeout=120, env=no_proxy_env(**env))
     assert done.returncode == 0, f"{adapted}\n{done.stderr}"
     return json.loads(done.stdout)
 
@@ -162,19 +176,26 @@ def test_readme_curl_examples_insert_then_search(api):
 
 
 def test_insert_wait_upload_and_vector_search(api, my_images):
-    answer = api.post("/insert", json={
-        "inputs": [str(api.photos / "coffee.jpg"), str(api.photos / "chelsea.jpg"), str(api.photos / "nope.jpg")],
-        "ids": ["coffee", "chelsea", "missing"],
-        "metadata": [{"category": "food"}, {"category": "animals"}, {}],
-        "collection_name": "my_images", "wait": True, "timeout_s": 180})
+    answer = api.post(
+        "/insert",
+        json={
+            "inputs": [str(api.photos / "coffee.jpg"), str(api.photos / "chelsea.jpg"), str(api.photos / "nope.jpg")],
+            "ids": ["coffee", "chelsea", "missing"],
+            "metadata": [{"category": "food"}, {"category": "animals"}, {}],
+            "collection_name": "my_images",
+            "wait": True,
+            "timeout_s": 180,
+        },
+    )
     assert answer.status_code == 200, answer.text
     report = answer.json()
     assert report["status"] == "SUCCESS" and report["ok"] == 2 and report["failed"] == 1, report
     assert report["failures"][0]["id"] == "missing" and report["failures"][0]["error_kind"] == "not_found"
 
     with open(api.photos / "chelsea-crop.jpg", "rb") as f:
-        upload = api.post("/search", files={"file": ("q.jpg", f, "image/jpeg")},
-                          data={"topk": "3", "collection_name": "my_images"})
+        upload = api.post(
+            "/search", files={"file": ("q.jpg", f, "image/jpeg")}, data={"topk": "3", "collection_name": "my_images"}
+        )
     assert upload.status_code == 200, upload.text
     assert upload.json()["results"][0]["id"] == "chelsea"
 
@@ -189,8 +210,9 @@ def test_insert_wait_upload_and_vector_search(api, my_images):
     assert hits.json()["results"][0]["id"] == "coffee" and hits.json()["results"][0]["score"] > 0.999
 
     either = 'metadata["category"] == "food" or metadata["category"] == "animals"'
-    filtered = api.post("/search", json={"vector": vector.tolist(), "topk": 10, "collection_name": "my_images",
-                                         "filter_expr": either})
+    filtered = api.post(
+        "/search", json={"vector": vector.tolist(), "topk": 10, "collection_name": "my_images", "filter_expr": either}
+    )
     assert filtered.status_code == 200, filtered.text
     assert {h["id"] for h in filtered.json()["results"]} == {"coffee", "chelsea"}
 
@@ -205,12 +227,19 @@ def test_concurrent_searches_share_the_warm_clients(api, my_images):
         with requests.Session() as session:
             for i in range(6):
                 if (n + i) % 2:
-                    r = session.post(api.base + "/search", files={"file": ("q.jpg", query, "image/jpeg")},
-                                     data={"topk": "1", "collection_name": "my_images"}, timeout=120)
+                    r = session.post(
+                        api.base + "/search",
+                        files={"file": ("q.jpg", query, "image/jpeg")},
+                        data={"topk": "1", "collection_name": "my_images"},
+                        timeout=120,
+                    )
                     answers.append(("image", r.status_code, r.json()))
                 else:
-                    r = session.post(api.base + "/search", json={"vector": vector, "topk": 1,
-                                                                  "collection_name": "my_images"}, timeout=120)
+                    r = session.post(
+                        api.base + "/search",
+                        json={"vector": vector, "topk": 1, "collection_name": "my_images"},
+                        timeout=120,
+                    )
                     answers.append(("vector", r.status_code, r.json()))
 
     threads = [threading.Thread(target=client, args=(n,)) for n in range(8)]
@@ -225,8 +254,14 @@ def test_concurrent_searches_share_the_warm_clients(api, my_images):
 
 
 def test_bad_requests_against_the_real_services(api, my_images):
-    bad_filter = api.post("/search", json={"query_input": str(api.photos / "query.jpg"), "collection_name":
-                                           "my_images", "filter_expr": 'metadata["category"] === "nature'})
+    bad_filter = api.post(
+        "/search",
+        json={
+            "query_input": str(api.photos / "query.jpg"),
+            "collection_name": "my_images",
+            "filter_expr": 'metadata["category"] === "nature',
+        },
+    )
     assert bad_filter.status_code == 422 and bad_filter.json()["error"]["code"] == "invalid_filter", bad_filter.text
     assert bad_filter.json()["error"]["details"]["filter_expr"]
 
@@ -244,8 +279,11 @@ def test_bad_requests_against_the_real_services(api, my_images):
     outside = api.post("/search", json={"query_input": "/etc/hostname", "collection_name": "my_images"})
     assert outside.status_code == 422 and outside.json()["error"]["code"] == "outside_roots"
 
-    not_image = api.post("/search", files={"file": ("q.jpg", b"not an image at all", "image/jpeg")},
-                         data={"collection_name": "my_images"})
+    not_image = api.post(
+        "/search",
+        files={"file": ("q.jpg", b"not an image at all", "image/jpeg")},
+        data={"collection_name": "my_images"},
+    )
     assert not_image.status_code == 422 and not_image.json()["error"]["code"] == "bad_image", not_image.text
 
 
@@ -255,8 +293,9 @@ def test_api_key_enforced_when_set(api, my_images):
     from embedding_pipeline.api.app import create_app
 
     (port,) = free_ports(1)
-    server = uvicorn.Server(uvicorn.Config(create_app(api.settings, api_key=KEY), host="127.0.0.1", port=port,
-                                           log_level="warning"))
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(api.settings, api_key=KEY), host="127.0.0.1", port=port, log_level="warning")
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{port}"

@@ -25,7 +25,6 @@ from schemathesis import GenerationMode
 from schemathesis.specs.openapi.checks import response_schema_conformance
 
 from embedding_pipeline import services
-
 from embedding_pipeline.runtime import processes
 from embedding_pipeline.settings import Settings
 from embedding_pipeline_tests.integration.conftest import running_stack, write_config
@@ -35,16 +34,29 @@ pytestmark = pytest.mark.integration
 # Examples per test: enough to reach every validator and back-end call, few enough that the file runs in well
 # under a minute on two cores.
 EXAMPLES = 40
-FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large,
-                                       HealthCheck.large_base_example])
+FUZZ = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    database=None,
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.filter_too_much,
+        HealthCheck.data_too_large,
+        HealthCheck.large_base_example,
+    ],
+)
 ROWS = 200
 CATEGORIES = ("nature", "city", "animal")
 
 # Every operation of the published schema (checked below, so a new endpoint cannot go unfuzzed). One test per
 # operation through Hypothesis directly: schemathesis' lazy pytest loader does not work with pytest 9.
-OPERATIONS = [("GET", "/health"), ("POST", "/collections/create"), ("POST", "/insert"), ("GET", "/runs/{run_id}"),
-              ("POST", "/search")]
+OPERATIONS = [
+    ("GET", "/health"),
+    ("POST", "/collections/create"),
+    ("POST", "/insert"),
+    ("GET", "/runs/{run_id}"),
+    ("POST", "/search"),
+]
 
 
 @dataclass
@@ -95,8 +107,9 @@ def fill_default_collection(stack: Settings, app) -> int:  # noqa: ANN001 - the 
     rows = corpus.build(ROWS, created["dim"], real=None, photos=None, queries=1).rows(0, ROWS, created["model"])
     for n, row in enumerate(rows):
         row["metadata"] = {"category": CATEGORIES[n % len(CATEGORIES)], "n": n}
-    with ImageIndex(stack.milvus.model_copy(update={"collection": created["collection"]}),
-                    model_label=created["model"]) as index:
+    with ImageIndex(
+        stack.milvus.model_copy(update={"collection": created["collection"]}), model_label=created["model"]
+    ) as index:
         assert index.upsert(rows) == ROWS
     return created["dim"]
 
@@ -121,7 +134,9 @@ def check_answer(response, what: str) -> None:  # noqa: ANN001 - a requests.Resp
     assert set(body) == {"error"}, seen
     error = body["error"]
     assert isinstance(error, dict) and set(error) == {"code", "message", "details"}, seen
-    assert isinstance(error["code"], str) and error["code"].isidentifier() and error["code"] == error["code"].lower(), seen
+    assert isinstance(error["code"], str) and error["code"].isidentifier() and error["code"] == error["code"].lower(), (
+        seen
+    )
     assert isinstance(error["message"], str) and error["message"], seen
 
 
@@ -153,6 +168,7 @@ def test_schema_fuzz_finds_no_server_error(api, method, path):
 
 def _as_requests(response):  # noqa: ANN001, ANN202
     """A schemathesis Response read like a requests.Response (status_code, headers.get, text, json)."""
+
     class View:
         status_code = response.status_code
         text = response.content.decode("utf-8", "replace")
@@ -169,42 +185,101 @@ def _as_requests(response):  # noqa: ANN001, ANN202
 
 finite = st.floats(width=32, allow_nan=False, allow_infinity=False)
 any_float = st.floats(width=32)  # NaN and infinities too: JSON from Python can carry them
-json_scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), finite, st.text(max_size=20))
-json_values = st.recursive(json_scalars, lambda inner: st.lists(inner, max_size=3)
-                           | st.dictionaries(st.text(max_size=8), inner, max_size=3), max_leaves=8)
+json_scalars = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), finite, st.text(max_size=20))
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=8,
+)
 # Filter expressions: well-formed ones on the declared key, the JSON column and the id, and fragments of them.
-_FILTER_PARTS = ['metadata["category"]', 'metadata["n"]', "id", "uri", "drop", "==", "!=", ">", "<=", "in", "like",
-                 "and", "or", "not", "(", ")", "[", "]", '"nature"', '"c%"', "1", "-1e308", "2.5", "true", "null",
-                 "exists", "json_contains", ",", "'", '"', "\\", "%"]
+_FILTER_PARTS = [
+    'metadata["category"]',
+    'metadata["n"]',
+    "id",
+    "uri",
+    "drop",
+    "==",
+    "!=",
+    ">",
+    "<=",
+    "in",
+    "like",
+    "and",
+    "or",
+    "not",
+    "(",
+    ")",
+    "[",
+    "]",
+    '"nature"',
+    '"c%"',
+    "1",
+    "-1e308",
+    "2.5",
+    "true",
+    "null",
+    "exists",
+    "json_contains",
+    ",",
+    "'",
+    '"',
+    "\\",
+    "%",
+]
 filters = st.one_of(
     st.none(),
-    st.sampled_from(['metadata["category"] == "nature"', 'metadata["n"] > 10', 'id in ["v0000001"]',
-                     'metadata["category"] like "na%"', 'not (metadata["n"] < 5)', "id != \"\"",
-                     'metadata["missing"] == 1']),
+    st.sampled_from(
+        [
+            'metadata["category"] == "nature"',
+            'metadata["n"] > 10',
+            'id in ["v0000001"]',
+            'metadata["category"] like "na%"',
+            'not (metadata["n"] < 5)',
+            'id != ""',
+            'metadata["missing"] == 1',
+        ]
+    ),
     st.lists(st.sampled_from(_FILTER_PARTS), min_size=1, max_size=6).map(" ".join),
     st.text(max_size=40),
 )
 search_params = st.one_of(
     st.none(),
-    st.dictionaries(st.sampled_from(["ef", "nprobe", "radius", "range_filter", "level", "metric_type", "params",
-                                     "offset", "limit"]) | st.text(max_size=6), json_values, max_size=3),
+    st.dictionaries(
+        st.sampled_from(["ef", "nprobe", "radius", "range_filter", "level", "metric_type", "params", "offset", "limit"])
+        | st.text(max_size=6),
+        json_values,
+        max_size=3,
+    ),
 )
 
 
 def vectors(dim: int):  # noqa: ANN201 - a strategy
     """Query vectors: mostly the collection's dimension (to reach Milvus), sometimes another one."""
-    random = st.builds(lambda seed, scale: (np.random.default_rng(seed).standard_normal(dim) * scale).tolist(),
-                       st.integers(0, 2**32 - 1), st.sampled_from([1e-30, 1e-6, 1.0, 1.0, 1e6, 1e30]))
-    right = st.one_of(random, random, random, st.lists(finite, min_size=dim, max_size=dim).filter(any),
-                      st.just([0.0] * dim), st.lists(any_float, min_size=dim, max_size=dim))
+    random = st.builds(
+        lambda seed, scale: (np.random.default_rng(seed).standard_normal(dim) * scale).tolist(),
+        st.integers(0, 2**32 - 1),
+        st.sampled_from([1e-30, 1e-6, 1.0, 1.0, 1e6, 1e30]),
+    )
+    right = st.one_of(
+        random,
+        random,
+        random,
+        st.lists(finite, min_size=dim, max_size=dim).filter(any),
+        st.just([0.0] * dim),
+        st.lists(any_float, min_size=dim, max_size=dim),
+    )
     return st.one_of(right, right, right, st.lists(any_float, min_size=1, max_size=8))
 
 
 def test_search_by_vector_on_a_filled_collection(api):
     # Weighted towards requests Milvus gets to run (each axis alone is fuzzed, not every axis at once).
-    @given(vector=vectors(api.dim), topk=st.one_of(st.integers(1, 20), st.integers(1, 20), st.integers(-3, 1100)),
-           filter_expr=st.one_of(st.none(), st.none(), filters), params=st.one_of(st.none(), st.none(), search_params),
-           collection=st.sampled_from([None, None, None, api.settings.milvus.collection, "missing_one", "1bad"]))
+    @given(
+        vector=vectors(api.dim),
+        topk=st.one_of(st.integers(1, 20), st.integers(1, 20), st.integers(-3, 1100)),
+        filter_expr=st.one_of(st.none(), st.none(), filters),
+        params=st.one_of(st.none(), st.none(), search_params),
+        collection=st.sampled_from([None, None, None, api.settings.milvus.collection, "missing_one", "1bad"]),
+    )
     @settings(parent=FUZZ, max_examples=60)
     def fuzz(vector, topk, filter_expr, params, collection) -> None:  # noqa: ANN001
         body: dict[str, Any] = {"vector": vector, "topk": topk, "filter_expr": filter_expr, "search_params": params}
@@ -240,8 +315,12 @@ uploads = st.one_of(
 
 
 def test_search_by_upload(api):
-    @given(image=uploads, topk=st.one_of(st.none(), st.integers(-1, 1100).map(str), st.text(max_size=5)),
-           filter_expr=filters, extra=st.booleans())
+    @given(
+        image=uploads,
+        topk=st.one_of(st.none(), st.integers(-1, 1100).map(str), st.text(max_size=5)),
+        filter_expr=filters,
+        extra=st.booleans(),
+    )
     @settings(parent=FUZZ, max_examples=25)
     def fuzz(image, topk, filter_expr, extra) -> None:  # noqa: ANN001
         form = {k: v for k, v in (("topk", topk), ("filter_expr", filter_expr)) if v is not None}
@@ -258,9 +337,17 @@ def test_search_by_path_or_url(api):
     inputs = st.one_of(
         st.just(api.photo),
         st.just(api.photo + "/../" + api.photo.rsplit("/", 1)[1]),
-        st.sampled_from(["/etc/passwd", "relative.jpg", "file:///etc/passwd", "ftp://127.0.0.1/x.jpg",
-                         "http://127.0.0.1:1/x.jpg", str(api.settings.drops / "nothing-here.jpg"),
-                         str(api.settings.drops)]),
+        st.sampled_from(
+            [
+                "/etc/passwd",
+                "relative.jpg",
+                "file:///etc/passwd",
+                "ftp://127.0.0.1/x.jpg",
+                "http://127.0.0.1:1/x.jpg",
+                str(api.settings.drops / "nothing-here.jpg"),
+                str(api.settings.drops),
+            ]
+        ),
         st.text(min_size=1, max_size=30),
     )
 
@@ -280,10 +367,15 @@ def test_insert_with_inputs_that_exist(api):
     ids = st.one_of(st.none(), st.text(min_size=1, max_size=70))
     metadata = st.one_of(st.none(), st.dictionaries(st.text(max_size=10), json_values, max_size=4))
 
-    @given(items=st.lists(st.tuples(st.sampled_from([api.photo, "http://127.0.0.1:1/x.jpg", "/etc/hosts"]), ids,
-                                    metadata), min_size=1, max_size=3),
-           collection=st.sampled_from([None, api.settings.milvus.collection, "fresh_one"]),
-           timeout=st.one_of(st.none(), st.floats(0.01, 0.5)))
+    @given(
+        items=st.lists(
+            st.tuples(st.sampled_from([api.photo, "http://127.0.0.1:1/x.jpg", "/etc/hosts"]), ids, metadata),
+            min_size=1,
+            max_size=3,
+        ),
+        collection=st.sampled_from([None, api.settings.milvus.collection, "fresh_one"]),
+        timeout=st.one_of(st.none(), st.floats(0.01, 0.5)),
+    )
     @settings(parent=FUZZ, max_examples=20)
     def fuzz(items, collection, timeout) -> None:  # noqa: ANN001
         body: dict[str, Any] = {"inputs": [i[0] for i in items]}

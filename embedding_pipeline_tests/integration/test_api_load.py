@@ -6,10 +6,9 @@ import json
 import pytest
 
 from embedding_pipeline import services
-
-from embedding_pipeline.runtime import processes
 from embedding_pipeline.bench import api as bench_api
 from embedding_pipeline.cli import main
+from embedding_pipeline.runtime import processes
 
 pytestmark = pytest.mark.integration
 
@@ -69,11 +68,23 @@ def test_load_through_the_cli_on_a_running_api(api_settings, capsys):
         bench_api._wait_until_serving(url, {})
         created = requests.post(f"{url}/collections/create", json={"name": "load_cli"}, timeout=60).json()
         vectors = corpus.build(200, created["dim"], real=None, photos=None, queries=10)
-        with ImageIndex(api_settings.milvus.model_copy(update={"collection": created["collection"]}),
-                        model_label=created["model"]) as index:
+        with ImageIndex(
+            api_settings.milvus.model_copy(update={"collection": created["collection"]}), model_label=created["model"]
+        ) as index:
             assert index.upsert(vectors.rows(0, 200, created["model"])) == 200
-        argv = ["bench", "api", "--url", url, "--collection", "load_cli", "--requests", "40", "--clients", "4",
-                "--json"]
+        argv = [
+            "bench",
+            "api",
+            "--url",
+            url,
+            "--collection",
+            "load_cli",
+            "--requests",
+            "40",
+            "--clients",
+            "4",
+            "--json",
+        ]
         assert main(argv) == 0
         result = json.loads(capsys.readouterr().out)
         check_figures(result, 40)

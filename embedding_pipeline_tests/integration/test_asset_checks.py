@@ -15,13 +15,12 @@ from dagster import AssetCheckKey, AssetKey, DagsterEventType, DagsterInstance
 from PIL import Image
 
 from embedding_pipeline import quality
-from embedding_pipeline.storage import layout
 from embedding_pipeline.defs import defs
 from embedding_pipeline.defs.checks import COLLECTION_CHECKS, EMBEDDING_CHECKS
 from embedding_pipeline.index.client import ImageIndex
 from embedding_pipeline.sources.drops import READY_MARKER
 from embedding_pipeline.sources.samples import load_photo
-from embedding_pipeline.storage import arrow
+from embedding_pipeline.storage import arrow, layout
 
 pytestmark = pytest.mark.integration
 
@@ -105,9 +104,11 @@ def test_good_drop_passes_every_check(stack, good_drop):
     rows = meta(found["rows_match_embeddings"])
     assert (rows["expected"], rows["actual"]) == (6, 6)
     index = meta(found["index_as_configured"])
-    assert index["actual"] == index["expected"] == {
-        "index_type": "HNSW", "metric_type": "COSINE", "params": {"M": 16, "efConstruction": 256}
-    }
+    assert (
+        index["actual"]
+        == index["expected"]
+        == {"index_type": "HNSW", "metric_type": "COSINE", "params": {"M": 16, "efConstruction": 256}}
+    )
     retrieval = meta(found["self_retrieval"])
     assert retrieval["sampled"] == retrieval["found_at_rank_1"] == 6 and sorted(retrieval["sample_ids"]) == sorted(ids)
 
@@ -127,8 +128,10 @@ def damage_embeddings(settings, drop: str) -> tuple[str, str]:
     ids = table.column("id").to_pylist()
     vectors[0, 7] = np.nan
     keep = [k for k in range(table.num_rows) if k != 1]
-    rows = {name: [table.column(name)[k].as_py() for k in keep] for name in ("id", "drop", "sha256", "uri", "model",
-                                                                              "metadata")}
+    rows = {
+        name: [table.column(name)[k].as_py() for k in keep]
+        for name in ("id", "drop", "sha256", "uri", "model", "metadata")
+    }
     damaged = arrow.embedding_table(rows, vectors[keep], table.schema)
     tmp = Path(f"{path}.tmp")
     with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
@@ -243,8 +246,9 @@ def test_collection_checks_on_each_engine(engine, request):
     server = request.getfixturevalue(engine)
     base = server.milvus if engine == "stack" else server.settings
     name = f"qc_{uuid.uuid4().hex[:8]}"
-    settings = base.model_validate({**base.model_dump(exclude_unset=True), "collection": name,
-                                    "index_type": "IVF_FLAT", "metric_type": "IP"})
+    settings = base.model_validate(
+        {**base.model_dump(exclude_unset=True), "collection": name, "index_type": "IVF_FLAT", "metric_type": "IP"}
+    )
     vectors = np.random.default_rng(7).normal(size=(40, 32)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     ids = [f"v{i:02d}" for i in range(40)]
@@ -256,7 +260,9 @@ def test_collection_checks_on_each_engine(engine, request):
             outcomes = {o.check: o for o in quality.collection_outcomes(index, "d", ids)}
             assert all(o.passed for o in outcomes.values()), {k: o.description for k, o in outcomes.items()}
             assert outcomes["index_as_configured"].metadata["actual"] == {
-                "index_type": "IVF_FLAT", "metric_type": "IP", "params": {"nlist": 128}
+                "index_type": "IVF_FLAT",
+                "metric_type": "IP",
+                "params": {"nlist": 128},
             }
             assert outcomes["self_retrieval"].metadata["sampled"] == quality.SELF_RETRIEVAL_SAMPLE
 

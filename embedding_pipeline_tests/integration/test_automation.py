@@ -31,7 +31,6 @@ from dagster._core.instance.ref import InstanceRef
 from embedding_pipeline import services
 from embedding_pipeline.orchestration import instance as orchestration_instance
 from embedding_pipeline.orchestration import names
-
 from embedding_pipeline.runtime import processes
 from embedding_pipeline.settings import Settings
 from embedding_pipeline.sources.drops import READY_MARKER
@@ -54,8 +53,6 @@ def short_monitoring_instance_yaml() -> str:
         poll_interval_seconds=MONITOR_POLL_S,
     )
     return yaml.safe_dump(config)
-
-
 
 
 @pytest.fixture(scope="module")
@@ -289,8 +286,11 @@ def test_a_dead_run_holding_the_triton_slot_is_canceled_and_frees_the_pool(dagst
 
         # A second run, straight to Triton: it gets through preprocessing, then queues for the slot.
         waiting = launch_ingest(settings, "waiting", settings.triton.url)
-        wait_until(lambda: waiting_for_triton(instance) == [(waiting, "image_embeddings")], 180,
-                   "the second run never queued for the triton slot")
+        wait_until(
+            lambda: waiting_for_triton(instance) == [(waiting, "image_embeddings")],
+            180,
+            "the second run never queued for the triton slot",
+        )
         assert triton_slots(instance) == [(held, "image_embeddings")]
 
         # Cancel the first run in the instance (as "mark as canceled" does, without asking the worker to stop),
@@ -305,8 +305,11 @@ def test_a_dead_run_holding_the_triton_slot_is_canceled_and_frees_the_pool(dagst
 
         # Run monitoring frees the dead run's slot free_slots_after_run_end_seconds after it ended; the waiting
         # run takes it and succeeds.
-        wait_until(lambda: not any(run == held for run, _ in triton_slots(instance)), FREE_SLOTS_AFTER_S + 30,
-                   f"triton slot still held: {triton_slots(instance)}")
+        wait_until(
+            lambda: not any(run == held for run, _ in triton_slots(instance)),
+            FREE_SLOTS_AFTER_S + 30,
+            f"triton slot still held: {triton_slots(instance)}",
+        )
         run = wait_for_status(instance, waiting, FINISHED)
         assert run.status == DagsterRunStatus.SUCCESS
         assert instance.get_run_by_id(held).status == DagsterRunStatus.CANCELED

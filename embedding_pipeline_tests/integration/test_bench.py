@@ -37,8 +37,8 @@ def test_bench_runs_every_section_on_both_stores_and_leaves_nothing_running(tmp_
 
     from embedding_pipeline.bench import seed
     from embedding_pipeline.bench.servers import processes_using
-    from embedding_pipeline.settings import CONFIG_ENV
     from embedding_pipeline.runtime.state import HOME_ENV
+    from embedding_pipeline.settings import CONFIG_ENV
 
     config = tmp_path / "embedding_pipeline.yaml"
     config.write_text("{}\n")  # defaults only, whatever configuration the developer has lying around

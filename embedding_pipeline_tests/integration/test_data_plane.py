@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from embedding_pipeline import ingest
-from embedding_pipeline.orchestration import runs
 from embedding_pipeline.index.client import ImageIndex
+from embedding_pipeline.orchestration import runs
 from embedding_pipeline.preprocess import kernels
 from embedding_pipeline.settings import CONFIG_ENV, load_settings
 from embedding_pipeline_tests.corpus import FILES, build_drop, case_of, expected, template_rows
@@ -29,8 +29,12 @@ def corpus_run(stack, tmp_path_factory):
     with TestServer(FILES) as server, TestServer(FILES, url_host="localhost") as private:
         # Only the allowed server's own address and port; the "private" one is refused like any intranet host.
         config = yaml.safe_load(Path(os.environ[CONFIG_ENV]).read_text())
-        config["sources"] = {"private_allowlist": [f"127.0.0.1:{server.port}"], "fetch_timeout_s": 1,
-                             "fetch_retries": 2, "max_image_bytes": 1_000_000}
+        config["sources"] = {
+            "private_allowlist": [f"127.0.0.1:{server.port}"],
+            "fetch_timeout_s": 1,
+            "fetch_retries": 2,
+            "max_image_bytes": 1_000_000,
+        }
         path = work / "config.yaml"
         path.write_text(yaml.safe_dump(config))
         mp.setenv(CONFIG_ENV, str(path))

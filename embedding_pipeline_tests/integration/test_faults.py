@@ -24,13 +24,12 @@ import requests
 import yaml
 
 from embedding_pipeline import ingest, services
-from embedding_pipeline.storage import layout
-
-from embedding_pipeline.orchestration import runs
-from embedding_pipeline.runtime import processes
 from embedding_pipeline.bench import synthetic
 from embedding_pipeline.index.client import ImageIndex
+from embedding_pipeline.orchestration import runs
+from embedding_pipeline.runtime import processes
 from embedding_pipeline.settings import Settings
+from embedding_pipeline.storage import layout
 from embedding_pipeline_tests.integration.conftest import running_stack, write_config
 
 pytestmark = pytest.mark.integration

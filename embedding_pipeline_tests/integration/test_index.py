@@ -13,8 +13,8 @@ import pytest
 
 from embedding_pipeline.index.client import CollectionError, ImageIndex
 from embedding_pipeline.index.standalone import DEFAULT_ROOT_PASSWORD, ServerTls, StandaloneError, StandaloneMilvus
-from embedding_pipeline.settings import ConfigError, MilvusSettings
 from embedding_pipeline.runtime.state import StatePaths
+from embedding_pipeline.settings import ConfigError, MilvusSettings
 from embedding_pipeline_tests.integration.milvus_servers import MilvusStore, tls_files
 
 pytestmark = pytest.mark.integration
@@ -38,8 +38,15 @@ def unit_vectors(n: int, seed: int = 0) -> np.ndarray:
 
 def make_rows(vectors: np.ndarray, drop: str = "d1", prefix: str = "r", metadata=None) -> list[dict]:
     return [
-        {"id": f"{prefix}{i}", "embedding": v, "uri": f"/img/{prefix}{i}.jpg", "sha256": f"{i:064x}", "drop": drop,
-         "model": "m:1", "metadata": (metadata[i] if metadata else {"n": i})}
+        {
+            "id": f"{prefix}{i}",
+            "embedding": v,
+            "uri": f"/img/{prefix}{i}.jpg",
+            "sha256": f"{i:064x}",
+            "drop": drop,
+            "model": "m:1",
+            "metadata": (metadata[i] if metadata else {"n": i}),
+        }
         for i, v in enumerate(vectors)
     ]
 
@@ -170,8 +177,11 @@ def test_a_collection_without_the_declared_fields_asks_for_a_new_one(store):
     with ImageIndex(store.with_(collection=name)) as index:
         index.ensure_collection(DIM)
     with ImageIndex(store.with_(collection=name, filter_fields={"category": "VARCHAR"})) as index:
-        with pytest.raises(CollectionError, match=r"without the declared filter field\(s\) category \(VARCHAR\).*new "
-                                                  "collection"):
+        with pytest.raises(
+            CollectionError,
+            match=r"without the declared filter field\(s\) category \(VARCHAR\).*new "
+            "collection",
+        ):
             index.ensure_collection(DIM)
 
 
@@ -272,8 +282,10 @@ def test_tls_server_kill_and_restart(tmp_path):
             with ImageIndex(settings.model_copy(update=right)) as index:
                 assert index.exists()
         other_ca = tls_files(tmp_path / "other").ca
-        for wrong in ({"ca_pem_path": str(other_ca)}, {"uri": server.uri.replace("https", "http"), "secure": False,
-                                                         "ca_pem_path": ""}):
+        for wrong in (
+            {"ca_pem_path": str(other_ca)},
+            {"uri": server.uri.replace("https", "http"), "secure": False, "ca_pem_path": ""},
+        ):
             with pytest.raises(CollectionError, match="refused the connection"):
                 ImageIndex(settings.model_copy(update=wrong), connect_timeout=3).exists()
 
@@ -314,8 +326,11 @@ def test_the_standalone_server_is_reachable_on_loopback_only(standalone_milvus):
     listening = subprocess.run(["ss", "-Hltnp"], capture_output=True, text=True, check=True).stdout.splitlines()
     ours = [line for line in listening if f"pid={server.pid}," in line]
     assert ours == [], ours  # the server's own sockets are not in this namespace at all
-    forwards = [line.split()[3] for line in listening if f":{server.port} " in line + " "
-                or f":{server.ports['metrics_port']} " in line + " "]
+    forwards = [
+        line.split()[3]
+        for line in listening
+        if f":{server.port} " in line + " " or f":{server.ports['metrics_port']} " in line + " "
+    ]
     assert sorted(forwards) == sorted([f"127.0.0.1:{server.port}", f"127.0.0.1:{server.ports['metrics_port']}"])
     # Another interface of this machine gets no answer on the proxy port.
     addresses = subprocess.run(["hostname", "-I"], capture_output=True, text=True).stdout.split()
@@ -324,13 +339,25 @@ def test_the_standalone_server_is_reachable_on_loopback_only(standalone_milvus):
             socket.create_connection((address, server.port), timeout=2).close()
 
 
-HOSTILE = ["x'] or id not in ['", 'x"] or id not in ["', "O'Brien", "back\\slash\\", "]", "a\nb\rc\td",
-           "üñí 😀 中文", "a" * 512, "\x01\x1b[31m\x7f", '") or true or ("']
+HOSTILE = [
+    "x'] or id not in ['",
+    'x"] or id not in ["',
+    "O'Brien",
+    "back\\slash\\",
+    "]",
+    "a\nb\rc\td",
+    "üñí 😀 中文",
+    "a" * 512,
+    "\x01\x1b[31m\x7f",
+    '") or true or ("',
+]
 
 
 def test_hostile_ids_round_trip_and_delete_only_themselves(store):
     """Every id-bearing call (read, list, delete, membership release) with ids built to rewrite expressions."""
-    from hypothesis import given, settings as hyp_settings, strategies as st
+    from hypothesis import given
+    from hypothesis import settings as hyp_settings
+    from hypothesis import strategies as st
 
     with ImageIndex(store.with_(collection=unique("hostile"))) as index:
         index.ensure_collection(DIM)
@@ -345,8 +372,11 @@ def test_hostile_ids_round_trip_and_delete_only_themselves(store):
             everything.discard(hostile)
             assert index.drop_ids("d") == everything, hostile
 
-        @given(st.text(alphabet=st.characters(blacklist_characters="\0", blacklist_categories=("Cs",)),
-                       min_size=1, max_size=40))
+        @given(
+            st.text(
+                alphabet=st.characters(blacklist_characters="\0", blacklist_categories=("Cs",)), min_size=1, max_size=40
+            )
+        )
         @hyp_settings(max_examples=25, deadline=None, database=None)
         def one_id(value):
             index.upsert([{**make_rows(unit_vectors(1, seed=1), drop="h", prefix="q")[0], "id": value}])
@@ -370,7 +400,9 @@ def test_releasing_a_drop_touches_only_rows_it_lists(store):
         index.upsert(rows)
         assert index.release(hostile, ["r0", "r1", "r2", "missing"]) == (1, 1)
         assert index.rows(["r0", "r1", "r2"], ["id", "drops", "drop"]) == {
-            "r0": {"id": "r0", "drops": ["b"], "drop": "b"}, "r2": {"id": "r2", "drops": ["b"], "drop": "b"}}
+            "r0": {"id": "r0", "drops": ["b"], "drop": "b"},
+            "r2": {"id": "r2", "drops": ["b"], "drop": "b"},
+        }
         assert index.release(hostile, ["r0", "r2"]) == (0, 0)  # not listed by it any more: untouched
         assert index.count() == 2 and index.drop_ids("b") == {"r0", "r2"}
         np.testing.assert_allclose(index.vectors(["r0"])["r0"], vectors[0], atol=1e-6)

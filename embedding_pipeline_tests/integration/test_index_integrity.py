@@ -26,19 +26,21 @@ import numpy as np
 import pytest
 import yaml
 from dagster import DagsterInstance
-from hypothesis import HealthCheck, settings as hyp_settings, strategies as st
+from hypothesis import HealthCheck
+from hypothesis import settings as hyp_settings
+from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 from PIL import Image
 
 from embedding_pipeline import ingest, retention
-from embedding_pipeline.storage import layout
-from embedding_pipeline.orchestration.instance import DagsterDrops
 from embedding_pipeline.index.client import ImageIndex
 from embedding_pipeline.index.collections import ModelCollections
 from embedding_pipeline.index.expressions import equals
+from embedding_pipeline.orchestration.instance import DagsterDrops
 from embedding_pipeline.serving.client import TritonEmbedder
 from embedding_pipeline.settings import CONFIG_ENV, load_settings
 from embedding_pipeline.sources.items import content_id
+from embedding_pipeline.storage import layout
 
 pytestmark = pytest.mark.integration
 
@@ -117,8 +119,11 @@ def world(stack, tmp_path_factory):
     mp = pytest.MonkeyPatch()
     server = Images()
     config = yaml.safe_load(Path(os.environ[CONFIG_ENV]).read_text())
-    config["sources"] = {"private_allowlist": [f"127.0.0.1:{server.server_address[1]}"], "fetch_timeout_s": 1,
-                         "fetch_retries": 0}
+    config["sources"] = {
+        "private_allowlist": [f"127.0.0.1:{server.server_address[1]}"],
+        "fetch_timeout_s": 1,
+        "fetch_retries": 0,
+    }
     config["milvus"] = {**config.get("milvus", {}), "collection": "integrity"}
     path = work / "config.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -173,7 +178,9 @@ def delete(settings, drop: str) -> None:
 
 def reset(settings) -> None:
     """Delete every drop the tests of this module made (sources, files, rows), through retention."""
-    names = {p.name for p in settings.drops.iterdir() if not p.name.startswith(".")} if settings.drops.exists() else set()
+    names = (
+        {p.name for p in settings.drops.iterdir() if not p.name.startswith(".")} if settings.drops.exists() else set()
+    )
     manifests = layout.drop_files(settings, "x").manifest.parent
     names |= {p.stem for p in manifests.glob("*.arrow")} if manifests.exists() else set()
     for drop in sorted(names):
@@ -261,8 +268,11 @@ class IndexIntegrity(RuleBasedStateMachine):
         self.listed[drop] = slots
         self.model.ingest(drop, slots, urls_down, server.url)
 
-    @rule(drop=st.sampled_from(DROPS), slots=st.lists(st.sampled_from(SLOTS), min_size=1, max_size=5, unique=True),
-          urls_down=st.booleans())
+    @rule(
+        drop=st.sampled_from(DROPS),
+        slots=st.lists(st.sampled_from(SLOTS), min_size=1, max_size=5, unique=True),
+        urls_down=st.booleans(),
+    )
     def ingest_drop(self, drop, slots, urls_down):
         self._ingest(drop, slots, urls_down)
 

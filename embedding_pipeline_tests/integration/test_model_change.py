@@ -20,21 +20,19 @@ import yaml
 from dagster import AssetKey, DagsterInstance, DagsterRunStatus, RunsFilter
 
 from embedding_pipeline import services
-
+from embedding_pipeline.cli import main
+from embedding_pipeline.defs import defs
+from embedding_pipeline.index.collections import ModelCollections, model_collection_name
+from embedding_pipeline.index.expressions import literal as quote
 from embedding_pipeline.orchestration import runs
 from embedding_pipeline.orchestration.instance import step_errors
-
-from embedding_pipeline.runtime import processes
-from embedding_pipeline.defs import defs
-from embedding_pipeline.cli import main
 from embedding_pipeline.orchestration.runs import observe_model
-from embedding_pipeline.index.expressions import literal as quote
-from embedding_pipeline.index.collections import ModelCollections, model_collection_name
 from embedding_pipeline.retrieval import search
+from embedding_pipeline.runtime import processes
 from embedding_pipeline.serving.client import TritonEmbedder
+from embedding_pipeline.serving.models import file_sha256
 from embedding_pipeline.serving.server import archived_model_name
 from embedding_pipeline.settings import Settings, load_settings
-from embedding_pipeline.serving.models import file_sha256
 from embedding_pipeline.sources.samples import load_photo
 from embedding_pipeline_tests import tiny_model
 from embedding_pipeline_tests.integration.conftest import running_stack, write_config
@@ -77,8 +75,9 @@ def _write_drop(folder: Path, names: list[str]) -> Path:
 
 
 def _hits(settings: Settings, folder: Path, name: str) -> list[tuple[str, float, str]]:
-    return [(h["id"], round(h["score"], 5), h["model"]) for h in search(folder / f"{name}.jpg", top_k=4,
-                                                                         settings=settings)]
+    return [
+        (h["id"], round(h["score"], 5), h["model"]) for h in search(folder / f"{name}.jpg", top_k=4, settings=settings)
+    ]
 
 
 def _models_in(collections: ModelCollections, collection: str) -> set[str]:
@@ -90,8 +89,9 @@ def _wait_for_backfill(instance: DagsterInstance, backfill_id: str, count: int, 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         found = instance.get_runs(filters=RunsFilter(tags={"dagster/backfill": backfill_id}))
-        if len(found) == count and all(r.status in (DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE,
-                                                    DagsterRunStatus.CANCELED) for r in found):
+        if len(found) == count and all(
+            r.status in (DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED) for r in found
+        ):
             return found
         time.sleep(1)
     raise AssertionError(f"backfill {backfill_id} did not finish {count} runs in {timeout:.0f} s: {found}")
@@ -129,8 +129,9 @@ def test_a_model_change_fills_a_new_collection_and_search_switches_atomically(mo
         assert collections.search_collection() == name_a
         assert collections.model_of(name_a) == label_a
     stored = settings.drops
-    before = {q: _hits(settings, stored / "animals-and-food" if q == "chelsea" else stored / "places", q)
-              for q in QUERIES}
+    before = {
+        q: _hits(settings, stored / "animals-and-food" if q == "chelsea" else stored / "places", q) for q in QUERIES
+    }
     for query, hits in before.items():
         assert hits[0][:2] == (query, pytest.approx(1.0, abs=1e-4)) and {h[2] for h in hits} == {label_a}
     assert _stale(instance, "places") == "FRESH"
@@ -149,8 +150,9 @@ def test_a_model_change_fills_a_new_collection_and_search_switches_atomically(mo
         assert old.input_spec().output_dim == DIM_A
 
     # Search still answers from A's collection, embedding the query with A: the same hits as before.
-    after = {q: _hits(settings_b, stored / "animals-and-food" if q == "chelsea" else stored / "places", q)
-             for q in QUERIES}
+    after = {
+        q: _hits(settings_b, stored / "animals-and-food" if q == "chelsea" else stored / "places", q) for q in QUERIES
+    }
     assert after == before
     # The observed model changed: Dagster shows the embedded drops as stale.
     assert observe_model(instance) == label_b

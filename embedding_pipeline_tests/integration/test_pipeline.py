@@ -6,13 +6,12 @@ import numpy as np
 import pytest
 from dagster import AssetKey, DagsterInstance
 
-from embedding_pipeline.storage import layout
-from embedding_pipeline.orchestration import runs
 from embedding_pipeline.index.client import ImageIndex
+from embedding_pipeline.orchestration import runs
 from embedding_pipeline.retrieval import ImageSearcher, search
 from embedding_pipeline.sources.drops import READY_MARKER
 from embedding_pipeline.sources.samples import load_photo, photo_names
-from embedding_pipeline.storage import arrow
+from embedding_pipeline.storage import arrow, layout
 from embedding_pipeline_tests.images import altered_copies
 
 pytestmark = pytest.mark.integration

@@ -80,11 +80,14 @@ def test_an_ingest_run_is_recorded_in_postgres(stack, postgres, postgres_home, t
         connection = postgres.connect()
         try:
             with connection.cursor() as cursor:
-                cursor.execute("SELECT pipeline_name, status, partition FROM runs WHERE run_id = %s",
-                               (summary["run_id"],))
+                cursor.execute(
+                    "SELECT pipeline_name, status, partition FROM runs WHERE run_id = %s", (summary["run_id"],)
+                )
                 assert cursor.fetchall() == [("ingest_drop", "SUCCESS", DROP)]
-                cursor.execute("SELECT asset_key FROM event_logs WHERE run_id = %s AND dagster_event_type = %s",
-                               (summary["run_id"], "ASSET_MATERIALIZATION"))
+                cursor.execute(
+                    "SELECT asset_key FROM event_logs WHERE run_id = %s AND dagster_event_type = %s",
+                    (summary["run_id"], "ASSET_MATERIALIZATION"),
+                )
                 materialized_keys = {AssetKey.from_db_string(row[0]) for row in cursor.fetchall()}
                 assert {AssetKey(name) for name in INGEST_ASSETS} <= materialized_keys
         finally:

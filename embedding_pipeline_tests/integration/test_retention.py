@@ -17,14 +17,14 @@ from dagster import DagsterEventType, DagsterInstance
 from PIL import Image
 
 from embedding_pipeline import retention
+from embedding_pipeline.index.client import ImageIndex
+from embedding_pipeline.index.expressions import literal as quote
 from embedding_pipeline.orchestration import runs
 from embedding_pipeline.orchestration.instance import DagsterDrops
 from embedding_pipeline.orchestration.runs import execute_delete_drop
-from embedding_pipeline.index.client import ImageIndex
-from embedding_pipeline.index.expressions import literal as quote
-from embedding_pipeline.storage.layout import drop_files
 from embedding_pipeline.retrieval import search
 from embedding_pipeline.sources.samples import load_photo
+from embedding_pipeline.storage.layout import drop_files
 
 pytestmark = pytest.mark.integration
 
@@ -66,8 +66,9 @@ def _strong_counts(settings, drop: str) -> dict[str, int]:
 
 
 def _deletion_table(instance: DagsterInstance, run_id: str) -> str:
-    outputs = [e for e in instance.all_logs(run_id, of_type=DagsterEventType.STEP_OUTPUT)
-               if e.step_key == "delete_drop_data"]
+    outputs = [
+        e for e in instance.all_logs(run_id, of_type=DagsterEventType.STEP_OUTPUT) if e.step_key == "delete_drop_data"
+    ]
     return outputs[0].dagster_event.event_specific_data.metadata["deletion"].value
 
 
@@ -81,9 +82,20 @@ def two_drops(stack, tmp_path):
     rng = np.random.default_rng(0)
     with ImageIndex(extra) as index:
         index.ensure_collection(EXTRA_DIM)
-        index.upsert([{"id": f"{drop}-x{i}", "embedding": rng.standard_normal(EXTRA_DIM), "drop": drop,
-                       "uri": "x", "sha256": "0" * 64, "model": "other:1"}
-                      for drop, n in ((KEEP, 2), (GONE, 4)) for i in range(n)])
+        index.upsert(
+            [
+                {
+                    "id": f"{drop}-x{i}",
+                    "embedding": rng.standard_normal(EXTRA_DIM),
+                    "drop": drop,
+                    "uri": "x",
+                    "sha256": "0" * 64,
+                    "model": "other:1",
+                }
+                for drop, n in ((KEEP, 2), (GONE, 4))
+                for i in range(n)
+            ]
+        )
         index.flush()
     try:
         yield stack, extra.collection
@@ -113,8 +125,10 @@ def test_dry_run_deletes_nothing_then_deletion_leaves_nothing_of_the_drop(two_dr
     plan = dry["summary"]
     assert plan["dry_run"] and plan["partition"]
     assert {(p["kind"], p["path"]) for p in plan["paths"]} == {
-        ("source", str(settings.drops / GONE)), ("manifest", str(gone_files.manifest)),
-        ("preprocessed", str(gone_files.preprocessed)), ("embeddings", str(gone_files.embeddings)),
+        ("source", str(settings.drops / GONE)),
+        ("manifest", str(gone_files.manifest)),
+        ("preprocessed", str(gone_files.preprocessed)),
+        ("embeddings", str(gone_files.embeddings)),
         ("index", str(gone_files.index_report)),
     }
     assert plan["files"] == len(gone_before) and plan["bytes"] == sum(s for s, _ in gone_before.values())
@@ -125,8 +139,9 @@ def test_dry_run_deletes_nothing_then_deletion_leaves_nothing_of_the_drop(two_dr
     assert GONE in instance.get_dynamic_partitions("drops")
 
     # The real deletion, from the CLI in its own process.
-    done = subprocess.run([CLI, "delete-drop", GONE, "--yes", "--json"], env=dict(os.environ),
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [CLI, "delete-drop", GONE, "--yes", "--json"], env=dict(os.environ), capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads(done.stdout)
     assert not result["dry_run"] and result["partition_deleted"]
@@ -141,8 +156,9 @@ def test_dry_run_deletes_nothing_then_deletion_leaves_nothing_of_the_drop(two_dr
     assert not [p for p in settings.paths.root.rglob(f"*{GONE}*")], "a file of the deleted drop is left"
     assert set(_strong_counts(settings, GONE).values()) == {0}
     assert GONE not in DagsterInstance.get().get_dynamic_partitions("drops")
-    assert search(settings.drops / KEEP / "coffee.jpg", top_k=3, filter=f"drop == {quote(GONE)}",
-                  settings=settings) == []
+    assert (
+        search(settings.drops / KEEP / "coffee.jpg", top_k=3, filter=f"drop == {quote(GONE)}", settings=settings) == []
+    )
 
     # The other drop is untouched: its files, its rows in both collections, its search hits.
     assert _snapshot(settings, KEEP) == keep_before
@@ -154,8 +170,9 @@ def test_dry_run_deletes_nothing_then_deletion_leaves_nothing_of_the_drop(two_dr
     assert {h["id"] for h in hits} == {f"{KEEP}-{name}" for name in PHOTOS[KEEP]}
 
     # The drop is unknown now: a second deletion is refused with a clear message.
-    again = subprocess.run([CLI, "delete-drop", GONE], env=dict(os.environ), capture_output=True, text=True,
-                           timeout=300)
+    again = subprocess.run(
+        [CLI, "delete-drop", GONE], env=dict(os.environ), capture_output=True, text=True, timeout=300
+    )
     assert again.returncode == 1 and f"no drop named {GONE!r}" in again.stderr, again.stderr
 
 
@@ -172,8 +189,13 @@ def test_rows_of_a_drop_go_from_every_model_collection_on_milvus_2_3(standalone_
     for key, drops in layout.items():
         with ImageIndex(settings.model_copy(update={"collection": names[key]})) as index:
             index.ensure_collection(EXTRA_DIM)
-            index.upsert([{"id": f"{key}-{drop}-{i}", "embedding": rng.standard_normal(EXTRA_DIM), "drop": drop}
-                          for drop, n in drops.items() for i in range(n)])
+            index.upsert(
+                [
+                    {"id": f"{key}-{drop}-{i}", "embedding": rng.standard_normal(EXTRA_DIM), "drop": drop}
+                    for drop, n in drops.items()
+                    for i in range(n)
+                ]
+            )
     rows = retention.MilvusDropRows(settings)
     admin = ImageIndex(settings)
     try:

@@ -33,9 +33,7 @@ def test_dagster_job_execute_reports_the_expected_top_hit(stack, ingested_photos
     run = instance.get_runs(limit=1)[0]
     assert run.job_name == "search_images"
     outputs = [
-        e
-        for e in instance.all_logs(run.run_id, of_type=DagsterEventType.STEP_OUTPUT)
-        if e.step_key == "report_results"
+        e for e in instance.all_logs(run.run_id, of_type=DagsterEventType.STEP_OUTPUT) if e.step_key == "report_results"
     ]
     metadata = outputs[0].dagster_event.event_specific_data.metadata
     assert metadata["top_hit"].value == "chelsea"

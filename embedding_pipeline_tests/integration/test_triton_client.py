@@ -20,13 +20,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 
+from embedding_pipeline.runtime.processes import free_ports
 from embedding_pipeline.serving.client import (
     ModelStatistics,
     RetryPolicy,
     TritonClientError,
     TritonEmbedder,
 )
-from embedding_pipeline.runtime.processes import free_ports
 
 pytestmark = pytest.mark.integration
 
@@ -40,8 +40,10 @@ def embedder_for(stack, protocol: str = "http", **changes) -> TritonEmbedder:
 
 
 def stats_delta(before: ModelStatistics, after: ModelStatistics) -> ModelStatistics:
-    batches = {size: after.batch_executions.get(size, 0) - before.batch_executions.get(size, 0)
-               for size in after.batch_executions}
+    batches = {
+        size: after.batch_executions.get(size, 0) - before.batch_executions.get(size, 0)
+        for size in after.batch_executions
+    }
     return ModelStatistics(
         after.request_count - before.request_count,
         after.failed_count - before.failed_count,
@@ -140,8 +142,12 @@ class FaultInjectingHttpProxy:
             handler.close_connection = True
             return
         if outcome != "forwarded":
-            self._reply(handler, int(outcome), {"Content-Type": "application/json"},
-                        json.dumps({"error": f"injected {outcome} by the test proxy"}).encode())
+            self._reply(
+                handler,
+                int(outcome),
+                {"Content-Type": "application/json"},
+                json.dumps({"error": f"injected {outcome} by the test proxy"}).encode(),
+            )
             return
         upstream = getattr(handler, "upstream", None)
         if upstream is None:
@@ -149,8 +155,12 @@ class FaultInjectingHttpProxy:
             with self._lock:
                 self._upstreams.append(upstream)
         skip = {"host", "connection", "content-length"}
-        upstream.request(handler.command, handler.path, body=body,
-                         headers={k: v for k, v in handler.headers.items() if k.lower() not in skip})
+        upstream.request(
+            handler.command,
+            handler.path,
+            body=body,
+            headers={k: v for k, v in handler.headers.items() if k.lower() not in skip},
+        )
         response = upstream.getresponse()
         data = response.read()
         skip = {"content-length", "transfer-encoding", "connection"}
@@ -325,8 +335,9 @@ def test_several_requests_are_in_flight_and_merged_by_the_dynamic_batcher(stack,
 
 def test_retries_after_503_and_a_reset_then_succeeds(stack, images, singles, http_proxy, caplog):
     caplog.set_level(logging.INFO, logger=CLIENT_LOG)
-    settings = stack.triton.model_copy(update={"url": http_proxy.url, "retries": 3, "retry_backoff_s": 0.05,
-                                               "concurrency": 1, "shared_memory": "off"})
+    settings = stack.triton.model_copy(
+        update={"url": http_proxy.url, "retries": 3, "retry_backoff_s": 0.05, "concurrency": 1, "shared_memory": "off"}
+    )
     with TritonEmbedder.from_settings(settings) as embedder:
         embedder.input_spec()
         http_proxy.fail("/infer", "503", "reset")
@@ -343,9 +354,17 @@ def test_connection_resets_are_retried_over_either_protocol(stack, images, singl
     upstream = stack.triton.grpc_port if protocol == "grpc" else stack.triton.port
     proxy = ResettingTcpProxy(upstream)
     try:
-        settings = stack.triton.model_copy(update={
-            "url": f"127.0.0.1:{proxy.port}", "grpc_port": proxy.port, "protocol": protocol, "retries": 5,
-            "retry_backoff_s": 0.05, "concurrency": 1, "shared_memory": "off"})
+        settings = stack.triton.model_copy(
+            update={
+                "url": f"127.0.0.1:{proxy.port}",
+                "grpc_port": proxy.port,
+                "protocol": protocol,
+                "retries": 5,
+                "retry_backoff_s": 0.05,
+                "concurrency": 1,
+                "shared_memory": "off",
+            }
+        )
         with TritonEmbedder.from_settings(settings) as embedder:
             embedder.input_spec()
             connections_before = proxy.connections
@@ -360,8 +379,9 @@ def test_connection_resets_are_retried_over_either_protocol(stack, images, singl
 
 
 def test_a_4xx_is_never_retried(stack, images, http_proxy):
-    settings = stack.triton.model_copy(update={"url": http_proxy.url, "retries": 5, "retry_backoff_s": 0.05,
-                                               "shared_memory": "off"})
+    settings = stack.triton.model_copy(
+        update={"url": http_proxy.url, "retries": 5, "retry_backoff_s": 0.05, "shared_memory": "off"}
+    )
     with TritonEmbedder.from_settings(settings) as embedder:
         embedder.input_spec()
         http_proxy.fail("/infer", "400")
@@ -409,16 +429,29 @@ def test_missing_model_and_missing_server_are_told_apart(stack, protocol):
         assert embedder.endpoint.label in message
         assert "not ready after 1 s: the server is up but has no model 'no_such_model'" in message
         assert f"its repository has: {stack.triton.model_name} (READY)" in message
-        with pytest.raises(TritonClientError, match=r"reading model metadata failed for model 'no_such_model' .*"
-                                                    r"after 1 attempt: (HTTP 404|gRPC NOT_FOUND)"):
+        with pytest.raises(
+            TritonClientError,
+            match=r"reading model metadata failed for model 'no_such_model' .*"
+            r"after 1 attempt: (HTTP 404|gRPC NOT_FOUND)",
+        ):
             embedder.input_spec()
 
     (port,) = free_ports(1)
-    down = stack.triton.model_copy(update={"url": f"127.0.0.1:{port}", "grpc_port": port, "protocol": protocol,
-                                           "retries": 1, "retry_backoff_s": 0.01})
+    down = stack.triton.model_copy(
+        update={
+            "url": f"127.0.0.1:{port}",
+            "grpc_port": port,
+            "protocol": protocol,
+            "retries": 1,
+            "retry_backoff_s": 0.01,
+        }
+    )
     with TritonEmbedder.from_settings(down) as embedder:
-        with pytest.raises(TritonClientError, match=rf"127\.0\.0\.1:{port} not ready after 0\.5 s: the server is "
-                                                    r"not reachable .*is it running\?"):
+        with pytest.raises(
+            TritonClientError,
+            match=rf"127\.0\.0\.1:{port} not ready after 0\.5 s: the server is "
+            r"not reachable .*is it running\?",
+        ):
             embedder.wait_ready(0.5)
         with pytest.raises(TritonClientError, match=rf"on Triton at \w+://127\.0\.0\.1:{port} after 2 attempts"):
             embedder.input_spec()
@@ -484,9 +517,12 @@ def test_auto_falls_back_to_the_wire_once_and_on_says_why_it_cannot(stack, image
     assert _our_shm_files() == []
 
     with TritonEmbedder.from_settings(settings.model_copy(update={"shared_memory": "on"})) as on:
-        with pytest.raises(TritonClientError, match=r"shared_memory is 'on' but model 'image_embedder' on Triton at "
-                                                    rf"http://{http_proxy.url} cannot use a system shared memory "
-                                                    r"region \(HTTP 400: injected 400"):
+        with pytest.raises(
+            TritonClientError,
+            match=r"shared_memory is 'on' but model 'image_embedder' on Triton at "
+            rf"http://{http_proxy.url} cannot use a system shared memory "
+            r"region \(HTTP 400: injected 400",
+        ):
             on.embed(images[:2])
     assert _our_shm_files() == []
 

@@ -20,7 +20,6 @@ from dagster import DagsterInstance
 from embedding_pipeline import services
 from embedding_pipeline.orchestration import instance as orchestration_instance
 from embedding_pipeline.orchestration import names, runs
-
 from embedding_pipeline.runtime import processes
 from embedding_pipeline.sources.samples import load_photo
 from embedding_pipeline_tests.browser import (
@@ -82,9 +81,12 @@ def ui(stack, tmp_path_factory, request):
     if started:
         argv = [
             str(Path(sys.executable).with_name("dagster-webserver")),
-            "-h", "127.0.0.1",
-            "-p", str(stack.dagster.webserver_port),
-            "-w", str(orchestration_instance.prepare_dagster_home(stack)),
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(stack.dagster.webserver_port),
+            "-w",
+            str(orchestration_instance.prepare_dagster_home(stack)),
         ]
         proc = processes.start(paths.run, paths.logs, services.WEBSERVER, argv, env=services.child_env(stack))
     url = services.webserver_url(stack)

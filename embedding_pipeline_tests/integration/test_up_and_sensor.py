@@ -16,7 +16,6 @@ from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
 from dagster._core.instance.ref import InstanceRef
 
 from embedding_pipeline import services
-
 from embedding_pipeline.runtime import processes
 from embedding_pipeline.settings import load_settings
 from embedding_pipeline.sources.drops import READY_MARKER
@@ -48,6 +47,7 @@ def test_up_ingests_sample_and_new_drops_then_down_stops_everything(tmp_path):
     up = subprocess.Popen([CLI, "up"], env=env, stdout=up_log, stderr=subprocess.STDOUT, cwd=tmp_path)
     settings = load_settings(home / "embedding_pipeline.yaml", environ=env)
     try:
+
         def ui_ready() -> bool:
             if up.poll() is not None:
                 raise AssertionError(f"`up` exited early:\n{(tmp_path / 'up.log').read_text()}")

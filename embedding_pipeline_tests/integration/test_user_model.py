@@ -18,14 +18,13 @@ import numpy as np
 import pytest
 import yaml
 
-from embedding_pipeline.orchestration import runs
-
-from embedding_pipeline.runtime import processes
-from embedding_pipeline.runtime.processes import free_ports
 from embedding_pipeline.index.client import ImageIndex
+from embedding_pipeline.orchestration import runs
 from embedding_pipeline.preprocess.preprocessor import for_model, from_settings
 from embedding_pipeline.preprocess.spec import TensorSpec
 from embedding_pipeline.retrieval import search
+from embedding_pipeline.runtime import processes
+from embedding_pipeline.runtime.processes import free_ports
 from embedding_pipeline.serving.client import TritonEmbedder
 from embedding_pipeline.serving.models import file_sha256
 from embedding_pipeline.serving.repository import RepositoryError
@@ -191,8 +190,12 @@ def test_bad_model_files_fail_naming_the_file(own_stack, tmp_path):
         update={
             "home": home,
             "triton": own_stack.triton.model_copy(
-                update={"url": f"127.0.0.1:{port}", "grpc_port": grpc, "metrics_port": metrics,
-                        "model_path": two_inputs}
+                update={
+                    "url": f"127.0.0.1:{port}",
+                    "grpc_port": grpc,
+                    "metrics_port": metrics,
+                    "model_path": two_inputs,
+                }
             ),
         }
     )

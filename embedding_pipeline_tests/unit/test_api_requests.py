@@ -43,9 +43,16 @@ class FakeCollections:
     def create(self, request) -> dict[str, Any]:  # noqa: ANN001
         created = request.name not in self.existing
         self.existing.add(request.name)
-        return {"name": request.name, "dim": 1280, "index_type": request.index_type or "HNSW",
-                "metric_type": "COSINE", "created": created, "description": request.description,
-                "collection": f"{request.name}__m", "model": "m:1"}
+        return {
+            "name": request.name,
+            "dim": 1280,
+            "index_type": request.index_type or "HNSW",
+            "metric_type": "COSINE",
+            "created": created,
+            "description": request.description,
+            "collection": f"{request.name}__m",
+            "model": "m:1",
+        }
 
 
 class FakeRuns:
@@ -57,14 +64,25 @@ class FakeRuns:
 
     def insert(self, request, rows) -> dict[str, Any]:  # noqa: ANN001
         self.rows = rows
-        return {"drop": "api-x.jsonl", "run_id": "run-1", "status_url": "/runs/run-1",
-                "collection": request.collection_name or "image_embeddings"}
+        return {
+            "drop": "api-x.jsonl",
+            "run_id": "run-1",
+            "status_url": "/runs/run-1",
+            "collection": request.collection_name or "image_embeddings",
+        }
 
     def report(self, run_id: str) -> dict[str, Any] | None:
         if run_id != "run-1":
             return None
-        return {"run_id": run_id, "status": "SUCCESS", "drop": "api-x.jsonl", "items": 1, "ok": 1, "failed": 0,
-                "failures": []}
+        return {
+            "run_id": run_id,
+            "status": "SUCCESS",
+            "drop": "api-x.jsonl",
+            "items": 1,
+            "ok": 1,
+            "failed": 0,
+            "failures": [],
+        }
 
     def wait(self, run_id: str, timeout_s: float) -> dict[str, Any]:
         if not self.finishes:
@@ -74,9 +92,12 @@ class FakeRuns:
 
 def fake_health(down: bool = False):  # noqa: ANN201
     def report() -> dict[str, Any]:
-        return {"triton": {"server_ready": True, "model_ready": not down, "model": "m"},
-                "milvus": {"reachable": True, "collection": "image_embeddings", "loaded": True},
-                "dagster": {"instance_reachable": True, "webserver_reachable": True}}
+        return {
+            "triton": {"server_ready": True, "model_ready": not down, "model": "m"},
+            "milvus": {"reachable": True, "collection": "image_embeddings", "loaded": True},
+            "dagster": {"instance_reachable": True, "webserver_reachable": True},
+        }
+
     return report
 
 
@@ -149,14 +170,17 @@ def test_create_collection_201_then_200_when_it_exists(client):
     assert again.status_code == 200 and again.json()["created"] is False
 
 
-@pytest.mark.parametrize("body, where", [
-    ({"name": "1bad"}, "name"),
-    ({"name": "has-dash"}, "name"),
-    ({"name": "ok", "dim": 0}, "dim"),
-    ({"name": "ok", "index_type": "ANNOY"}, "index_type"),
-    ({"name": "ok", "dimension": 5}, "dimension"),  # unknown key
-    ({}, "name"),
-])
+@pytest.mark.parametrize(
+    "body, where",
+    [
+        ({"name": "1bad"}, "name"),
+        ({"name": "has-dash"}, "name"),
+        ({"name": "ok", "dim": 0}, "dim"),
+        ({"name": "ok", "index_type": "ANNOY"}, "index_type"),
+        ({"name": "ok", "dimension": 5}, "dimension"),  # unknown key
+        ({}, "name"),
+    ],
+)
 def test_create_collection_validation(client, body, where):
     error = assert_error(client.post("/collections/create", json=body), 422, "invalid_request")
     assert any(where in [str(p) for p in e["loc"]] for e in error["details"]), error
@@ -174,12 +198,22 @@ def test_insert_202_writes_rows_for_paths_in_the_drop_folder_and_urls(client, se
     image = settings.drops / "images" / "a.jpg"
     image.parent.mkdir()
     image.write_bytes(b"x")
-    response = client.post("/insert", json={
-        "inputs": [str(image), "https://example.com/b.jpg"], "ids": ["img_1", "img_2"],
-        "metadata": [{"category": "nature"}, {"category": "urban"}], "collection_name": "my_images"})
+    response = client.post(
+        "/insert",
+        json={
+            "inputs": [str(image), "https://example.com/b.jpg"],
+            "ids": ["img_1", "img_2"],
+            "metadata": [{"category": "nature"}, {"category": "urban"}],
+            "collection_name": "my_images",
+        },
+    )
     assert response.status_code == 202, response.text
-    assert response.json() == {"drop": "api-x.jsonl", "run_id": "run-1", "status_url": "/runs/run-1",
-                               "collection": "my_images"}
+    assert response.json() == {
+        "drop": "api-x.jsonl",
+        "run_id": "run-1",
+        "status_url": "/runs/run-1",
+        "collection": "my_images",
+    }
     assert fakes.runs.rows == [
         {"uri": str(image), "id": "img_1", "metadata": {"category": "nature"}},
         {"uri": "https://example.com/b.jpg", "id": "img_2", "metadata": {"category": "urban"}},
@@ -193,13 +227,16 @@ def test_insert_path_in_an_allowed_root_is_accepted(client, settings, tmp_path):
     assert client.post("/insert", json={"inputs": [str(root / "p.jpg")]}).status_code == 202
 
 
-@pytest.mark.parametrize("inputs, code", [
-    (["/etc/passwd"], "outside_roots"),
-    (["relative/a.jpg"], "bad_input"),
-    (["ftp://example.com/a.jpg"], "bad_input"),
-    (["file:///etc/passwd"], "bad_input"),
-    (["https://e.com/1", "https://e.com/2", "https://e.com/3", "https://e.com/4"], "too_many_inputs"),
-])
+@pytest.mark.parametrize(
+    "inputs, code",
+    [
+        (["/etc/passwd"], "outside_roots"),
+        (["relative/a.jpg"], "bad_input"),
+        (["ftp://example.com/a.jpg"], "bad_input"),
+        (["file:///etc/passwd"], "bad_input"),
+        (["https://e.com/1", "https://e.com/2", "https://e.com/3", "https://e.com/4"], "too_many_inputs"),
+    ],
+)
 def test_insert_refuses_inputs_outside_the_rules(client, inputs, code):
     assert_error(client.post("/insert", json={"inputs": inputs}), 422, code)
 
@@ -212,18 +249,21 @@ def test_insert_refuses_a_symlink_out_of_the_drop_folder(client, settings, tmp_p
     assert_error(client.post("/insert", json={"inputs": [str(link)]}), 422, "outside_roots")
 
 
-@pytest.mark.parametrize("body", [
-    {"inputs": []},
-    {"inputs": ["https://e.com/a"], "ids": ["a", "b"]},
-    {"inputs": ["https://e.com/a", "https://e.com/b"], "ids": ["a", "a"]},
-    {"inputs": ["https://e.com/a"], "ids": [""]},
-    {"inputs": ["https://e.com/a"], "ids": ["x" * 513]},
-    {"inputs": ["https://e.com/a"], "metadata": [{"a": 1}, {"b": 2}]},
-    {"inputs": ["https://e.com/a"], "metadata": ["not an object"]},
-    {"inputs": ["https://e.com/a"], "collection_name": "bad name"},
-    {"inputs": ["https://e.com/a\n"]},
-    {"inputs": "https://e.com/a"},
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"inputs": []},
+        {"inputs": ["https://e.com/a"], "ids": ["a", "b"]},
+        {"inputs": ["https://e.com/a", "https://e.com/b"], "ids": ["a", "a"]},
+        {"inputs": ["https://e.com/a"], "ids": [""]},
+        {"inputs": ["https://e.com/a"], "ids": ["x" * 513]},
+        {"inputs": ["https://e.com/a"], "metadata": [{"a": 1}, {"b": 2}]},
+        {"inputs": ["https://e.com/a"], "metadata": ["not an object"]},
+        {"inputs": ["https://e.com/a"], "collection_name": "bad name"},
+        {"inputs": ["https://e.com/a\n"]},
+        {"inputs": "https://e.com/a"},
+    ],
+)
 def test_insert_validation(client, body):
     assert_error(client.post("/insert", json=body), 422, "invalid_request")
 
@@ -232,8 +272,9 @@ def test_insert_wait_returns_the_report_or_504_with_the_run(client, fakes):
     done = client.post("/insert", json={"inputs": ["https://e.com/a"], "wait": True})
     assert done.status_code == 200 and done.json()["status"] == "SUCCESS" and done.json()["ok"] == 1
     fakes.runs.finishes = False
-    error = assert_error(client.post("/insert", json={"inputs": ["https://e.com/a"], "wait": True, "timeout_s": 1}),
-                         504, "timeout")
+    error = assert_error(
+        client.post("/insert", json={"inputs": ["https://e.com/a"], "wait": True, "timeout_s": 1}), 504, "timeout"
+    )
     assert error["details"]["run_id"] == "run-1"
 
 
@@ -249,16 +290,24 @@ def test_runs_report_and_unknown_run(client):
 def test_search_by_path_in_the_drop_folder_reads_the_file(client, settings, fakes):
     query = settings.drops / "q.jpg"
     query.write_bytes(b"jpeg bytes")
-    response = client.post("/search", json={"query_input": str(query), "topk": 5,
-                                            "filter_expr": 'metadata["category"] == "nature"',
-                                            "collection_name": "my_images"})
+    response = client.post(
+        "/search",
+        json={
+            "query_input": str(query),
+            "topk": 5,
+            "filter_expr": 'metadata["category"] == "nature"',
+            "collection_name": "my_images",
+        },
+    )
     assert response.status_code == 200, response.text
     body = response.json()
-    assert body["results"] == [{"id": "img_1", "score": 0.9, "uri": "/x/img_1.jpg",
-                                "metadata": {"category": "nature"}, "drop": "d"}]
+    assert body["results"] == [
+        {"id": "img_1", "score": 0.9, "uri": "/x/img_1.jpg", "metadata": {"category": "nature"}, "drop": "d"}
+    ]
     assert body["collection"] == "my_images" and body["took_ms"] == 1.5
-    assert fakes.search.calls == [{"image": b"jpeg bytes", "topk": 5, "filter": 'metadata["category"] == "nature"',
-                                   "collection": "my_images"}]
+    assert fakes.search.calls == [
+        {"image": b"jpeg bytes", "topk": 5, "filter": 'metadata["category"] == "nature"', "collection": "my_images"}
+    ]
 
 
 def test_search_by_vector(client, fakes):
@@ -267,22 +316,28 @@ def test_search_by_vector(client, fakes):
 
 
 def test_search_by_upload(client, fakes):
-    response = client.post("/search", files={"file": ("q.jpg", b"uploaded", "image/jpeg")},
-                           data={"topk": "4", "filter_expr": 'drop == "d"'})
+    response = client.post(
+        "/search",
+        files={"file": ("q.jpg", b"uploaded", "image/jpeg")},
+        data={"topk": "4", "filter_expr": 'drop == "d"'},
+    )
     assert response.status_code == 200, response.text
     assert fakes.search.calls == [{"image": b"uploaded", "topk": 4, "filter": 'drop == "d"', "collection": None}]
 
 
-@pytest.mark.parametrize("body", [
-    {"topk": 5},
-    {"query_input": "/a.jpg", "vector": [1.0]},
-    {"vector": [1.0], "topk": 0},
-    {"vector": [1.0], "topk": 51},
-    {"vector": []},
-    {"vector": ["x"]},
-    {"vector": [1.0], "top_k": 5},
-    {"vector": [1.0], "collection_name": "a;drop"},
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"topk": 5},
+        {"query_input": "/a.jpg", "vector": [1.0]},
+        {"vector": [1.0], "topk": 0},
+        {"vector": [1.0], "topk": 51},
+        {"vector": []},
+        {"vector": ["x"]},
+        {"vector": [1.0], "top_k": 5},
+        {"vector": [1.0], "collection_name": "a;drop"},
+    ],
+)
 def test_search_validation(client, body):
     assert_error(client.post("/search", json=body), 422, "invalid_request")
 
@@ -294,18 +349,23 @@ def test_search_vector_with_nan_is_refused(client):
 
 def test_search_query_outside_the_roots_or_missing(client, settings):
     assert_error(client.post("/search", json={"query_input": "/etc/hostname"}), 422, "outside_roots")
-    missing = assert_error(client.post("/search", json={"query_input": str(settings.drops / "none.jpg")}), 422,
-                           "unreadable_input")
+    missing = assert_error(
+        client.post("/search", json={"query_input": str(settings.drops / "none.jpg")}), 422, "unreadable_input"
+    )
     assert missing["details"] == {"kind": "not_found"}
 
 
 def test_search_upload_problems(client):
     assert_error(client.post("/search", data={"topk": "3"}, files={"other": ("a", b"x")}), 422, "invalid_request")
     assert_error(client.post("/search", files={"file": ("q.jpg", b"", "image/jpeg")}), 422, "bad_image")
-    assert_error(client.post("/search", files={"file": ("q.jpg", b"x", "image/jpeg")}, data={"topk": "zero"}),
-                 422, "invalid_request")
-    assert_error(client.post("/search", content=b"x", headers={"content-type": "text/plain"}), 415,
-                 "unsupported_media_type")
+    assert_error(
+        client.post("/search", files={"file": ("q.jpg", b"x", "image/jpeg")}, data={"topk": "zero"}),
+        422,
+        "invalid_request",
+    )
+    assert_error(
+        client.post("/search", content=b"x", headers={"content-type": "text/plain"}), 415, "unsupported_media_type"
+    )
 
 
 def test_engine_errors_map_to_api_errors():
@@ -350,8 +410,11 @@ def test_request_body_over_the_limit_is_413(client, settings):
         for _ in range(100):
             yield b" " * 1024
 
-    assert_error(client.post("/search", content=chunked(), headers={"content-type": "application/json"}), 413,
-                 "request_too_large")
+    assert_error(
+        client.post("/search", content=chunked(), headers={"content-type": "application/json"}),
+        413,
+        "request_too_large",
+    )
 
 
 # -- trust nobody by default ------------------------------------------------------------------------------------
@@ -372,11 +435,16 @@ def test_an_unexpected_error_never_reaches_the_client_as_text(settings, fakes):
             raise RuntimeError("secret at http://root:hunter2@10.0.0.5:19530 /srv/private/path")
 
     fakes.search = Exploding()
-    with TestClient(create_app(settings, fakes, api_key=""), base_url="http://127.0.0.1",
-                    raise_server_exceptions=False) as c:
+    with TestClient(
+        create_app(settings, fakes, api_key=""), base_url="http://127.0.0.1", raise_server_exceptions=False
+    ) as c:
         response = c.post("/search", json={"vector": [1.0] + [0.0] * 1279, "topk": 3})
     error = assert_error(response, 500, "internal_error")
-    assert "hunter2" not in response.text and "/srv/private" not in response.text and "RuntimeError" not in error["message"]
+    assert (
+        "hunter2" not in response.text
+        and "/srv/private" not in response.text
+        and "RuntimeError" not in error["message"]
+    )
 
 
 def test_insert_waits_are_capped(client):
@@ -386,9 +454,16 @@ def test_insert_waits_are_capped(client):
 
 @pytest.mark.parametrize(
     "host, key, insecure, refused",
-    [("127.0.0.1", False, False, False), ("::1", False, False, False), ("localhost", False, False, False),
-     ("0.0.0.0", False, False, True), ("192.168.1.5", False, False, True), ("api.example", False, False, True),
-     ("0.0.0.0", True, False, False), ("0.0.0.0", False, True, False)],
+    [
+        ("127.0.0.1", False, False, False),
+        ("::1", False, False, False),
+        ("localhost", False, False, False),
+        ("0.0.0.0", False, False, True),
+        ("192.168.1.5", False, False, True),
+        ("api.example", False, False, True),
+        ("0.0.0.0", True, False, False),
+        ("0.0.0.0", False, True, False),
+    ],
 )
 def test_a_public_bind_needs_a_key_or_insecure(host, key, insecure, refused):
     from embedding_pipeline.api.guards import public_bind_problem
@@ -421,8 +496,9 @@ def test_requests_beyond_the_in_flight_bound_get_503_busy_and_health_still_answe
     body = {"vector": [1.0] + [0.0] * 1279, "topk": 1}
     with TestClient(create_app(limited, fakes, api_key=""), base_url="http://127.0.0.1") as c:
         results: list[int] = []
-        workers = [threading.Thread(target=lambda: results.append(c.post("/search", json=body).status_code))
-                   for _ in range(2)]
+        workers = [
+            threading.Thread(target=lambda: results.append(c.post("/search", json=body).status_code)) for _ in range(2)
+        ]
         for w in workers:
             w.start()
         assert entered.acquire(timeout=30) and entered.acquire(timeout=30)

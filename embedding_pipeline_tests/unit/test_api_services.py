@@ -25,8 +25,9 @@ def test_drop_names_are_valid_manifest_drops_and_unique():
 
 def test_manifest_rows_carry_ids_and_metadata_and_refuse_large_metadata(tmp_path: Path):
     settings = Settings(home=tmp_path)
-    request = InsertRequest(inputs=["https://e.com/a.jpg", str(settings.drops / "b.jpg")], ids=["a", "b"],
-                            metadata=[{"k": 1}, {"k": 2}])
+    request = InsertRequest(
+        inputs=["https://e.com/a.jpg", str(settings.drops / "b.jpg")], ids=["a", "b"], metadata=[{"k": 1}, {"k": 2}]
+    )
     assert manifest_rows(settings, request) == [
         {"uri": "https://e.com/a.jpg", "id": "a", "metadata": {"k": 1}},
         {"uri": str(settings.drops / "b.jpg"), "id": "b", "metadata": {"k": 2}},
@@ -67,8 +68,11 @@ def test_create_refuses_another_dimension_and_bad_index_params(tmp_path: Path):
 
 
 def test_health_is_down_when_any_service_is():
-    up = {"triton": {"server_ready": True, "model_ready": True}, "milvus": {"reachable": True},
-          "dagster": {"instance_reachable": True, "webserver_reachable": True}}
+    up = {
+        "triton": {"server_ready": True, "model_ready": True},
+        "milvus": {"reachable": True},
+        "dagster": {"instance_reachable": True, "webserver_reachable": True},
+    }
     assert healthy(up)
     for section, key in (("triton", "model_ready"), ("milvus", "reachable"), ("dagster", "webserver_reachable")):
         down = {k: dict(v) for k, v in up.items()}
@@ -77,8 +81,8 @@ def test_health_is_down_when_any_service_is():
 
 
 def test_insert_without_a_webserver_is_503_and_leaves_nothing_behind(tmp_path: Path, monkeypatch):
-    from embedding_pipeline.orchestration import instance as orchestration_instance
     from embedding_pipeline.api.ingest import DagsterRuns
+    from embedding_pipeline.orchestration import instance as orchestration_instance
     from embedding_pipeline.runtime.processes import free_ports
 
     settings = Settings(home=tmp_path / "home")

@@ -43,8 +43,9 @@ def test_corpus_of_another_dimension_is_synthetic_throughout():
 def test_exact_neighbours_and_recall():
     vectors = _real(30)
     queries = corpus.normalise(vectors[[4, 7]] + 0.01)  # near rows 4 and 7
-    c = corpus.Corpus(vectors, 30, queries, "real photo embeddings", photos=np.arange(30) % 3,
-                      query_photos=np.array([1, 0]))
+    c = corpus.Corpus(
+        vectors, 30, queries, "real photo embeddings", photos=np.arange(30) % 3, query_photos=np.array([1, 0])
+    )
     exact = search.exact_neighbours(c)
     assert exact.shape == (2, 10) and list(exact[:, 0]) == [4, 7]
     scores = queries @ vectors.T
@@ -72,8 +73,11 @@ def test_filters_select_each_value_in_turn():
 def test_index_type_override_takes_that_types_defaults():
     assert seed.index_overrides(MilvusSettings(), None) == {}
     assert seed.index_overrides(MilvusSettings(), "hnsw") == {}
-    assert seed.index_overrides(MilvusSettings(), "IVF_FLAT") == {"index_type": "IVF_FLAT", "index_params": {},
-                                                                  "search_params": {}}
+    assert seed.index_overrides(MilvusSettings(), "IVF_FLAT") == {
+        "index_type": "IVF_FLAT",
+        "index_params": {},
+        "search_params": {},
+    }
 
 
 def test_bad_options_are_refused_naming_the_option():
@@ -98,14 +102,24 @@ def test_search_p99_target_takes_the_best_store_at_100k_and_more():
     from embedding_pipeline.bench.seed import targets
 
     def run(store, size, p99):
-        return {"store": store, "size": size, "index_type": "HNSW",
-                "insert": {"ours": {"vectors_per_s": 6000.0}, "target_vectors_per_s": 5000, "target_met": True},
-                "search": {"unfiltered": {"p99_ms": p99}, "declared_filter_to_unfiltered_p50": 1.1,
-                           "target_declared_filter_ratio": 2.0, "declared_filter_target_met": True}}
+        return {
+            "store": store,
+            "size": size,
+            "index_type": "HNSW",
+            "insert": {"ours": {"vectors_per_s": 6000.0}, "target_vectors_per_s": 5000, "target_met": True},
+            "search": {
+                "unfiltered": {"p99_ms": p99},
+                "declared_filter_to_unfiltered_p50": 1.1,
+                "target_declared_filter_ratio": 2.0,
+                "declared_filter_target_met": True,
+            },
+        }
 
     extraction = {"ratio_to_model_only": 0.8, "target_ratio": 0.6, "target_met": True}
-    result = {"extraction": extraction,
-              "runs": [run("lite", 10_000, 3.0), run("lite", 100_000, 60.0), run("standalone", 100_000, 8.5)]}
+    result = {
+        "extraction": extraction,
+        "runs": [run("lite", 10_000, 3.0), run("lite", 100_000, 60.0), run("standalone", 100_000, 8.5)],
+    }
     (p99,) = [t for t in targets(result) if t["what"].startswith("unfiltered search p99")]
     assert (p99["where"], p99["value"], p99["met"]) == ("standalone 100,000", 8.5, True)
     result["runs"][2] = run("standalone", 100_000, 12.0)

@@ -62,11 +62,15 @@ class FakeMilvus:
 
     def describe_collection(self, name):
         c = self.collections[self._name(name)]
-        return {"collection_name": self._name(name), "properties": dict(c["properties"]),
-                "fields": [{"name": "id", "type": SimpleNamespace(name="VARCHAR")},
-                           {"name": "embedding", "type": SimpleNamespace(name="FLOAT_VECTOR"),
-                            "params": {"dim": c["dim"]}}]
-                + ([{"name": "drops", "type": SimpleNamespace(name="ARRAY")}] if c.get("membership", True) else [])}
+        return {
+            "collection_name": self._name(name),
+            "properties": dict(c["properties"]),
+            "fields": [
+                {"name": "id", "type": SimpleNamespace(name="VARCHAR")},
+                {"name": "embedding", "type": SimpleNamespace(name="FLOAT_VECTOR"), "params": {"dim": c["dim"]}},
+            ]
+            + ([{"name": "drops", "type": SimpleNamespace(name="ARRAY")}] if c.get("membership", True) else []),
+        }
 
     def create_collection(self, name, schema, consistency_level, properties=None):
         dim = next(f.params["dim"] for f in schema.fields if f.name == "embedding")
@@ -101,8 +105,12 @@ class FakeMilvus:
     # test helpers
     def add_rows(self, collection, drop, model, count):
         for i in range(count):
-            self.collections[collection]["rows"][f"{drop}-{i}"] = {"id": f"{drop}-{i}", "drop": drop, "drops": [drop],
-                                                                   "model": model}
+            self.collections[collection]["rows"][f"{drop}-{i}"] = {
+                "id": f"{drop}-{i}",
+                "drop": drop,
+                "drops": [drop],
+                "model": model,
+            }
 
 
 def _matches(row, expr):
@@ -155,8 +163,14 @@ def test_labels_parse_and_compare_by_file_when_both_record_one():
 def _write_embeddings(data, drop, model, count, dim=4):
     with arrow.DropWriter(data / "embeddings" / drop) as writer:
         if count:
-            rows = {"id": [f"{drop}-{i}" for i in range(count)], "drop": [drop] * count, "sha256": ["s"] * count,
-                    "uri": ["u"] * count, "model": [model] * count, "metadata": ["{}"] * count}
+            rows = {
+                "id": [f"{drop}-{i}" for i in range(count)],
+                "drop": [drop] * count,
+                "sha256": ["s"] * count,
+                "uri": ["u"] * count,
+                "model": [model] * count,
+                "metadata": ["{}"] * count,
+            }
             vectors = np.ones((count, dim), np.float32)
             writer.write(arrow.embedding_table(rows, vectors, arrow.embedding_schema(dim, {"model": model})))
         writer.commit()

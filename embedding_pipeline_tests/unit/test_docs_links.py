@@ -76,8 +76,9 @@ def broken(path: Path) -> list[str]:
         target, _, anchor = link.partition("#")
         file = (path.parent / unquote(target)).resolve() if target else path
         if not file.exists():
-            problems.append(f"{link}: {file.relative_to(REPO_ROOT) if file.is_relative_to(REPO_ROOT) else file} "
-                            "does not exist")
+            problems.append(
+                f"{link}: {file.relative_to(REPO_ROOT) if file.is_relative_to(REPO_ROOT) else file} does not exist"
+            )
         elif anchor and file.suffix == ".md" and unquote(anchor).lower() not in anchors(file):
             problems.append(f"{link}: no heading in {file.relative_to(REPO_ROOT)} makes #{anchor}")
     return problems
@@ -95,20 +96,33 @@ def test_the_readme_stays_short():
 
 
 def test_the_docs_pages_are_checked():
-    assert {page.name for page in PAGES} >= {"README.md", "architecture.md", "configuration.md", "operations.md",
-                                            "http-api.md", "benchmarks.md"}
+    assert {page.name for page in PAGES} >= {
+        "README.md",
+        "architecture.md",
+        "configuration.md",
+        "operations.md",
+        "http-api.md",
+        "benchmarks.md",
+    }
 
 
-@pytest.mark.parametrize(("heading", "anchor"), [
-    ("Retention: deleting a drop", "retention-deleting-a-drop"),
-    ("Vector index, filters and remote Milvus", "vector-index-filters-and-remote-milvus"),
-    ("Extraction, insert and search (`embedding-pipeline bench`)",
-     "extraction-insert-and-search-embedding-pipeline-bench"),
-    ("Running the `onnxruntime` flavour in NVIDIA's container",
-     "running-the-onnxruntime-flavour-in-nvidias-container"),
-    ("The instance: `deploy/dagster.yaml`", "the-instance-deploydagsteryaml"),
-    ("Schedules, sensor, pools and retries", "schedules-sensor-pools-and-retries"),
-])
+@pytest.mark.parametrize(
+    ("heading", "anchor"),
+    [
+        ("Retention: deleting a drop", "retention-deleting-a-drop"),
+        ("Vector index, filters and remote Milvus", "vector-index-filters-and-remote-milvus"),
+        (
+            "Extraction, insert and search (`embedding-pipeline bench`)",
+            "extraction-insert-and-search-embedding-pipeline-bench",
+        ),
+        (
+            "Running the `onnxruntime` flavour in NVIDIA's container",
+            "running-the-onnxruntime-flavour-in-nvidias-container",
+        ),
+        ("The instance: `deploy/dagster.yaml`", "the-instance-deploydagsteryaml"),
+        ("Schedules, sensor, pools and retries", "schedules-sensor-pools-and-retries"),
+    ],
+)
 def test_slugs_follow_githubs_rules(heading, anchor):
     assert slug(heading) == anchor
 
@@ -121,6 +135,8 @@ def test_repeated_headings_get_numbered_anchors(tmp_path):
 
 def test_links_in_code_are_not_links(tmp_path):
     page = tmp_path / "page.md"
-    page.write_text("[a](a.md) `[b](b.md)` ![c](img/c.png \"C\")\n\n```\n[d](d.md)\n```\n[e]: e.md\n"
-                    "[f](https://example.com) [g](mailto:x@example.com) [h](#here)\n")
+    page.write_text(
+        '[a](a.md) `[b](b.md)` ![c](img/c.png "C")\n\n```\n[d](d.md)\n```\n[e]: e.md\n'
+        "[f](https://example.com) [g](mailto:x@example.com) [h](#here)\n"
+    )
     assert links(page) == ["a.md", "img/c.png", "e.md", "#here"]

@@ -1,7 +1,7 @@
 import pytest
 
-from embedding_pipeline.sources.drops import place_drop
 from embedding_pipeline.settings import load_settings
+from embedding_pipeline.sources.drops import place_drop
 
 
 @pytest.fixture

@@ -61,9 +61,26 @@ def _allows(policy, address, port=80):
 
 @pytest.mark.parametrize(
     "address",
-    ["127.0.0.1", "::1", "10.1.2.3", "192.168.0.10", "172.16.5.5", "169.254.169.254", "fe80::1", "100.64.0.1",
-     "0.0.0.0", "::", "224.0.0.1", "ff02::1", "240.0.0.1", "::ffff:127.0.0.1", "::ffff:169.254.169.254",
-     "2002:7f00:1::1", "fd00::1", "fec0::1"],
+    [
+        "127.0.0.1",
+        "::1",
+        "10.1.2.3",
+        "192.168.0.10",
+        "172.16.5.5",
+        "169.254.169.254",
+        "fe80::1",
+        "100.64.0.1",
+        "0.0.0.0",
+        "::",
+        "224.0.0.1",
+        "ff02::1",
+        "240.0.0.1",
+        "::ffff:127.0.0.1",
+        "::ffff:169.254.169.254",
+        "2002:7f00:1::1",
+        "fd00::1",
+        "fec0::1",
+    ],
 )
 def test_non_public_addresses_are_refused_by_default(address):
     assert not _allows(AddressPolicy(), address)
@@ -177,9 +194,26 @@ def test_https_connects_to_the_checked_address_and_verifies_the_name(tmp_path, m
         missing("needs the openssl command to make a test certificate")
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(
-        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=images.example",
-         "-addext", "subjectAltName=DNS:images.example", "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True,
+        [
+            openssl,
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=images.example",
+            "-addext",
+            "subjectAltName=DNS:images.example",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
     )
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert, key)
@@ -201,8 +235,14 @@ def test_https_connects_to_the_checked_address_and_verifies_the_name(tmp_path, m
         finally:
             fetcher.close()
         # Over TLS too, one deadline covers headers trickled a byte at a time (the socket is wrapped by then).
-        slow = UrlFetcher(SourceSettings(fetch_retries=0, fetch_deadline_s=0.5, fetch_timeout_s=1,
-                                         private_allowlist=[f"127.0.0.1:{tls_server.port}"]))
+        slow = UrlFetcher(
+            SourceSettings(
+                fetch_retries=0,
+                fetch_deadline_s=0.5,
+                fetch_timeout_s=1,
+                private_allowlist=[f"127.0.0.1:{tls_server.port}"],
+            )
+        )
         slow.session.verify = str(cert)
         try:
             started = time.monotonic()
@@ -214,8 +254,11 @@ def test_https_connects_to_the_checked_address_and_verifies_the_name(tmp_path, m
 
 
 def test_a_kept_alive_connection_is_under_the_next_downloads_deadline(server):
-    fetcher = UrlFetcher(SourceSettings(fetch_retries=0, fetch_deadline_s=0.5, fetch_timeout_s=1,
-                                        private_allowlist=[f"127.0.0.1:{server.port}"]))
+    fetcher = UrlFetcher(
+        SourceSettings(
+            fetch_retries=0, fetch_deadline_s=0.5, fetch_timeout_s=1, private_allowlist=[f"127.0.0.1:{server.port}"]
+        )
+    )
     try:
         assert fetcher.get(server.url("/files/a.png")) == PNG  # leaves its connection in the pool
         started = time.monotonic()
@@ -328,8 +371,16 @@ _RGB = np.full((8, 8, 3), 90, dtype=np.uint8)
 
 @pytest.mark.parametrize(
     "fmt, name, kwargs",
-    [("JPEG", "JPEG", {}), ("PNG", "PNG", {}), ("GIF", "GIF", {}), ("WEBP", "WEBP", {}), ("BMP", "BMP", {}),
-     ("TIFF", "TIFF", {}), ("ICO", "ICO", {}), ("PPM", "PNM", {})],
+    [
+        ("JPEG", "JPEG", {}),
+        ("PNG", "PNG", {}),
+        ("GIF", "GIF", {}),
+        ("WEBP", "WEBP", {}),
+        ("BMP", "BMP", {}),
+        ("TIFF", "TIFF", {}),
+        ("ICO", "ICO", {}),
+        ("PPM", "PNM", {}),
+    ],
 )
 def test_sniff_image_formats(fmt, name, kwargs):
     data = encode(_RGB, fmt, **kwargs)
@@ -374,6 +425,7 @@ def test_unknown_binary_and_broken_headers_are_not_images():
 
 def test_decompression_bomb_header_passes_the_manifest_stage():
     """Its size is decoding's call (too_many_pixels), not a reason to say the file is no image."""
+
     def chunk(tag, data):
         return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
 

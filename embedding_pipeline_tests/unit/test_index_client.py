@@ -26,11 +26,15 @@ class FakeMilvusClient:
         self.declared = declared
 
     def describe_collection(self, name):
-        fields = [{"name": "id", "type": SimpleNamespace(name="VARCHAR")},
-                  {"name": "embedding", "type": SimpleNamespace(name="FLOAT_VECTOR"), "params": {"dim": 4}}]
+        fields = [
+            {"name": "id", "type": SimpleNamespace(name="VARCHAR")},
+            {"name": "embedding", "type": SimpleNamespace(name="FLOAT_VECTOR"), "params": {"dim": 4}},
+        ]
         if self.declared:
-            fields += [{"name": "meta_category", "type": SimpleNamespace(name="VARCHAR")},
-                       {"name": "has_meta_category", "type": SimpleNamespace(name="BOOL")}]
+            fields += [
+                {"name": "meta_category", "type": SimpleNamespace(name="VARCHAR")},
+                {"name": "has_meta_category", "type": SimpleNamespace(name="BOOL")},
+            ]
         return {"fields": fields}
 
     def has_collection(self, name):
@@ -57,8 +61,16 @@ def fake_index(settings: MilvusSettings, fake: FakeMilvusClient) -> ImageIndex:
 
 
 def rows(n: int, dim: int = 4, metadata=None):
-    return [{"id": f"r{i}", "embedding": np.ones(dim, np.float32), "uri": f"u{i}", "drop": "d",
-             "metadata": metadata if metadata is not None else {"category": "nature"}} for i in range(n)]
+    return [
+        {
+            "id": f"r{i}",
+            "embedding": np.ones(dim, np.float32),
+            "uri": f"u{i}",
+            "drop": "d",
+            "metadata": metadata if metadata is not None else {"category": "nature"},
+        }
+        for i in range(n)
+    ]
 
 
 def test_batches_respect_rows_and_bytes():
@@ -87,7 +99,11 @@ def test_wrong_typed_values_keep_the_row_and_are_reported():
     assert index.upsert(rows(2, metadata={"category": 7})) == 2
     assert fake.rows["r1"]["has_meta_category"] is False and fake.rows["r1"]["metadata"] == {"category": 7}
     assert [m.as_dict() for m in index.type_mismatches][0] == {
-        "id": "r0", "key": "category", "declared": "VARCHAR", "reason": "expected a string, got int"}
+        "id": "r0",
+        "key": "category",
+        "declared": "VARCHAR",
+        "reason": "expected a string, got int",
+    }
 
 
 def test_collection_declared_fields_are_used_even_if_settings_omit_them():

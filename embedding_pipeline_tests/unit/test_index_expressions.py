@@ -2,7 +2,8 @@
 literal (property-based), and drop filters become membership tests."""
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from embedding_pipeline.index import expressions
 from embedding_pipeline.index.filters import rewrite_drop_filter, tokenize
@@ -68,7 +69,7 @@ def test_chunks_cover_all_values_in_order():
         ('metadata["drop"] == "a"', 'metadata["drop"] == "a"'),  # a metadata key, not the field
         ('uri like "drop == %"', 'uri like "drop == %"'),  # inside a string literal
         ('drop like "a%"', 'drop like "a%"'),  # other forms read the display field
-        ('drop in []', 'drop in []'),
+        ("drop in []", "drop in []"),
     ],
 )
 def test_drop_filters_become_membership_tests(expr, expected):

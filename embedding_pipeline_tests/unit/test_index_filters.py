@@ -17,8 +17,10 @@ def typed(key: str, inner: str) -> str:
     [
         # The original specification's syntax, both quote styles; the rest of the expression is kept byte for byte.
         ('metadata["category"] == "nature"', typed("category", 'meta_category == "nature"')),
-        ("metadata['category'] == 'nature' and drop == 'x'",
-         typed("category", "meta_category == 'nature'") + " and drop == 'x'"),
+        (
+            "metadata['category'] == 'nature' and drop == 'x'",
+            typed("category", "meta_category == 'nature'") + " and drop == 'x'",
+        ),
         ('"nature" == metadata["category"]', typed("category", '"nature" == meta_category')),
         ('metadata["category"] in ["a", "b"]', typed("category", 'meta_category in ["a", "b"]')),
         ('metadata["category"] like "nat%"', typed("category", 'meta_category like "nat%"')),
@@ -33,11 +35,19 @@ def typed(key: str, inner: str) -> str:
         ('metadata["score"] >= 2', typed("score", "meta_score >= 2")),
         ('metadata["ok"] == True', typed("ok", "meta_ok == True")),
         # Several comparisons, grouping and connectives.
-        ('(metadata["category"] == "a" or metadata["year"] == 3) && metadata["ok"] == false',
-         "(" + typed("category", 'meta_category == "a"') + " or " + typed("year", "meta_year == 3") + ") && "
-         + typed("ok", "meta_ok == false")),
-        ('drop == "d" and (metadata["category"] == "a")',
-         'drop == "d" and (' + typed("category", 'meta_category == "a"') + ")"),
+        (
+            '(metadata["category"] == "a" or metadata["year"] == 3) && metadata["ok"] == false',
+            "("
+            + typed("category", 'meta_category == "a"')
+            + " or "
+            + typed("year", "meta_year == 3")
+            + ") && "
+            + typed("ok", "meta_ok == false"),
+        ),
+        (
+            'drop == "d" and (metadata["category"] == "a")',
+            'drop == "d" and (' + typed("category", 'meta_category == "a"') + ")",
+        ),
     ],
 )
 def test_comparisons_on_declared_keys_move_to_typed_columns(expr, expected):
@@ -70,9 +80,9 @@ def test_comparisons_on_declared_keys_move_to_typed_columns(expr, expected):
         'metadata["year"] == metadata["score"]',
         '1 < metadata["year"] > 0',  # not a range
         'uri == "metadata[\\"category\\"] == \\"a\\""',  # inside a string literal
-        "uri like 'metadata[\"category\"] == \"a\"%'",
+        'uri like \'metadata["category"] == "a"%\'',
         '$meta["category"] == "a"',
-        'metadata[\'cat\\\'egory\'] == "a"',
+        "metadata['cat\\'egory'] == \"a\"",
         "",
     ],
 )
@@ -94,10 +104,14 @@ def test_typed_values_store_fitting_values_and_report_the_rest():
     metadata = {"category": "nature", "year": "1999", "score": 3, "ok": 1}
     columns, problems = typed_values("img_1", metadata, FIELDS)
     assert columns == {
-        "meta_category": "nature", "has_meta_category": True,
-        "meta_year": 0, "has_meta_year": False,
-        "meta_score": 3.0, "has_meta_score": True,  # a DOUBLE key takes integers
-        "meta_ok": False, "has_meta_ok": False,
+        "meta_category": "nature",
+        "has_meta_category": True,
+        "meta_year": 0,
+        "has_meta_year": False,
+        "meta_score": 3.0,
+        "has_meta_score": True,  # a DOUBLE key takes integers
+        "meta_ok": False,
+        "has_meta_ok": False,
     }
     assert {(p.id, p.key, p.declared) for p in problems} == {("img_1", "year", "INT64"), ("img_1", "ok", "BOOL")}
     assert "expected an integer, got str" in next(p.reason for p in problems if p.key == "year")

@@ -53,8 +53,10 @@ def test_per_query_override_and_ef_at_least_top_k(tmp_path):
 @pytest.mark.parametrize(
     "yaml_text, needle",
     [
-        ("index_type: IVF_FLAT\n  index_params: {M: 16}",
-         "milvus.index_params: unknown key 'M' for index type IVF_FLAT"),
+        (
+            "index_type: IVF_FLAT\n  index_params: {M: 16}",
+            "milvus.index_params: unknown key 'M' for index type IVF_FLAT",
+        ),
         ("index_type: HNSW\n  search_params: {nprobe: 4}", "milvus.search_params: unknown key 'nprobe'"),
         ("index_type: FLAT\n  index_params: {nlist: 4}", "(accepted: none)"),
         ("index_type: HNSW\n  index_params: {M: 1}", "milvus.index_params.M must be between 2 and 2048"),

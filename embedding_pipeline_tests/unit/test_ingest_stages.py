@@ -4,11 +4,9 @@ import numpy as np
 import pytest
 
 from embedding_pipeline import ingest
-from embedding_pipeline.storage import layout
 from embedding_pipeline.settings import load_settings
-from embedding_pipeline.storage import arrow
+from embedding_pipeline.storage import arrow, layout
 from embedding_pipeline_tests.images import encode
-
 
 MODEL_INPUT = ("UINT8", (16, 16, 3))
 

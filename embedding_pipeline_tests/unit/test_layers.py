@@ -93,8 +93,9 @@ def layer_of(module: str) -> int:
                 if best is None or len(prefix) > best[0]:
                     best = (len(prefix), rank)
     if best is None:
-        raise AssertionError(f"{module} belongs to no layer: add it to LAYERS in {Path(__file__).name} and to "
-                             "docs/architecture.md")
+        raise AssertionError(
+            f"{module} belongs to no layer: add it to LAYERS in {Path(__file__).name} and to docs/architecture.md"
+        )
     return best[1]
 
 
@@ -111,7 +112,9 @@ def test_every_module_has_a_layer():
 def test_no_module_imports_a_higher_layer():
     wrong = [
         f"{_short(m)} ({LAYERS[layer_of(m)][0]}) imports {_short(t)} ({LAYERS[layer_of(t)][0]}) at line {line}"
-        for m, targets in EDGES.items() for t, line in targets.items() if layer_of(t) > layer_of(m)
+        for m, targets in EDGES.items()
+        for t, line in targets.items()
+        if layer_of(t) > layer_of(m)
     ]
     assert not wrong, "\n".join(wrong)
 
@@ -132,8 +135,10 @@ def test_no_dagster_below_the_definitions():
     below = LAYERS.index(next(layer for layer in LAYERS if layer[0] == "instance"))
     wrong = [
         f"{_short(module)} imports {name} at line {line}"
-        for module, path in MODULES.items() if layer_of(module) < below
-        for name, line in _imports(path) if name.split(".")[0] in ("dagster", "dagster_graphql", "dagster_webserver")
+        for module, path in MODULES.items()
+        if layer_of(module) < below
+        for name, line in _imports(path)
+        if name.split(".")[0] in ("dagster", "dagster_graphql", "dagster_webserver")
     ]
     assert not wrong, "\n".join(wrong)
 
@@ -141,15 +146,20 @@ def test_no_dagster_below_the_definitions():
 def test_dagster_private_modules_only_in_the_backfill_adapter():
     wrong = [
         f"{_short(module)} imports {name} at line {line}"
-        for module, path in MODULES.items() if module not in DAGSTER_PRIVATE
-        for name, line in _imports(path) if name.startswith("dagster._")
+        for module, path in MODULES.items()
+        if module not in DAGSTER_PRIVATE
+        for name, line in _imports(path)
+        if name.startswith("dagster._")
     ]
     assert not wrong, "\n".join(wrong)
 
 
 def test_definitions_are_loaded_for_execution_in_one_place():
-    loaders = {module for module, path in MODULES.items()
-               if any(name == "embedding_pipeline.defs.defs" for name, _ in _imports(path))}
+    loaders = {
+        module
+        for module, path in MODULES.items()
+        if any(name == "embedding_pipeline.defs.defs" for name, _ in _imports(path))
+    }
     assert loaders == LOADS_DEFINITIONS
 
 
@@ -202,10 +212,13 @@ def test_the_package_has_no_import_cycle():
     assert _cycles(EDGES) == []
 
 
-@pytest.mark.parametrize("edges, expected", [
-    ({"a": {"b": 1}, "b": {"a": 2}}, [["a", "b"]]),
-    ({"a": {"b": 1}, "b": {}}, []),
-])
+@pytest.mark.parametrize(
+    "edges, expected",
+    [
+        ({"a": {"b": 1}, "b": {"a": 2}}, [["a", "b"]]),
+        ({"a": {"b": 1}, "b": {}}, []),
+    ],
+)
 def test_the_cycle_finder_finds_cycles(edges, expected, monkeypatch):
     monkeypatch.setattr(f"{__name__}.MODULES", {"a": Path("a"), "b": Path("b")})
     assert _cycles(edges) == expected

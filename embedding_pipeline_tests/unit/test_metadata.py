@@ -10,11 +10,10 @@ from dagster import AssetMaterialization, DagsterInstance, MetadataValue
 from PIL import Image
 
 from embedding_pipeline import ingest, thumbnails
-from embedding_pipeline.storage import layout
 from embedding_pipeline.defs import metadata as ui
 from embedding_pipeline.settings import load_settings
 from embedding_pipeline.sources.samples import write_sample_drop
-from embedding_pipeline.storage import arrow
+from embedding_pipeline.storage import arrow, layout
 from embedding_pipeline_tests.images import encode
 
 
@@ -98,8 +97,9 @@ def test_items_without_their_own_id_are_labelled_by_file_name():
 
 def test_failure_table_by_kind_most_frequent_first_with_examples():
     failures = [{"id": f"u{i}", "error_kind": "http_error", "error": f"HTTP 404 | {i}"} for i in range(3)]
-    failures.append({"id": "sha256-99", "error_kind": "truncated", "error": "image file is truncated",
-                     "uri": "/drops/d/broken.jpg"})
+    failures.append(
+        {"id": "sha256-99", "error_kind": "truncated", "error": "image file is truncated", "uri": "/drops/d/broken.jpg"}
+    )
     table = ui.failure_table({"truncated": 1, "http_error": 3, "not_image": 2}, failures).splitlines()
     assert table[0] == "| kind | count | examples |"
     assert [row.split("|")[1].strip() for row in table[2:]] == ["`http_error`", "`not_image`", "`truncated`"]
@@ -110,8 +110,15 @@ def test_failure_table_by_kind_most_frequent_first_with_examples():
 
 
 def test_summary_metadata_keeps_numbers_and_adds_a_failures_table():
-    meta = ui.summary_metadata({"items": 3, "bytes": 10.0, "seconds": 0.5, "failures_by_kind": {"not_image": 1},
-                                "failure_examples": [{"id": "a", "error_kind": "not_image", "error": "HTML page"}]})
+    meta = ui.summary_metadata(
+        {
+            "items": 3,
+            "bytes": 10.0,
+            "seconds": 0.5,
+            "failures_by_kind": {"not_image": 1},
+            "failure_examples": [{"id": "a", "error_kind": "not_image", "error": "HTML page"}],
+        }
+    )
     assert meta["items"] == 3 and meta["seconds"] == 0.5
     assert meta["bytes"] == MetadataValue.int(10)
     assert meta["failures_by_kind"] == MetadataValue.json({"not_image": 1})
@@ -132,8 +139,14 @@ def test_column_schema_of_tensor_and_embedding_batches(tmp_path):
 
     embeddings = tmp_path / "embeddings"
     with arrow.DropWriter(embeddings) as writer:
-        rows = {"id": ["a"], "drop": ["d"], "sha256": ["0" * 64], "uri": ["a.jpg"], "model": ["m:1"],
-                "metadata": ["{}"]}
+        rows = {
+            "id": ["a"],
+            "drop": ["d"],
+            "sha256": ["0" * 64],
+            "uri": ["a.jpg"],
+            "model": ["m:1"],
+            "metadata": ["{}"],
+        }
         writer.write(arrow.embedding_table(rows, np.ones((1, 8), np.float32), arrow.embedding_schema(8)))
         writer.commit()
     found = ui.output_schema_metadata(embeddings)[ui.COLUMN_SCHEMA_KEY]
@@ -166,9 +179,11 @@ def test_manifest_schema_and_a_preview_of_real_photos_within_budget(settings):
 def test_search_results_show_query_and_hit_thumbnails(settings):
     folder = write_sample_drop(settings.drops, "photos")
     ingest.build_manifest(settings, "photos")
-    hits = [{"id": "chelsea", "score": 1.0, "uri": "chelsea.jpg", "drop": "photos", "sha256": ""},
-            {"id": "coffee", "score": 0.4321, "uri": "coffee.jpg", "drop": "photos", "sha256": ""},
-            {"id": "deleted", "score": 0.1, "uri": "x.jpg", "drop": "gone", "sha256": "ab" * 32}]
+    hits = [
+        {"id": "chelsea", "score": 1.0, "uri": "chelsea.jpg", "drop": "photos", "sha256": ""},
+        {"id": "coffee", "score": 0.4321, "uri": "coffee.jpg", "drop": "photos", "sha256": ""},
+        {"id": "deleted", "score": 0.1, "uri": "x.jpg", "drop": "gone", "sha256": "ab" * 32},
+    ]
     images = ui.hit_thumbnails(settings, hits)
     assert images[0] is not None and images[1] is not None and images[2] is None
     query = thumbnails.file_thumbnail_uri(folder / "chelsea.jpg", [folder])
@@ -185,9 +200,11 @@ def test_search_results_show_query_and_hit_thumbnails(settings):
 
 def test_stage_timings_from_earlier_materializations_in_the_instance():
     with DagsterInstance.ephemeral() as instance:
-        for asset, metadata in [("raw_image_manifest", {"seconds": 0.5, "items": 10}),
-                                ("preprocessed_batches", {"seconds": 2.0, "images": 8}),
-                                ("image_embeddings", {"seconds": 4.0, "computed": 8})]:
+        for asset, metadata in [
+            ("raw_image_manifest", {"seconds": 0.5, "items": 10}),
+            ("preprocessed_batches", {"seconds": 2.0, "images": 8}),
+            ("image_embeddings", {"seconds": 4.0, "computed": 8}),
+        ]:
             instance.report_runless_asset_event(AssetMaterialization(asset, partition="d1", metadata=metadata))
         # Another drop's figures must not leak in.
         instance.report_runless_asset_event(

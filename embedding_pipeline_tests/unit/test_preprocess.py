@@ -139,9 +139,7 @@ def test_modes_are_converted_to_rgb(preprocessor):
 
 def test_alpha_is_composited_on_the_configured_background():
     clear = encode(np.zeros((20, 20, 4), np.uint8))  # fully transparent
-    prep = Preprocessor(
-        TensorSpec(height=8, width=8), batch_size=1, options=DecodeOptions(background=(0, 128, 255))
-    )
+    prep = Preprocessor(TensorSpec(height=8, width=8), batch_size=1, options=DecodeOptions(background=(0, 128, 255)))
     (tensor,) = prep.prepare([clear]).tensors
     assert (tensor == (0, 128, 255)).all()
 

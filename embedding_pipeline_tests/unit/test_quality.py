@@ -19,8 +19,14 @@ def unit_vectors(n: int, dim: int = 8, seed: int = 0) -> np.ndarray:
 
 
 def table(ids: list[str], vectors: np.ndarray, model: str = MODEL):
-    rows = {"id": ids, "drop": ["d"] * len(ids), "sha256": ["0" * 64] * len(ids), "uri": [f"/{i}" for i in ids],
-            "model": [model] * len(ids), "metadata": ["{}"] * len(ids)}
+    rows = {
+        "id": ids,
+        "drop": ["d"] * len(ids),
+        "sha256": ["0" * 64] * len(ids),
+        "uri": [f"/{i}" for i in ids],
+        "model": [model] * len(ids),
+        "metadata": ["{}"] * len(ids),
+    }
     return arrow.embedding_table(rows, vectors, arrow.embedding_schema(vectors.shape[1]))
 
 
@@ -29,7 +35,10 @@ def test_sound_embeddings_pass_every_check():
     stats = quality.stats_of_tables([table(ids[:4], unit_vectors(4)), table(ids[4:], unit_vectors(2, seed=1))])
     outcomes = quality.embedding_outcomes(stats, ids, 8, MODEL)
     assert [o.check for o in outcomes] == [
-        "embeddings_match_ok_items", "dimension_matches_model", "vectors_are_finite", "vectors_are_normalised"
+        "embeddings_match_ok_items",
+        "dimension_matches_model",
+        "vectors_are_finite",
+        "vectors_are_normalised",
     ]
     assert all(o.passed for o in outcomes), [o.description for o in outcomes if not o.passed]
     assert stats.files == 2 and stats.rows == 6
@@ -42,7 +51,11 @@ def test_count_check_names_missing_unexpected_and_duplicate_ids():
     outcome = quality.count_matches_items(stats, ["a", "b", "c"])
     assert not outcome.passed
     assert outcome.metadata == {
-        "expected": 3, "actual": 4, "missing_ids": ["c"], "unexpected_ids": ["x"], "duplicate_ids": ["b"],
+        "expected": 3,
+        "actual": 4,
+        "missing_ids": ["c"],
+        "unexpected_ids": ["x"],
+        "duplicate_ids": ["b"],
     }
     assert "expected 3 embedding(s)" in outcome.description and "found 4" in outcome.description
 

@@ -11,12 +11,12 @@ import pytest
 from dagster import DagsterInstance, DagsterRun, DagsterRunStatus
 
 from embedding_pipeline import retention
-from embedding_pipeline.orchestration.instance import DagsterDrops
 from embedding_pipeline.index.collections import matching_collections
-from embedding_pipeline.storage.layout import MANIFEST_SCHEMA, drop_files
+from embedding_pipeline.orchestration.instance import DagsterDrops
 from embedding_pipeline.settings import load_settings
 from embedding_pipeline.sources.items import blob_path
 from embedding_pipeline.storage import arrow
+from embedding_pipeline.storage.layout import MANIFEST_SCHEMA, drop_files
 
 SHARED_SHA = "a" * 64  # a download both drops list
 OWN_SHA = "b" * 64  # a download only drop "cats" lists
@@ -47,11 +47,24 @@ class FakeDropRows:
 def _manifest(path: Path, rows: list[tuple[str, str]]) -> None:
     """A manifest with one ok item per (uri, sha256)."""
     n = len(rows)
-    arrow.write_table(path, pa.Table.from_pydict({
-        "id": [f"id{i}" for i in range(n)], "uri": [u for u, _ in rows], "metadata": ["{}"] * n,
-        "sha256": [s for _, s in rows], "size": [3] * n, "source": [""] * n, "file_id": [""] * n, "status": ["ok"] * n,
-        "error": [""] * n, "error_kind": [""] * n,
-    }, schema=MANIFEST_SCHEMA))
+    arrow.write_table(
+        path,
+        pa.Table.from_pydict(
+            {
+                "id": [f"id{i}" for i in range(n)],
+                "uri": [u for u, _ in rows],
+                "metadata": ["{}"] * n,
+                "sha256": [s for _, s in rows],
+                "size": [3] * n,
+                "source": [""] * n,
+                "file_id": [""] * n,
+                "status": ["ok"] * n,
+                "error": [""] * n,
+                "error_kind": [""] * n,
+            },
+            schema=MANIFEST_SCHEMA,
+        ),
+    )
 
 
 def _ingested(settings, drop: str, rows: list[tuple[str, str]]) -> None:
@@ -73,19 +86,24 @@ def _ingested(settings, drop: str, rows: list[tuple[str, str]]) -> None:
 @pytest.fixture
 def settings(tmp_path):
     s = load_settings(environ={"EMBEDDING_PIPELINE_HOME": str(tmp_path / "home")})
-    _ingested(s, "cats", [("https://example.com/a.jpg", SHARED_SHA), ("https://example.com/b.jpg", OWN_SHA),
-                          ("photo.jpg", LOCAL_SHA)])
+    _ingested(
+        s,
+        "cats",
+        [("https://example.com/a.jpg", SHARED_SHA), ("https://example.com/b.jpg", OWN_SHA), ("photo.jpg", LOCAL_SHA)],
+    )
     _ingested(s, "dogs", [("https://example.com/a.jpg", SHARED_SHA)])
     return s
 
 
 @pytest.fixture
 def rows():
-    return FakeDropRows({
-        "image_embeddings": {"cats": 2, "dogs": 1},
-        "image_embeddings__efficientnet_lite0": {"cats": 3},
-        "other_collection": {"cats": 7},
-    })
+    return FakeDropRows(
+        {
+            "image_embeddings": {"cats": 2, "dogs": 1},
+            "image_embeddings__efficientnet_lite0": {"cats": 3},
+            "other_collection": {"cats": 7},
+        }
+    )
 
 
 @pytest.fixture
@@ -152,12 +170,17 @@ def test_a_drop_known_only_by_its_rows_can_still_be_deleted(settings, instance):
 
 
 def test_plan_names_runs_in_progress_but_not_the_callers_own(settings, rows, instance):
-    instance.add_run(DagsterRun(job_name="ingest_drop", run_id="r-busy", status=DagsterRunStatus.STARTED,
-                                tags={"dagster/partition": "cats"}))
-    instance.add_run(DagsterRun(job_name="delete_drop", run_id="r-self", status=DagsterRunStatus.STARTED,
-                                tags={"drop": "cats"}))
-    instance.add_run(DagsterRun(job_name="ingest_drop", run_id="r-done", status=DagsterRunStatus.SUCCESS,
-                                tags={"drop": "cats"}))
+    instance.add_run(
+        DagsterRun(
+            job_name="ingest_drop", run_id="r-busy", status=DagsterRunStatus.STARTED, tags={"dagster/partition": "cats"}
+        )
+    )
+    instance.add_run(
+        DagsterRun(job_name="delete_drop", run_id="r-self", status=DagsterRunStatus.STARTED, tags={"drop": "cats"})
+    )
+    instance.add_run(
+        DagsterRun(job_name="ingest_drop", run_id="r-done", status=DagsterRunStatus.SUCCESS, tags={"drop": "cats"})
+    )
     plan = retention.plan_drop_deletion(settings, "cats", DagsterDrops(instance), rows=rows, this_run="r-self")
     assert plan.runs_in_progress == ["r-busy"]
     with pytest.raises(retention.DropBusyError, match="r-busy"):

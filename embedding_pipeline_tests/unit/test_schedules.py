@@ -70,7 +70,14 @@ def record_ingest(instance, drops_dir, name: str, status=DagsterRunStatus.SUCCES
 
 
 def add_fake_run(instance, name: str, status: DagsterRunStatus) -> None:
-    instance.add_run(DagsterRun(job_name="ingest_drop", run_id=str(uuid.uuid4()), tags={"drop": name, "dagster/partition": name}, status=status))
+    instance.add_run(
+        DagsterRun(
+            job_name="ingest_drop",
+            run_id=str(uuid.uuid4()),
+            tags={"drop": name, "dagster/partition": name},
+            status=status,
+        )
+    )
 
 
 def evaluate(instance):
@@ -218,8 +225,10 @@ def test_server_facing_assets_retry_with_exponential_backoff_and_use_pools():
 
     from embedding_pipeline.defs.assets import RETRY
 
-    ops = {name: defs.get_assets_def(AssetKey(name)).op for name in
-           ("raw_image_manifest", "preprocessed_batches", "image_embeddings", "milvus_collection")}
+    ops = {
+        name: defs.get_assets_def(AssetKey(name)).op
+        for name in ("raw_image_manifest", "preprocessed_batches", "image_embeddings", "milvus_collection")
+    }
     assert ops["raw_image_manifest"].retry_policy is None  # reads local files only: nothing transient to wait out
     for name in ("preprocessed_batches", "image_embeddings", "milvus_collection"):
         # The policy is fixed when the code location loads (from the settings of that moment: see the test above).

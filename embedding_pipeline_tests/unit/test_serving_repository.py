@@ -151,8 +151,9 @@ def test_onnxruntime_flavour_cpu_and_tensorrt_options():
     assert list(config.dynamic_batching.preferred_batch_size) == [2, 4, 8]
 
     config, _ = _parse(
-        render_onnxruntime_config("tiny", SPEC, accelerator="tensorrt", tensorrt_precision="FP32",
-                                  parameters={"artifact_sha256": "abc"})
+        render_onnxruntime_config(
+            "tiny", SPEC, accelerator="tensorrt", tensorrt_precision="FP32", parameters={"artifact_sha256": "abc"}
+        )
     )
     (accelerator,) = config.optimization.execution_accelerators.gpu_execution_accelerator
     assert accelerator.name == "tensorrt"
@@ -274,8 +275,8 @@ def test_inspect_names_a_file_that_is_not_onnx(tmp_path):
 
 
 def test_user_model_artifact_is_inspected_checked_and_identified(fake_serving_env, tmp_path):
-    from embedding_pipeline.serving.models import file_sha256, model_artifact
     from embedding_pipeline.runtime.state import StatePaths
+    from embedding_pipeline.serving.models import file_sha256, model_artifact
 
     paths = StatePaths(tmp_path / "home")
     path = tiny_model.write_fp32_nchw_model(tmp_path / "mine.onnx")

@@ -127,11 +127,19 @@ def test_ids_are_measured_in_bytes_and_a_nul_is_refused_per_item(tmp_path):
     from embedding_pipeline.sources.drops import Drop
     from embedding_pipeline.sources.manifest import list_entries
 
-    rows = [{"id": "é" * 300, "uri": "a.jpg"}, {"id": "a\0b", "uri": "b.jpg"}, {"id": "O'Brien\n", "uri": "c.jpg"},
-            {"id": "é" * 256, "uri": "d.jpg"}]
+    rows = [
+        {"id": "é" * 300, "uri": "a.jpg"},
+        {"id": "a\0b", "uri": "b.jpg"},
+        {"id": "O'Brien\n", "uri": "c.jpg"},
+        {"id": "é" * 256, "uri": "d.jpg"},
+    ]
     manifest = tmp_path / "m.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
     entries = list_entries(Drop("m.jsonl", manifest))
-    assert [(e.error_kind, bool(e.error)) for e in entries] == [("bad_row", True), ("bad_row", True),
-                                                                 ("", False), ("", False)]
+    assert [(e.error_kind, bool(e.error)) for e in entries] == [
+        ("bad_row", True),
+        ("bad_row", True),
+        ("", False),
+        ("", False),
+    ]
     assert "bytes" in entries[0].error and "NUL" in entries[1].error

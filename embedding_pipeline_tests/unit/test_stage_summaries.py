@@ -9,9 +9,21 @@ from embedding_pipeline import ingest
 from embedding_pipeline_tests.unit.test_ingest_stages import MODEL_INPUT, FakeEmbedder, settings  # noqa: F401
 
 FAILURES = ["failures_by_kind", "failure_examples"]
-INDEX_WRITE = ["upserted", "unchanged", "removed_stale", "kept_for_transient_failures", "deleted_rows",
-               "kept_for_other_drops", "joined_shared_rows", "id_conflicts", "id_conflict_examples", "drop_rows",
-               "collection", "collection_rows", "metadata_type_mismatches"]
+INDEX_WRITE = [
+    "upserted",
+    "unchanged",
+    "removed_stale",
+    "kept_for_transient_failures",
+    "deleted_rows",
+    "kept_for_other_drops",
+    "joined_shared_rows",
+    "id_conflicts",
+    "id_conflict_examples",
+    "drop_rows",
+    "collection",
+    "collection_rows",
+    "metadata_type_mismatches",
+]
 
 
 class FakeIndex:
@@ -81,18 +93,43 @@ def test_stage_summaries_keep_their_keys_in_order(settings):  # noqa: F811
         manifest.ok = 0  # type: ignore[misc]
 
     pre = ingest.preprocess_drop(settings, "d1", MODEL_INPUT, "fake:1")
-    assert list(pre.as_dict()) == ["images", "reused", "kept_previous", "failed", "batches", "bytes", "tensor",
-                                   "seconds", "images_per_s", *FAILURES]
+    assert list(pre.as_dict()) == [
+        "images",
+        "reused",
+        "kept_previous",
+        "failed",
+        "batches",
+        "bytes",
+        "tensor",
+        "seconds",
+        "images_per_s",
+        *FAILURES,
+    ]
     assert pre.as_dict()["tensor"] == pre.tensor == "HWC uint8 [16, 16, 3]"
 
     emb = ingest.embed_drop(settings, "d1", FakeEmbedder())
-    assert list(emb.as_dict()) == ["embeddings", "computed", "reused", "kept_previous", "dimension", "model",
-                                   "bytes", "seconds", "inference_seconds", "images_per_s"]
+    assert list(emb.as_dict()) == [
+        "embeddings",
+        "computed",
+        "reused",
+        "kept_previous",
+        "dimension",
+        "model",
+        "bytes",
+        "seconds",
+        "inference_seconds",
+        "images_per_s",
+    ]
 
     report = ingest.report_summary(ingest.item_report(settings, "d1"))
     assert report.as_dict() == {
-        "items_total": 4, "items_ok": 3, "items_failed": 1, "items_skipped": 0, "items_reused": 0,
-        "items_kept_previous": 0, "failures_by_kind": {"not_image": 1},
+        "items_total": 4,
+        "items_ok": 3,
+        "items_failed": 1,
+        "items_skipped": 0,
+        "items_reused": 0,
+        "items_kept_previous": 0,
+        "failures_by_kind": {"not_image": 1},
         "failure_examples": [{**manifest.failure_examples[0]}],
     }
 
@@ -103,14 +140,27 @@ def test_index_summary_reports_what_each_kind_of_target_knows(settings):  # noqa
 
     collections = FakeCollections()
     empty = ingest.index_drop(settings, "d1", collections)  # nothing embedded yet
-    assert list(empty.as_dict()) == ["upserted", "unchanged", "removed_stale", "drop_rows", "collection",
-                                     "search_collection", "seconds"]
+    assert list(empty.as_dict()) == [
+        "upserted",
+        "unchanged",
+        "removed_stale",
+        "drop_rows",
+        "collection",
+        "search_collection",
+        "seconds",
+    ]
     assert (empty.collection, empty.search_collection, empty.switch_pending) == ("", "images__old_1", None)
 
     ingest.embed_drop(settings, "d1", FakeEmbedder())
     placed = ingest.index_drop(settings, "d1", collections)
-    assert list(placed.as_dict()) == [*INDEX_WRITE, "model", "search_collection", "switch_pending", "seconds",
-                                      "vectors_per_s"]
+    assert list(placed.as_dict()) == [
+        *INDEX_WRITE,
+        "model",
+        "search_collection",
+        "switch_pending",
+        "seconds",
+        "vectors_per_s",
+    ]
     assert (placed.upserted, placed.drop_rows, placed.model, placed.switch_pending) == (3, 3, "fake:1", True)
 
     plain = ingest.index_drop(settings, "d1", collections.index)  # one named collection: no model placement

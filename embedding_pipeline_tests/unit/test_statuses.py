@@ -19,7 +19,7 @@ TABLE_DOC = Path(__file__).resolve().parents[2] / "docs" / "operations.md"
 def _readme_table() -> dict[str, str]:
     """kind -> status (``failed†`` for transient kinds) from the item table in docs/operations.md."""
     text = TABLE_DOC.read_text()
-    table = text[text.index("| kind | status | meaning |"):].split("\n\n", 1)[0]
+    table = text[text.index("| kind | status | meaning |") :].split("\n\n", 1)[0]
     found = {}
     for line in table.splitlines()[2:]:
         kinds, status = (cell.strip() for cell in line.strip("|").split("|")[:2])
@@ -57,8 +57,16 @@ def test_transient_and_skip_kinds_match_the_table():
 
 
 def test_members_serialise_as_their_strings():
-    row = {"id": "a", "uri": "x.png", "status": ItemStatus.FAILED, "error_kind": ErrorKind.ID_CONFLICT,
-           "error": "taken", "stage": "index", "sha256": "", "kept_previous": []}
+    row = {
+        "id": "a",
+        "uri": "x.png",
+        "status": ItemStatus.FAILED,
+        "error_kind": ErrorKind.ID_CONFLICT,
+        "error": "taken",
+        "stage": "index",
+        "sha256": "",
+        "kept_previous": [],
+    }
     plain = {**row, "status": "failed", "error_kind": "id_conflict"}
     assert json.dumps(row) == json.dumps(plain)
     assert json.dumps(row, indent=2) == json.dumps(plain, indent=2)

@@ -138,21 +138,49 @@ def test_errors_are_described_by_protocol():
 
 
 def test_statistics_parse_http_numbers_and_grpc_strings_alike():
-    http_json = {"model_stats": [{
-        "name": "m", "version": "1", "inference_count": 70, "execution_count": 3,
-        "inference_stats": {"success": {"count": 3, "ns": 9}, "fail": {"count": 1, "ns": 1},
-                            "queue": {"count": 3, "ns": 500}, "compute_infer": {"count": 3, "ns": 700}},
-        "batch_stats": [{"batch_size": 32, "compute_infer": {"count": 2, "ns": 1}},
-                        {"batch_size": 6, "compute_infer": {"count": 1, "ns": 1}}],
-    }]}
+    http_json = {
+        "model_stats": [
+            {
+                "name": "m",
+                "version": "1",
+                "inference_count": 70,
+                "execution_count": 3,
+                "inference_stats": {
+                    "success": {"count": 3, "ns": 9},
+                    "fail": {"count": 1, "ns": 1},
+                    "queue": {"count": 3, "ns": 500},
+                    "compute_infer": {"count": 3, "ns": 700},
+                },
+                "batch_stats": [
+                    {"batch_size": 32, "compute_infer": {"count": 2, "ns": 1}},
+                    {"batch_size": 6, "compute_infer": {"count": 1, "ns": 1}},
+                ],
+            }
+        ]
+    }
     # gRPC's JSON writes int64 as strings and leaves zero fields out.
-    grpc_json = {"model_stats": [{
-        "name": "m", "version": "1", "inference_count": "70", "execution_count": "3",
-        "inference_stats": {"success": {"count": "3", "ns": "9"}, "fail": {"count": "1"}, "queue": {"ns": "500"},
-                            "compute_infer": {"count": "3", "ns": "700"}, "cache_hit": {}},
-        "batch_stats": [{"batch_size": "32", "compute_infer": {"count": "2"}},
-                        {"batch_size": "6", "compute_infer": {"count": "1"}}],
-    }, {"name": "m", "version": "2", "inference_stats": {"success": {}}}]}
+    grpc_json = {
+        "model_stats": [
+            {
+                "name": "m",
+                "version": "1",
+                "inference_count": "70",
+                "execution_count": "3",
+                "inference_stats": {
+                    "success": {"count": "3", "ns": "9"},
+                    "fail": {"count": "1"},
+                    "queue": {"ns": "500"},
+                    "compute_infer": {"count": "3", "ns": "700"},
+                    "cache_hit": {},
+                },
+                "batch_stats": [
+                    {"batch_size": "32", "compute_infer": {"count": "2"}},
+                    {"batch_size": "6", "compute_infer": {"count": "1"}},
+                ],
+            },
+            {"name": "m", "version": "2", "inference_stats": {"success": {}}},
+        ]
+    }
     expected = ModelStatistics(3, 1, 70, 3, 500, 700, {32: 2, 6: 1})
     assert ModelStatistics.from_json(http_json) == expected
     assert ModelStatistics.from_json(grpc_json) == expected
@@ -202,8 +230,12 @@ class FakeTransport:
 
     def metadata(self, model: str, version: str) -> dict:
         self._check_thread()
-        return {"name": model, "versions": ["1"], "inputs": [{"name": "x", "datatype": "UINT8", "shape": [-1, 4]}],
-                "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 2]}]}
+        return {
+            "name": model,
+            "versions": ["1"],
+            "inputs": [{"name": "x", "datatype": "UINT8", "shape": [-1, 4]}],
+            "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 2]}],
+        }
 
     def config(self, model: str, version: str) -> dict:
         return {"max_batch_size": 3}
@@ -313,8 +345,17 @@ def test_constructor_refuses_bad_options():
 def test_from_settings_takes_every_client_setting():
     from embedding_pipeline.settings import TritonSettings
 
-    settings = TritonSettings(url="[::1]:8000", protocol="grpc", grpc_port=8001, concurrency=3, retries=5,
-                              retry_backoff_s=0.1, shared_memory="off", timeout_s=7, model_name="m")
+    settings = TritonSettings(
+        url="[::1]:8000",
+        protocol="grpc",
+        grpc_port=8001,
+        concurrency=3,
+        retries=5,
+        retry_backoff_s=0.1,
+        shared_memory="off",
+        timeout_s=7,
+        model_name="m",
+    )
     embedder = TritonEmbedder.from_settings(settings)
     try:
         assert embedder.endpoint.label == "grpc://[::1]:8001"
@@ -332,9 +373,12 @@ class FakeColourTransport(FakeTransport):
     """A fake model on [N, 16, 16, 3] UINT8 images returning each image's mean colour, one image per request."""
 
     def metadata(self, model: str, version: str) -> dict:
-        return {"name": model, "versions": ["1"],
-                "inputs": [{"name": "image", "datatype": "UINT8", "shape": [-1, 16, 16, 3]}],
-                "outputs": [{"name": "embedding", "datatype": "FP32", "shape": [-1, 3]}]}
+        return {
+            "name": model,
+            "versions": ["1"],
+            "inputs": [{"name": "image", "datatype": "UINT8", "shape": [-1, 16, 16, 3]}],
+            "outputs": [{"name": "embedding", "datatype": "FP32", "shape": [-1, 3]}],
+        }
 
     def config(self, model: str, version: str) -> dict:
         return {"max_batch_size": 1}
@@ -397,8 +441,9 @@ def _shm_files() -> set[str]:
 def test_auto_shared_memory_falls_back_to_the_wire_once_when_refused(fake_transports, caplog):
     batch = np.arange(28, dtype=np.uint8).reshape(7, 4)
     with caplog.at_level("WARNING", logger="embedding_pipeline.serving.client"):
-        with TritonEmbedder("127.0.0.1:9", "m", concurrency=3, shared_memory="auto",
-                            transport_factory=FakeShmRefusingTransport) as embedder:
+        with TritonEmbedder(
+            "127.0.0.1:9", "m", concurrency=3, shared_memory="auto", transport_factory=FakeShmRefusingTransport
+        ) as embedder:
             np.testing.assert_array_equal(embedder.embed(batch), _expected(batch))
             np.testing.assert_array_equal(embedder.embed(batch), _expected(batch))
             assert not embedder.uses_shared_memory
@@ -409,14 +454,26 @@ def test_auto_shared_memory_falls_back_to_the_wire_once_when_refused(fake_transp
 
 def test_on_shared_memory_refused_or_unreachable_is_a_clear_error(fake_transports):
     with TritonEmbedder("127.0.0.1:9", "m", shared_memory="on", transport_factory=FakeShmRefusingTransport) as e:
-        with pytest.raises(TritonClientError, match=r"shared_memory is 'on' but model 'm' on Triton at "
-                                                    r"http://127\.0\.0\.1:9 cannot use a system shared memory region"):
+        with pytest.raises(
+            TritonClientError,
+            match=r"shared_memory is 'on' but model 'm' on Triton at "
+            r"http://127\.0\.0\.1:9 cannot use a system shared memory region",
+        ):
             e.embed(np.zeros((2, 4), np.uint8))
     # An unreachable server is a failed request (retried, then reported), not a reason to give up shared memory.
-    with TritonEmbedder("127.0.0.1:9", "m", retries=1, backoff_s=0.001, shared_memory="auto",
-                        transport_factory=FakeShmUnreachableTransport) as e:
-        with pytest.raises(TritonClientError, match=r"registering system shared memory failed .* after 2 attempts: "
-                                                    r"ConnectionResetError"):
+    with TritonEmbedder(
+        "127.0.0.1:9",
+        "m",
+        retries=1,
+        backoff_s=0.001,
+        shared_memory="auto",
+        transport_factory=FakeShmUnreachableTransport,
+    ) as e:
+        with pytest.raises(
+            TritonClientError,
+            match=r"registering system shared memory failed .* after 2 attempts: "
+            r"ConnectionResetError",
+        ):
             e.embed(np.zeros((2, 4), np.uint8))
         assert e.uses_shared_memory
     assert _shm_files() == set()

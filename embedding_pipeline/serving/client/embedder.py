@@ -330,8 +330,9 @@ class TritonEmbedder:
             if region is None or not reregister or region.name not in str(exc):
                 raise
             # The server forgot our region (it restarted while we waited): register a new one and send again.
-            log.info("Triton at %s lost shared memory region %s; registering it again", self.endpoint.label,
-                     region.name)
+            log.info(
+                "Triton at %s lost shared memory region %s; registering it again", self.endpoint.label, region.name
+            )
             worker.drop_region()
             return self._infer(worker, chunk, spec, reregister=False)
         output = result.as_numpy(spec.output_name)
@@ -347,14 +348,19 @@ class TritonEmbedder:
         worker.drop_region()
         spec = self._spec
         # Sized for a full batch up front, so a model with fixed dims never re-registers.
-        full = spec.max_batch_size * spec.dtype.itemsize * math.prod(spec.shape) if spec and all(
-            d > 0 for d in spec.shape) else 0
+        full = (
+            spec.max_batch_size * spec.dtype.itemsize * math.prod(spec.shape)
+            if spec and all(d > 0 for d in spec.shape)
+            else 0
+        )
         size = max(nbytes, full)
         try:
             # A server that is briefly unreachable is retried like any request; only a refusal means "cannot".
             worker.region = self.retry_policy.run(
                 lambda: SharedMemoryRegion.create(worker.transport, size, "input"),
-                "registering system shared memory", self._what())
+                "registering system shared memory",
+                self._what(),
+            )
         except TritonClientError as exc:
             if exc.retryable:
                 raise
@@ -368,8 +374,12 @@ class TritonEmbedder:
             self._shm_wanted = False  # every worker falls back, not just this one
             if not self._shm_refused_logged:
                 self._shm_refused_logged = True
-                log.warning("Triton at %s cannot use system shared memory (%s); sending tensors over %s instead",
-                            self.endpoint.label, problem, self.protocol.upper())
+                log.warning(
+                    "Triton at %s cannot use system shared memory (%s); sending tensors over %s instead",
+                    self.endpoint.label,
+                    problem,
+                    self.protocol.upper(),
+                )
             return None
         return worker.region
 

@@ -62,12 +62,17 @@ def embedder_for_label(triton: "TritonSettings", label: str) -> TritonEmbedder:
         for entry in ready:
             name, version = str(entry["name"]), str(entry.get("version", ""))
             if wanted.artifact:
-                config = embedder._call(lambda t: t.config(name, version), f"reading the config of {name!r}")
+                config = embedder._call(
+                    lambda t, name=name, version=version: t.config(name, version),
+                    f"reading the config of {name!r}",
+                )
                 if not _parameter(config, "artifact_sha256").lower().startswith(wanted.artifact):
                     continue
             elif (name, version) != (wanted.name, wanted.version or version):
                 continue
-            return TritonEmbedder.from_settings(triton.model_copy(update={"model_name": name, "model_version": version}))
+            return TritonEmbedder.from_settings(
+                triton.model_copy(update={"model_name": name, "model_version": version})
+            )
         served = ", ".join(sorted({str(e["name"]) for e in ready})) or "no ready model"
     finally:
         if embedder is not None:

@@ -83,5 +83,12 @@ class ModelStatistics:
             for batch in entry.get("batch_stats", []):
                 size = int(batch.get("batch_size", 0))
                 batches[size] = batches.get(size, 0) + int(batch.get("compute_infer", {}).get("count", 0))
-        return cls(totals["requests"], totals["failed"], totals["rows"], totals["runs"], totals["queue"],
-                   totals["infer"], batches)
+        return cls(
+            totals["requests"],
+            totals["failed"],
+            totals["rows"],
+            totals["runs"],
+            totals["queue"],
+            totals["infer"],
+            batches,
+        )

@@ -18,8 +18,12 @@ T = TypeVar("T")
 # A single backoff never exceeds this, however many retries are configured.
 MAX_BACKOFF_S = 30.0
 # gRPC status codes worth another attempt: the server or the path to it was down, slow or broken.
-_RETRYABLE_GRPC = {"StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED", "StatusCode.INTERNAL",
-                   "StatusCode.ABORTED"}
+_RETRYABLE_GRPC = {
+    "StatusCode.UNAVAILABLE",
+    "StatusCode.DEADLINE_EXCEEDED",
+    "StatusCode.INTERNAL",
+    "StatusCode.ABORTED",
+}
 # 5xx codes that mean "this server will never do that", not "try again".
 _PERMANENT_5XX = {"501", "505"}
 
@@ -77,7 +81,6 @@ class RetryPolicy:
                         attempts=tries,
                         retryable=retryable,
                     ) from exc
-                log.info("%s failed for %s (attempt %d), retrying: %s", what, where, attempt + 1,
-                         describe_error(exc))
+                log.info("%s failed for %s (attempt %d), retrying: %s", what, where, attempt + 1, describe_error(exc))
                 self.sleep(self.delay(attempt))
         raise AssertionError("unreachable")

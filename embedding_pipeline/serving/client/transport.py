@@ -146,8 +146,7 @@ class _GrpcTransport:
         tensor.set_data_from_numpy(array)
 
     def infer(self, model: str, version: str, inputs: list[Any], outputs: list[Any]) -> Any:
-        return self._client.infer(model, inputs, model_version=version, outputs=outputs,
-                                  client_timeout=self._timeout)
+        return self._client.infer(model, inputs, model_version=version, outputs=outputs, client_timeout=self._timeout)
 
     def close(self) -> None:
         self._client.close()
