@@ -17,7 +17,7 @@ from dagster import (
 from embedding_pipeline import ingest
 from embedding_pipeline.defs import metadata as ui
 from embedding_pipeline.defs.partitions import drops_partitions
-from embedding_pipeline.defs.resources import MilvusResource, TritonResource
+from embedding_pipeline.defs.resources import MilvusResource, TritonResource, step_settings
 from embedding_pipeline.settings import load_settings
 from embedding_pipeline.sources.drops import DROP_SIGNATURE_KEY, drop_signature, find_drop
 from embedding_pipeline.sources.statuses import ItemStatus
@@ -97,10 +97,10 @@ def preprocessed_batches(context: AssetExecutionContext, triton: TritonResource)
 
     Images that fail to decode (truncated, too many pixels, corrupt) are recorded per item; images already
     embedded by the same model with the same sha256 are not recomputed."""
-    with triton.embedder() as embedder:
+    settings = step_settings(triton)
+    with triton.embedder(settings) as embedder:
         model_input = embedder.input_spec()
         model = embedder.model_version_label()
-    settings = load_settings()
     summary = ingest.preprocess_drop(
         settings, context.partition_key, (model_input.datatype, tuple(model_input.shape)), model
     )
@@ -126,8 +126,8 @@ def preprocessed_batches(context: AssetExecutionContext, triton: TritonResource)
 def image_embeddings(context: AssetExecutionContext, triton: TritonResource) -> MaterializeResult:
     """One L2-normalised vector per image from the model served by Triton, stored as Arrow with the item's
     lineage (drop, sha256, URI) and the model name and version."""
-    settings = load_settings()
-    with triton.embedder() as embedder:
+    settings = step_settings(triton)
+    with triton.embedder(settings) as embedder:
         summary = ingest.embed_drop(settings, context.partition_key, embedder)
     version = ingest.embeddings_version(settings, context.partition_key, summary.model)
     files = layout.drop_files(settings, context.partition_key)
@@ -155,8 +155,8 @@ def milvus_collection(context: AssetExecutionContext, milvus: MilvusResource) ->
     skipped, failures by kind with examples, and thumbnails of the first items."""
     from embedding_pipeline.index.collections import ModelCollections
 
-    settings = load_settings()
-    with ModelCollections(milvus.settings()) as collections:
+    settings = step_settings(milvus=milvus)
+    with ModelCollections(settings.milvus) as collections:
         summary = ingest.index_drop(settings, context.partition_key, collections)
         described: dict[str, Any] = {}
         if summary.collection:

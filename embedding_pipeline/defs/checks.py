@@ -24,10 +24,10 @@ from dagster import (
 from embedding_pipeline import ingest, quality
 from embedding_pipeline.defs.assets import image_embeddings, milvus_collection
 from embedding_pipeline.defs.partitions import drops_partitions
-from embedding_pipeline.defs.resources import MilvusResource, TritonResource
+from embedding_pipeline.defs.resources import MilvusResource, TritonResource, step_settings
 from embedding_pipeline.index.client import ImageIndex
 from embedding_pipeline.index.collections import index_for_drop
-from embedding_pipeline.settings import Settings, load_settings
+from embedding_pipeline.settings import Settings
 from embedding_pipeline.storage import layout
 
 EMBEDDING_CHECKS = {
@@ -88,13 +88,13 @@ def _results(
     can_subset=True,
 )
 def image_embeddings_checks(context: AssetCheckExecutionContext, triton: TritonResource):
-    settings = load_settings()
+    settings = step_settings(triton)
     drop = context.partition_key
     tolerance = settings.quality.norm_tolerance
     # One pass over the drop's vectors serves all four checks.
     stats = quality.embedding_stats(layout.drop_files(settings, drop).embeddings, tolerance)
     expected_ids = quality.ok_item_ids(ingest.item_report(settings, drop))
-    with triton.embedder() as embedder:
+    with triton.embedder(settings) as embedder:
         model_dimension = embedder.input_spec().output_dim
         served_model = embedder.model_version_label()
     outcomes = quality.embedding_outcomes(
@@ -109,10 +109,10 @@ def image_embeddings_checks(context: AssetCheckExecutionContext, triton: TritonR
     yield from _results(context, image_embeddings.key, outcomes)
 
 
-def _collection_for_drop(milvus: MilvusResource, settings: Settings, drop: str) -> ImageIndex:
+def _collection_for_drop(settings: Settings, drop: str) -> ImageIndex:
     """The Milvus collection that holds ``drop``'s rows (the one `milvus_collection` wrote them to); the caller
-    closes it. ``settings`` and ``drop`` name the drop's embeddings, whose ``model`` column tells the model."""
-    return index_for_drop(settings, milvus.settings(), drop)
+    closes it. ``drop``'s embeddings, whose ``model`` column tells the model, name it."""
+    return index_for_drop(settings, settings.milvus, drop)
 
 
 @multi_asset_check(
@@ -123,14 +123,14 @@ def _collection_for_drop(milvus: MilvusResource, settings: Settings, drop: str) 
     can_subset=True,
 )
 def milvus_collection_checks(context: AssetCheckExecutionContext, milvus: MilvusResource):
-    settings = load_settings()
+    settings = step_settings(milvus=milvus)
     drop = context.partition_key
     # Ids held by another drop's image are reported per item (id_conflict) and are not this drop's rows.
     conflicts = ingest.index_conflicts(settings, drop)
     embedding_ids = [
         i for i in quality.embedding_ids(layout.drop_files(settings, drop).embeddings) if i not in conflicts
     ]
-    with _collection_for_drop(milvus, settings, drop) as index:
+    with _collection_for_drop(settings, drop) as index:
         outcomes = quality.collection_outcomes(index, drop, embedding_ids)
     yield from _results(context, milvus_collection.key, outcomes)
 
