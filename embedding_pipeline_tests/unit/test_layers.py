@@ -230,3 +230,19 @@ def test_a_lower_layer_importing_a_higher_one_is_caught():
     assert layer_of("embedding_pipeline.orchestration.names") < layer_of("embedding_pipeline.sources.items")
     assert layer_of("embedding_pipeline.orchestration.instance") < layer_of("embedding_pipeline.defs")
     assert layer_of("embedding_pipeline.orchestration.runs") > layer_of("embedding_pipeline.defs")
+
+
+LONG_MODULE_LINES = 450
+ARCHITECTURE = PACKAGE.parent / "docs" / "architecture.md"
+
+
+def test_long_modules_say_why_they_are_one_piece():
+    text = ARCHITECTURE.read_text()
+    explained = text[text.index("### Modules kept in one piece") :]
+    long = [
+        str(path.relative_to(PACKAGE))
+        for path in sorted(MODULES.values())
+        if len(path.read_text().splitlines()) > LONG_MODULE_LINES
+    ]
+    missing = [name for name in long if f"`{name}`" not in explained]
+    assert not missing, f"over {LONG_MODULE_LINES} lines with no sentence in docs/architecture.md: {missing}"
