@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
 import yaml
@@ -30,7 +30,28 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class TritonSettings(_Section):
+class _ServerAddress:
+    """Host, port and locality of a section whose server is named by one URL field (``_address_field``)."""
+
+    _address_field: ClassVar[str]
+
+    @property
+    def host(self) -> str:
+        return _host_port(getattr(self, self._address_field))[0]
+
+    @property
+    def port(self) -> int:
+        return _host_port(getattr(self, self._address_field))[1]
+
+    @property
+    def is_local(self) -> bool:
+        """A loopback address means the pipeline starts and stops the bundled server itself."""
+        return self.host in _LOOPBACK
+
+
+class TritonSettings(_Section, _ServerAddress):
+    _address_field: ClassVar[str] = "url"
+
     url: str = Field("127.0.0.1:18000", description="Triton HTTP endpoint, host:port (TRITON_URL).")
     model_name: str = Field("image_embedder", description="Model to call (TRITON_MODEL_NAME).")
     model_version: str = Field("", description="Model version; empty means the server's latest.")
@@ -53,21 +74,10 @@ class TritonSettings(_Section):
         description="Your own ONNX model for the locally started server (TRITON_MODEL_PATH); default model if unset.",
     )
 
-    @property
-    def host(self) -> str:
-        return _host_port(self.url)[0]
 
-    @property
-    def port(self) -> int:
-        return _host_port(self.url)[1]
+class MilvusSettings(_Section, _ServerAddress):
+    _address_field: ClassVar[str] = "uri"
 
-    @property
-    def is_local(self) -> bool:
-        """A loopback URL means the pipeline starts and stops the bundled server itself."""
-        return self.host in _LOOPBACK
-
-
-class MilvusSettings(_Section):
     uri: str = Field("http://127.0.0.1:19540", description="Milvus URI (MILVUS_URI, or MILVUS_HOST + MILVUS_PORT).")
     token: str = Field("", description="Token or user:password (MILVUS_TOKEN).")
     db_name: str = Field("", description="Database name; empty means the server's default.")
@@ -92,18 +102,6 @@ class MilvusSettings(_Section):
         default_factory=dict,
         description="Metadata keys stored as typed, indexed scalar fields so filters on them are fast.",
     )
-
-    @property
-    def host(self) -> str:
-        return _host_port(self.uri)[0]
-
-    @property
-    def port(self) -> int:
-        return _host_port(self.uri)[1]
-
-    @property
-    def is_local(self) -> bool:
-        return self.host in _LOOPBACK
 
 
 class SourceSettings(_Section):
