@@ -9,6 +9,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 from embedding_pipeline.settings import CONFIG_ENV, ConfigError, Settings, load_settings
 
@@ -157,32 +158,36 @@ def _csv(kind, text: str) -> list:  # noqa: ANN001 - int or str
 
 def cmd_bench(args: argparse.Namespace) -> int:
     settings = _settings(args)
+    render: Callable[[dict[str, Any]], str]
     if args.what is None:
-        from embedding_pipeline.bench import seed as bench
+        from embedding_pipeline.bench import seed as bench_seed
 
-        with bench.terminate_as_interrupt():  # SIGTERM cleans up like Ctrl-C: servers stopped, temp home removed
-            result = bench.run(
+        with bench_seed.terminate_as_interrupt():  # SIGTERM cleans up like Ctrl-C: servers stopped, temp home removed
+            result = bench_seed.run(
                 settings,
                 sizes=args.sizes,
                 stores=args.stores,
                 index_type=args.index_type,
                 queries=args.queries,
-                images=args.images or bench.DEFAULT_IMAGES,
+                images=args.images or bench_seed.DEFAULT_IMAGES,
                 dim=args.dim,
                 budget_s=args.search_budget_s,
             )
+        render = bench_seed.render
     elif args.what == "preprocess":
-        from embedding_pipeline.bench import preprocess as bench
+        from embedding_pipeline.bench import preprocess as bench_preprocess
 
-        result = bench.run(settings, count=args.images or 512)
+        result = bench_preprocess.run(settings, count=args.images or 512)
+        render = bench_preprocess.render
     elif args.what == "integrity":
-        from embedding_pipeline.bench import integrity as bench
+        from embedding_pipeline.bench import integrity as bench_integrity
 
-        result = bench.run(settings, images=args.images or 5000)
+        result = bench_integrity.run(settings, images=args.images or 5000)
+        render = bench_integrity.render
     elif args.what == "api":
-        from embedding_pipeline.bench import api as bench
+        from embedding_pipeline.bench import api as bench_api
 
-        result = bench.run(
+        result = bench_api.run(
             settings,
             requests_per_kind=args.requests,
             clients=args.clients,
@@ -190,11 +195,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
             vectors=args.vectors,
             collection=args.collection,
         )
+        render = bench_api.render
     else:
-        from embedding_pipeline.bench import ingest as bench
+        from embedding_pipeline.bench import ingest as bench_ingest
 
-        result = bench.run(settings, images=args.images or 5000, baseline_images=args.baseline_images)
-    print(json.dumps(result, indent=2) if args.json else bench.render(result))
+        result = bench_ingest.run(settings, images=args.images or 5000, baseline_images=args.baseline_images)
+        render = bench_ingest.render
+    print(json.dumps(result, indent=2) if args.json else render(result))
     return 0
 
 

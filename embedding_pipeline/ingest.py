@@ -12,9 +12,9 @@ import itertools
 import json
 import time
 from collections import Counter, defaultdict, deque
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import Field, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence, TypeVar
+from typing import AbstractSet, Any, Callable, ClassVar, Protocol, Sequence, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -70,9 +70,11 @@ class StageSummary:
     """What a stage reports; the asset shows ``as_dict()`` as its materialization metadata, key for key, in field
     order. A field declared ``_optional()`` is left out of the dict while it is ``None``."""
 
+    __dataclass_fields__: ClassVar[dict[str, Field[Any]]]  # every subclass is a dataclass
+
     def as_dict(self) -> dict[str, Any]:
         out = {}
-        for f in fields(self):  # type: ignore[arg-type] - every subclass is a dataclass
+        for f in fields(self):
             value = getattr(self, f.name)
             if value is None and f.metadata.get("optional"):
                 continue
@@ -244,7 +246,9 @@ def preprocess_drop(
     prep = for_model(settings, model_input[0], model_input[1])
     spec = prep.spec
     previous = _embedded_before(files.embeddings, model, settings.quality) if model else {}
-    items, reused, manifest_failures = [], [], []
+    items: list[Item] = []
+    reused: list[Item] = []
+    manifest_failures: list[tuple[str, str, str]] = []
     for item in read_manifest(settings, drop_name):
         if item.status == FAILED:
             manifest_failures.append((item.id, item.uri, item.error_kind))
@@ -510,7 +514,7 @@ class Protected:
 
     failures: tuple[tuple[str, str, str], ...] = ()
 
-    def kept(self, rows: dict[str, dict[str, Any]], taken: set[str] = frozenset()) -> set[str]:
+    def kept(self, rows: dict[str, dict[str, Any]], taken: AbstractSet[str] = frozenset()) -> set[str]:
         """The ids among ``rows`` (id -> stored row) to keep; ``taken`` ids are this run's own rows."""
         previous = {row_id: (row.get("sha256", ""), row.get("uri", "")) for row_id, row in rows.items()}
         return {i for ids in _kept_previous(list(self.failures), previous, set(taken)).values() for i in ids}

@@ -298,7 +298,7 @@ def index_as_configured(described: Mapping[str, Any] | None, expected: Mapping[s
         return Outcome(
             "index_as_configured", False, "the collection does not exist", {"expected": dict(expected), "actual": {}}
         )
-    actual = {
+    actual: dict[str, Any] = {
         "index_type": described.get("index_type"),
         "metric_type": described.get("metric_type"),
         "params": {k: _number(v) for k, v in dict(described.get("params") or {}).items()},
@@ -335,8 +335,11 @@ def _number(value: Any) -> Any:
 
 
 class SearchHit(Protocol):
-    id: str
-    score: float
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def score(self) -> float: ...
 
 
 class VectorIndex(Protocol):
@@ -344,7 +347,9 @@ class VectorIndex(Protocol):
 
     def vectors(self, ids: Sequence[str]) -> dict[str, np.ndarray]: ...
 
-    def search(self, vectors: np.ndarray, top_k: int = 10, **kwargs: Any) -> list[list[SearchHit]]: ...
+    def search(
+        self, vectors: np.ndarray, top_k: int = 10, *, consistency_level: str | None = None
+    ) -> Sequence[Sequence[SearchHit]]: ...
 
 
 class CollectionIndex(VectorIndex, Protocol):

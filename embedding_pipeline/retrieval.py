@@ -9,7 +9,7 @@ Usable without Dagster::
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -18,6 +18,9 @@ from embedding_pipeline.preprocess.preprocessor import Preprocessor, for_model
 from embedding_pipeline.settings import Settings, load_settings
 from embedding_pipeline.sources.inputs import ImageInput, read_image_input
 from embedding_pipeline.vectors import unit_normalised
+
+if TYPE_CHECKING:
+    from embedding_pipeline.index.collections import ModelCollections
 
 
 class ImageSearcher:
@@ -36,7 +39,7 @@ class ImageSearcher:
         self._given_index = index
         self._embedder = embedder
         self._index = index
-        self._collections = None
+        self._collections: ModelCollections | None = None
         self._collection: str | None = None  # the collection the current index and embedder are for
         self._preprocessor: Preprocessor | None = None
 
@@ -86,11 +89,13 @@ class ImageSearcher:
     def collection(self) -> str:
         """The collection the next query searches (the alias resolved)."""
         self._follow_alias()
+        assert self._index is not None  # opened (or given) by _follow_alias
         return self._collection or self._index.collection
 
     @property
     def index(self) -> ImageIndex:
         self._follow_alias()
+        assert self._index is not None  # opened (or given) by _follow_alias
         return self._index
 
     @property
@@ -126,6 +131,7 @@ class ImageSearcher:
         """``search_params`` overrides the configured index search parameters for this query (e.g. ``{"ef": 128}``
         for HNSW, ``{"nprobe": 32}`` for IVF_FLAT)."""
         vector = self.embed(image)
+        assert self._index is not None  # opened (or given) by _follow_alias, which embed() ran
         return self._index.search(vector, top_k=top_k, filter=filter, search_params=search_params)[0]
 
     def close(self) -> None:

@@ -10,6 +10,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
+from typing import AbstractSet
 
 from embedding_pipeline.index.collections import ModelCollections
 from embedding_pipeline.index.server import milvus_status, start_milvus, stop_milvus
@@ -156,6 +157,6 @@ def dagster_status(settings: Settings) -> dict:
     }
 
 
-def stop_all(settings: Settings, keep: set[str] = frozenset()) -> list[str]:
+def stop_all(settings: Settings, keep: AbstractSet[str] = frozenset()) -> list[str]:
     """Stop every managed process (Dagster first, so no run starts against a stopping service), except ``keep``."""
     return [name for name in MANAGED if name not in keep and processes.stop(settings.paths.run, name)]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Mapping
 from urllib.parse import urlsplit
 
 import yaml
@@ -369,11 +369,11 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def config_path(environ: dict[str, str] | None = None) -> Path | None:
+def config_path(environ: Mapping[str, str] | None = None) -> Path | None:
     """The YAML file in effect: ``$EMBEDDING_PIPELINE_CONFIG``, else ``./embedding_pipeline.yaml`` if present."""
-    environ = os.environ if environ is None else environ
-    if environ.get(CONFIG_ENV):
-        return Path(environ[CONFIG_ENV])
+    env: Mapping[str, str] = os.environ if environ is None else environ
+    if env.get(CONFIG_ENV):
+        return Path(env[CONFIG_ENV])
     return Path(DEFAULT_CONFIG_FILE) if Path(DEFAULT_CONFIG_FILE).is_file() else None
 
 

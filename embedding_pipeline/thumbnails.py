@@ -32,6 +32,7 @@ def thumbnail_jpeg(
     data: bytes, size: int = THUMBNAIL_PX, quality: int = JPEG_QUALITY, max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> bytes | None:
     """A JPEG of ``data`` (any image Pillow reads) fitted into ``size``×``size``, or ``None`` if it cannot be made."""
+    img: Image.Image
     try:
         with Image.open(io.BytesIO(data), formats=PIL_FORMATS) as img:
             width, height = img.size

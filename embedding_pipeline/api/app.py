@@ -12,7 +12,7 @@ import threading
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable, Optional
+from typing import Any, AsyncIterator, Callable, Iterable, Mapping, Optional
 
 from fastapi import FastAPI, Request, Response
 from fastapi.concurrency import run_in_threadpool
@@ -47,7 +47,7 @@ ERROR_SCHEMA = {
         }
     },
 }
-_ERRORS = {
+_ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"description": text, "content": {"application/json": {"schema": ERROR_SCHEMA}}}
     for status, text in (
         (401, "Missing or wrong API key"),
@@ -254,7 +254,11 @@ def create_app(
                     body.vector, body.topk, body.filter_expr, body.collection_name, body.search_params
                 )
             with decode_slots:
-                data = image if image is not None else read_query(settings, body.query_input)
+                if image is not None:
+                    data = image
+                else:
+                    assert body.query_input is not None  # a SearchRequest has exactly one of vector and query_input
+                    data = read_query(settings, body.query_input)
                 return service.search_image(data, body.topk, body.filter_expr, body.collection_name, body.search_params)
 
         outcome = await run_in_threadpool(run)
@@ -355,7 +359,7 @@ def _warm(search: Any) -> None:
         log.info("search not warmed at start: %s", exc)
 
 
-def _with_body_loc(errors_: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _with_body_loc(errors_: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Pydantic's errors located under ``body`` as FastAPI reports them (and without the raw input)."""
     return [{"loc": ["body", *e.get("loc", ())], "msg": e.get("msg", ""), "type": e.get("type", "")} for e in errors_]
 

@@ -7,18 +7,21 @@ per model, so a later insert into the name writes exactly the collection created
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from embedding_pipeline.api.errors import ApiError, invalid
 from embedding_pipeline.api.models import CreateCollectionRequest
 from embedding_pipeline.index.client import CollectionError
 from embedding_pipeline.settings import ConfigError, MilvusSettings, Settings
 
+if TYPE_CHECKING:
+    from embedding_pipeline.serving.client import TritonEmbedder
+
 
 class CollectionService:
     def __init__(self, settings: Settings):
         self.settings = settings
-        self._embedder = None
+        self._embedder: TritonEmbedder | None = None
         self._lock = threading.Lock()
 
     def served_model(self) -> tuple[str, int]:

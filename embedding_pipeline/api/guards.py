@@ -9,7 +9,7 @@ from __future__ import annotations
 import hmac
 import json
 import os
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Sequence
 
 from embedding_pipeline.api.errors import error_body
 
@@ -47,7 +47,9 @@ def api_key_from_env() -> str | None:
     return os.environ.get(API_KEY_ENV) or None
 
 
-async def _reject(send: Send, status: int, code: str, message: str, headers: list[tuple[bytes, bytes]] = ()) -> None:
+async def _reject(
+    send: Send, status: int, code: str, message: str, headers: Sequence[tuple[bytes, bytes]] = ()
+) -> None:
     body = json.dumps(error_body(code, message)).encode()
     await send(
         {

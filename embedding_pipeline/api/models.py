@@ -60,7 +60,8 @@ class CreateCollectionRequest(_Body):
     @field_validator("name")
     @classmethod
     def _name(cls, name: str) -> str:
-        return check_collection_name(name)
+        check_collection_name(name)
+        return name
 
 
 class CreateCollectionResponse(BaseModel):

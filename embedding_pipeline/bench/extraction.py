@@ -93,7 +93,8 @@ def run(settings: Settings, folder: Path, images: int, progress: Callable[[str],
         # weighs on both sides of the ratio alike.
         before = model_only(settings, model, probe_s, batch=prep.batch_size)
         t0 = time.perf_counter()
-        parts, failures = [], []
+        parts: list[np.ndarray] = []
+        failures: list[str] = []
         tensors = (_checked(prepared, failures) for prepared in prep.stream(chunks))
         for vectors in embedder.embed_stream(tensors):
             parts.append(vectors)

@@ -30,7 +30,10 @@ def _model_input(settings: Settings) -> tuple[Path, str, tuple[int, ...]]:
     from embedding_pipeline.serving.models import ensure_default_model, read_sidecar
 
     model = ensure_default_model(settings.paths)
-    first = read_sidecar(model)["inputs"][0]
+    sidecar = read_sidecar(model)
+    if sidecar is None:
+        raise RuntimeError(f"the model description next to {model} is missing or unreadable")
+    first = sidecar["inputs"][0]
     return model, first["datatype"], tuple(first["shape"][1:])
 
 
@@ -38,12 +41,14 @@ def pillow_baseline(images: list[bytes], geometry: Geometry, threads: int) -> fl
     """Images/s of the same job in Pillow alone: draft decode, RGB, BILINEAR resize of the same box."""
 
     def one(data: bytes) -> np.ndarray:
-        img = Image.open(io.BytesIO(data))
+        img: Image.Image = Image.open(io.BytesIO(data))
         scale = max(geometry.scale(img.height, img.width), 1.0)
         img.draft("RGB", (int(img.width / scale + 0.999), int(img.height / scale + 0.999)))
         img = img.convert("RGB")
         top, left, bh, bw = geometry.box(img.height, img.width)
-        out = img.resize((geometry.width, geometry.height), Image.BILINEAR, box=(left, top, left + bw, top + bh))
+        out = img.resize(
+            (geometry.width, geometry.height), Image.Resampling.BILINEAR, box=(left, top, left + bw, top + bh)
+        )
         return np.asarray(out)
 
     started = time.perf_counter()

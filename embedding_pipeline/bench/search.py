@@ -127,7 +127,7 @@ def recall(corpus: Corpus, hit_ids: list[list[str]]) -> dict[str, Any]:
         "real_rows": corpus.real,
         "synthetic_rows": corpus.size - corpus.real,
     }
-    if corpus.real and corpus.query_photos is not None:
+    if corpus.real and corpus.photos is not None and corpus.query_photos is not None:
         # Sanity of the embeddings themselves: a variant's nearest stored neighbour is cut from the same photo.
         top1 = exact[:measured, 0]
         same = [top1[i] < corpus.real and corpus.photos[top1[i]] == corpus.query_photos[i] for i in range(measured)]

@@ -97,10 +97,12 @@ def run(
     runs: list[dict[str, Any]] = []
     home = BenchHome(settings)
     with home:
+        root = home.root
+        assert root is not None  # set on entering the home
         progress(f"1/3 embedding extraction: {images} photo variants through preprocessing + Triton")
         with home.triton() as served:
-            ext = extraction.run(served, home.root / "photos", images, progress)
-        shutil.rmtree(home.root / "photos", ignore_errors=True)
+            ext = extraction.run(served, root / "photos", images, progress)
+        shutil.rmtree(root / "photos", ignore_errors=True)
         model_dim = ext.figures["dim"]
         vector_dim = dim or model_dim
         real = ext.vectors if vector_dim == model_dim else None
@@ -119,8 +121,8 @@ def run(
                     t0 = time.perf_counter()
                 progress(f"  server stopped in {time.perf_counter() - t0:.1f} s")
             del corpus  # one size's matrix at a time
-    leftovers = processes_using(home.root)
-    result = {
+    leftovers = processes_using(root)
+    result: dict[str, Any] = {
         "config": {
             "sizes": list(sizes),
             "stores": list(stores),
@@ -134,7 +136,7 @@ def run(
         "extraction": ext.figures,
         "runs": runs,
         "seconds": round(time.perf_counter() - started, 1),
-        "cleanup": {"home": str(home.root), "home_removed": not home.root.exists(), "leftover_pids": leftovers},
+        "cleanup": {"home": str(root), "home_removed": not root.exists(), "leftover_pids": leftovers},
     }
     result["targets"] = targets(result)
     result["all_targets_met"] = all(t["met"] for t in result["targets"])
@@ -163,7 +165,7 @@ def _index_run(
             **index_overrides(milvus, index_type),
         }
     )
-    config = {
+    config: dict[str, Any] = {
         "index_type": ours.index_type,
         "index_params": index_params.build_params(ours),
         "search_params": index_params.search_params(ours, top_k=search.TOP_K),

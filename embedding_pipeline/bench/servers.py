@@ -16,11 +16,14 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from embedding_pipeline.runtime import processes
 from embedding_pipeline.runtime.state import CACHE_ENV
 from embedding_pipeline.settings import MilvusSettings, Settings
+
+if TYPE_CHECKING:
+    from embedding_pipeline.index.standalone import StandaloneMilvus
 
 STORES = ("lite", "standalone")
 
@@ -89,7 +92,7 @@ class BenchHome:
         self.root: Path | None = None
         self.settings: Settings | None = None
         self._saved_cache: str | None = None
-        self._standalone = None
+        self._standalone: StandaloneMilvus | None = None
 
     def __enter__(self) -> "BenchHome":
         self.base.paths.root.mkdir(parents=True, exist_ok=True)
@@ -184,6 +187,7 @@ class BenchHome:
         from embedding_pipeline.index.server import NAME, start_milvus, stop_milvus
 
         settings = self.settings
+        assert settings is not None, "use BenchHome as a context manager"
         try:
             start_milvus(settings)
             proc = processes.read(settings.paths.run, NAME)
@@ -201,6 +205,7 @@ class BenchHome:
                 "the 'standalone' store needs embedding_pipeline.index.standalone (Milvus 2.3.5), which this "
                 "installation lacks; run with --stores lite"
             ) from None
+        assert self.root is not None and self.settings is not None, "use BenchHome as a context manager"
         data_dir = self.root / f"standalone-{name}"
         server = StandaloneMilvus(self.settings.paths, data_dir)
         self._standalone = server  # stopped by close() even if start-up is interrupted half-way

@@ -19,7 +19,7 @@ def _bases() -> list[Image.Image]:
     out = []
     for name in photo_names():
         img = Image.fromarray(load_photo(name)).convert("RGB")
-        out.append(img.resize((img.width * 2, img.height * 2), Image.BICUBIC))  # room for varied crops
+        out.append(img.resize((img.width * 2, img.height * 2), Image.Resampling.BICUBIC))  # room for varied crops
     return out
 
 
@@ -33,9 +33,9 @@ def jpegs(count: int, seed: int = 0, quality: int = 90) -> Iterator[bytes]:
         w, h = int(base.width * scale), int(base.width * scale * 3 / 4)
         h = min(h, base.height)
         x, y = int(rng.integers(0, base.width - w + 1)), int(rng.integers(0, base.height - h + 1))
-        img = base.crop((x, y, x + w, y + h)).resize(SIZE, Image.BILINEAR)
+        img = base.crop((x, y, x + w, y + h)).resize(SIZE, Image.Resampling.BILINEAR)
         if rng.random() < 0.5:
-            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         shift = rng.integers(-12, 13, size=3)
         arr = np.clip(np.asarray(img, dtype=np.int16) + shift, 0, 255).astype(np.uint8)
         buf = io.BytesIO()

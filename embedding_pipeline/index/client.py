@@ -21,6 +21,7 @@ from typing import Any, Iterable, Iterator, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from embedding_pipeline.index import expressions
 from embedding_pipeline.index import params as index_params
@@ -708,7 +709,7 @@ class ImageIndex:
 
     def search(
         self,
-        vectors: np.ndarray,
+        vectors: ArrayLike,
         top_k: int = 10,
         filter: str | None = None,
         search_params: dict[str, Any] | None = None,

@@ -45,8 +45,8 @@ INDEX_KINDS: dict[str, IndexKind] = {
 
 # The settings' field defaults are HNSW's. A configuration that picks another index type without touching them means
 # "the defaults of my type", not "HNSW parameters on IVF".
-_SETTINGS_BUILD_DEFAULT = MilvusSettings.model_fields["index_params"].default_factory()  # type: ignore[misc]
-_SETTINGS_SEARCH_DEFAULT = MilvusSettings.model_fields["search_params"].default_factory()  # type: ignore[misc]
+_SETTINGS_BUILD_DEFAULT = MilvusSettings.model_fields["index_params"].get_default(call_default_factory=True)
+_SETTINGS_SEARCH_DEFAULT = MilvusSettings.model_fields["search_params"].get_default(call_default_factory=True)
 
 
 def _kind(index_type: str) -> IndexKind:

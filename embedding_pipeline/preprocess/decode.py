@@ -108,7 +108,9 @@ def _cmyk_to_rgb(img: Image.Image) -> Image.Image:
             from PIL import ImageCms
 
             source = ImageCms.ImageCmsProfile(io.BytesIO(profile))
-            return ImageCms.profileToProfile(img, source, ImageCms.createProfile("sRGB"), outputMode="RGB")
+            converted = ImageCms.profileToProfile(img, source, ImageCms.createProfile("sRGB"), outputMode="RGB")
+            assert converted is not None  # None only with inPlace=True
+            return converted
         except Exception:  # noqa: BLE001 - a broken profile falls back to the formula, never fails the image
             pass
     return img.convert("RGB")
@@ -130,7 +132,7 @@ def decode(data: bytes, geometry: Geometry, options: DecodeOptions = DecodeOptio
     # Pillow reads this flag at load time; it is per process, and a process has one configuration.
     ImageFile.LOAD_TRUNCATED_IMAGES = options.allow_truncated
     try:
-        img = Image.open(io.BytesIO(data), formats=PIL_FORMATS)
+        img: Image.Image = Image.open(io.BytesIO(data), formats=PIL_FORMATS)
         width, height = img.size
         if width * height > options.max_pixels:
             raise DecodeError(

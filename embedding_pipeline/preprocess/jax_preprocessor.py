@@ -13,7 +13,7 @@ Defaults produce float32 NCHW normalised with ImageNet's mean/std; ``dtype="uint
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Literal, Sequence
 
 import numpy as np
 
@@ -42,7 +42,7 @@ class JAXImagePreprocessor:
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
         resize_size: int | None = None,
-        resize_policy: str = "crop",
+        resize_policy: Literal["crop", "pad"] = "crop",
         dtype: str = "float32",
         channels_first: bool = True,
         batch_size: int = 32,

@@ -9,7 +9,7 @@ from __future__ import annotations
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence, Union
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Literal, Sequence, Union
 
 import numpy as np
 
@@ -75,7 +75,7 @@ class Preprocessor:
         resize_size: int | None = None,
         batch_size: int = 32,
         cache_dir: Path | None = None,
-        policy: str = "crop",
+        policy: Literal["crop", "pad"] = "crop",
         pad_color: Sequence[int] = (124, 116, 104),
         options: DecodeOptions = DecodeOptions(),  # noqa: B008 - frozen dataclass, never mutated
         workers: int = 2,
@@ -183,7 +183,7 @@ def from_settings(
     spec: TensorSpec,
     batch_size: int | None = None,
     resize_size: int | None = None,
-    policy: str | None = None,
+    policy: Literal["crop", "pad"] | None = None,
     cache: bool = True,
 ) -> Preprocessor:
     """A preprocessor for ``spec`` with the decode and resize knobs of ``settings`` (arguments override)."""

@@ -60,6 +60,7 @@ class TensorSpec:
         for model_dim, wanted in zip(dims, size or (None, None)):
             if model_dim > 0:
                 if wanted is not None and wanted != model_dim:
+                    assert size is not None  # wanted came from it
                     raise ValueError(f"preprocess.image_size {list(size)} does not match the model input {list(shape)}")
                 chosen.append(int(model_dim))
             elif wanted is not None:
@@ -82,4 +83,4 @@ def _triple(values: tuple[float, ...], name: str) -> tuple[float, float, float]:
         raise ValueError(f"{name} needs 1 or 3 values, got {len(values)}")
     if name == "std" and any(v <= 0 for v in values):
         raise ValueError("std values must be > 0")
-    return values  # type: ignore[return-value]
+    return values

@@ -95,6 +95,7 @@ class SharedMemoryRegion:
         client, self._client = self._client, None
         attempts = 3 if client is not None else 0
         for attempt in range(attempts):
+            assert client is not None  # attempts is 0 without one
             try:
                 client.unregister_system_shared_memory(self.name)
                 break

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import threading
@@ -295,7 +296,7 @@ class TritonEmbedder:
             batch = batch.astype(spec.dtype)
         step = spec.max_batch_size or max(len(batch), 1)
         chunks = [np.ascontiguousarray(batch[i : i + step]) for i in range(0, len(batch), step)]
-        return [self._pool.submit(lambda w, c=chunk: self._infer(w, c, spec)) for chunk in chunks]
+        return [self._pool.submit(functools.partial(self._infer, chunk=chunk, spec=spec)) for chunk in chunks]
 
     def _gather(self, futures: list[Future]) -> np.ndarray:
         if not futures:

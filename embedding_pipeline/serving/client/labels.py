@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable
 
 from embedding_pipeline.serving.client.embedder import TritonEmbedder, _parameter
 from embedding_pipeline.serving.client.errors import TritonClientError
 
 if TYPE_CHECKING:
+    from embedding_pipeline.serving.client.transport import _Transport
     from embedding_pipeline.settings import TritonSettings
 
 _LABEL = re.compile(r"(?P<name>[^:@]+):(?P<version>[^@]*)(?:@(?P<artifact>[0-9a-fA-F]+))?")
@@ -41,6 +42,11 @@ def same_model(a: str, b: str) -> bool:
     return (la.name, la.version) == (lb.name, lb.version)
 
 
+def _config_reader(name: str, version: str) -> Callable[["_Transport"], dict[str, Any]]:
+    """``transport.config(name, version)`` as an action for ``TritonEmbedder._call``, bound to these values."""
+    return lambda t: t.config(name, version)
+
+
 def embedder_for_label(triton: "TritonSettings", label: str) -> TritonEmbedder:
     """A client for the model that ``label`` names, as Triton at ``triton.url`` serves it; the caller closes it.
 
@@ -52,20 +58,18 @@ def embedder_for_label(triton: "TritonSettings", label: str) -> TritonEmbedder:
     """
     wanted = ModelLabel.parse(label)
     embedder = TritonEmbedder.from_settings(triton)
+    to_close: TritonEmbedder | None = embedder
     try:
         embedder.wait_ready()
         if same_model(embedder.model_version_label(), label):
-            keep, embedder = embedder, None  # the configured model: handed to the caller, not closed here
-            return keep
+            to_close = None  # the configured model: handed to the caller, not closed here
+            return embedder
         index = embedder._call(lambda t: t.repository_index(), "listing the model repository")
         ready = [e for e in index if str(e.get("state", "")).upper() == "READY" and e.get("name")]
         for entry in ready:
             name, version = str(entry["name"]), str(entry.get("version", ""))
             if wanted.artifact:
-                config = embedder._call(
-                    lambda t, name=name, version=version: t.config(name, version),
-                    f"reading the config of {name!r}",
-                )
+                config = embedder._call(_config_reader(name, version), f"reading the config of {name!r}")
                 if not _parameter(config, "artifact_sha256").lower().startswith(wanted.artifact):
                     continue
             elif (name, version) != (wanted.name, wanted.version or version):
@@ -75,8 +79,8 @@ def embedder_for_label(triton: "TritonSettings", label: str) -> TritonEmbedder:
             )
         served = ", ".join(sorted({str(e["name"]) for e in ready})) or "no ready model"
     finally:
-        if embedder is not None:
-            embedder.close()
+        if to_close is not None:
+            to_close.close()
     raise TritonClientError(
         f"the collection search uses was built by model {label}, which Triton at {triton.url} does not "
         f"serve (ready: {served}). Serve that model again, or re-embed every drop with the current model and "
