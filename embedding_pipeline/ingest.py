@@ -160,8 +160,9 @@ def _kept_previous(
 ) -> dict[str, list[str]]:
     """item id -> ids of earlier rows to keep, for items that failed transiently ((id, uri, error kind) each).
 
-    An item keeps the earlier row with its own id; an item without an id of its own (its content id is unknown
-    when it could not be read) keeps the earlier rows of the same URI. Ids that a good item of this run embeds are
+    An item keeps the earlier row with its own id; when there is none (an item without an id of its own, whose
+    content id is unknown when it could not be read, or an item whose id changed) it keeps the earlier rows of
+    the same URI. Ids that a good item of this run embeds are
     never kept (the new vector wins)."""
     by_uri: dict[str, list[str]] = defaultdict(list)
     for row_id, (_sha, uri) in previous.items():
@@ -508,8 +509,7 @@ def index_drop(settings: Settings, drop_name: str, target) -> IndexSummary:
 @dataclass(frozen=True)
 class Protected:
     """Rows a drop keeps although its embeddings lack them: those of items that failed this run for a passing
-    reason, by the same rule as :func:`_kept_previous` (the item's id; for an item without an id of its own, its
-    URI). The embed stage carries such rows when it can (same model); this covers the rest: a model change, or a
+    reason, by the same rule as :func:`_kept_previous` (the item's id; when no earlier row has it, its URI). The embed stage carries such rows when it can (same model); this covers the rest: a model change, or a
     collection of another model."""
 
     failures: tuple[tuple[str, str, str], ...] = ()

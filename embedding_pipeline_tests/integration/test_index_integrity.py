@@ -222,8 +222,10 @@ class Model:
             uri = url_of(slot.image) if slot.kind == "url" else ""
             now.setdefault(slot.row_id(), uri)
         for slot in transient:
-            if slot.item_id is not None:
-                keep = [slot.item_id] if slot.item_id in before else []
+            # The earlier row with the item's own id; when there is none (no id of its own, or a new one), the
+            # earlier rows of the same URI.
+            if slot.item_id is not None and slot.item_id in before:
+                keep = [slot.item_id]
             else:
                 keep = [i for i, uri in before.items() if uri == url_of(slot.image)]
             for row_id in keep:
