@@ -178,3 +178,11 @@ def test_searchers_and_the_search_function_return_the_same_hits(stack, near_copi
     assert by_searcher == search(id="coffee", top_k=3, filter=f'drop == "{DROP}"', settings=stack)
     assert [dict(h) for h in by_searcher] == [h.as_dict() for h in by_searcher]
     assert isinstance(Path(by_searcher[0]["uri"]).name, str)
+
+
+def test_the_code_locations_resources_search_in_a_plain_session(stack, near_copies):
+    # The three lines docs/pipeline.md shows, outside any run: the same hits as the search function.
+    with defs.resources["milvus"].searcher(defs.resources["triton"]) as searcher:
+        hits = searcher.search(stack.drops / DROP / "coffee.jpg", top_k=3, filter=f'drop == "{DROP}"')
+    assert _ids(hits) == _ids(search(stack.drops / DROP / "coffee.jpg", top_k=3, filter=f'drop == "{DROP}"'))
+    assert {near_copies[i] for i in _ids(hits)} == {"coffee"}
