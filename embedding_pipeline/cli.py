@@ -137,14 +137,34 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
+    from embedding_pipeline.index.client import UnknownItem
     from embedding_pipeline.retrieval import search
 
-    hits = search(args.image, top_k=args.top_k, filter=args.filter or None, settings=_settings(args))
+    if (args.image is None) == (args.item_id is None):
+        print("error: give an image or --id, not both", file=sys.stderr)
+        return 2
+    collapse = None if args.collapse is None else (True if args.collapse == -1.0 else args.collapse)
+    try:
+        hits = search(
+            args.image,
+            top_k=args.top_k,
+            filter=args.filter or None,
+            settings=_settings(args),
+            id=args.item_id,
+            min_score=args.min_score,
+            offset=args.offset,
+            collapse=collapse,
+            include_self=args.include_self,
+        )
+    except (UnknownItem, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     if args.json:
-        print(json.dumps(hits, indent=2))
+        print(json.dumps([hit.as_dict() for hit in hits], indent=2))
     else:
-        for rank, hit in enumerate(hits, 1):
-            print(f"{rank:>3}  {hit['score']:.4f}  {hit['id']}  {hit['uri']}")
+        for rank, hit in enumerate(hits, args.offset + 1):
+            folded = f"  (+{len(hit.duplicates)} near-duplicates)" if hit.duplicates else ""
+            print(f"{rank:>3}  {hit.score:.4f}  {hit.id}  {hit.uri}{folded}")
     return 0
 
 
@@ -360,9 +380,25 @@ def build_parser() -> argparse.ArgumentParser:
     ing.add_argument("path")
     ing.add_argument("--drop", help="drop (partition) name; default: the file or folder name")
     ing.set_defaults(func=cmd_ingest)
-    se = sub.add_parser("search", help="search the collection by image")
-    se.add_argument("image", help="local path or http(s) URL")
+    se = sub.add_parser("search", help="search the collection by image, or by the id of an indexed item")
+    se.add_argument("image", nargs="?", help="local path or http(s) URL (or give --id)")
+    se.add_argument("--id", dest="item_id", help="more like this: search with the vector stored for this id")
+    se.add_argument("--include-self", action="store_true", help="with --id: keep the item itself in the results")
     se.add_argument("--top-k", type=int, default=10)
+    se.add_argument("--offset", type=int, default=0, help="skip this many hits (the next page)")
+    se.add_argument(
+        "--min-score",
+        type=float,
+        help="only hits at least this good (COSINE/IP: score >= it; L2: distance <= it)",
+    )
+    se.add_argument(
+        "--collapse",
+        nargs="?",
+        type=float,
+        const=-1.0,
+        metavar="THRESHOLD",
+        help="fold near-duplicates under the best of them (default threshold: duplicates.threshold)",
+    )
     se.add_argument("--filter", help='Milvus expression, e.g. metadata["category"] == "nature"')
     se.add_argument("--json", action="store_true")
     se.set_defaults(func=cmd_search)

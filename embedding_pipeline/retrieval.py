@@ -1,19 +1,24 @@
-"""Search the collection by image: the same decode + kernels + Triton model as ingest, then Milvus top-k.
+"""Search the collection by image, by vector or by an indexed item's id: the same decode + kernels + Triton model
+as ingest, then Milvus top-k, with the options every surface shares (:func:`ranked`): a minimum score, an offset
+for paging, and near-duplicates collapsed under the best of them.
 
 Usable without Dagster::
 
     from embedding_pipeline import search
     for hit in search("query.jpg", top_k=5, filter='metadata["category"] == "nature"'):
-        print(hit["id"], hit["score"], hit["uri"])
+        print(hit["id"], hit.score, hit["uri"])
+    more_like_it = search(id="img_1", min_score=0.5)
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from embedding_pipeline.index.client import CollectionError, Hit, ImageIndex
+from embedding_pipeline.index import params as index_params
+from embedding_pipeline.index.client import CollectionError, Hit, ImageIndex, UnknownItem
 from embedding_pipeline.preprocess.preprocessor import Preprocessor, for_model
 from embedding_pipeline.settings import Settings, load_settings
 from embedding_pipeline.sources.inputs import ImageInput, read_image_input
@@ -21,6 +26,88 @@ from embedding_pipeline.vectors import unit_normalised
 
 if TYPE_CHECKING:
     from embedding_pipeline.index.collections import ModelCollections
+
+
+def stored_vector(index: ImageIndex, item_id: str) -> np.ndarray:
+    """The vector stored for ``item_id`` (one Strong read by id); :class:`UnknownItem` if there is none."""
+    row = index.rows([item_id], ["id", "embedding"]).get(item_id)
+    if row is None:
+        raise UnknownItem(item_id, index.collection)
+    return np.asarray(row["embedding"], dtype=np.float32)
+
+
+def _collapse(index: ImageIndex, hits: list[Hit], threshold: float) -> list[Hit]:
+    """Fold each hit within ``threshold`` of a better kept hit under it (hits come best first)."""
+    if not hits:
+        return []
+    metric = index.settings.metric_type
+    vectors = index.rows([h.id for h in hits], ["id", "embedding"])
+    kept: list[Hit] = []
+    kept_vectors: list[np.ndarray] = []
+    folded: list[list[str]] = []
+    for hit in hits:
+        row = vectors.get(hit.id)
+        vector = np.asarray(row["embedding"], dtype=np.float32) if row is not None else None
+        if vector is not None and kept_vectors:
+            scores = index_params.pair_scores(metric, vector, np.stack(kept_vectors))
+            close = [k for k, score in enumerate(scores) if index_params.passes(metric, float(score), threshold)]
+            if close:
+                folded[close[0]].append(hit.id)
+                continue
+        kept.append(hit)
+        kept_vectors.append(vector if vector is not None else np.full(1, np.nan, dtype=np.float32))
+        folded.append([])
+    return [replace(hit, duplicates=tuple(ids)) for hit, ids in zip(kept, folded)]
+
+
+def ranked(
+    index: ImageIndex,
+    vector: Any,
+    top_k: int = 10,
+    *,
+    filter: str | None = None,
+    search_params: dict[str, Any] | None = None,
+    min_score: float | None = None,
+    offset: int = 0,
+    collapse: float | None = None,
+    exclude: str | None = None,
+) -> list[Hit]:
+    """Hits ``offset`` to ``offset + top_k`` of the ranking of ``vector`` in ``index``, best first.
+
+    * ``min_score`` keeps only hits at least that good (:func:`~embedding_pipeline.index.params.passes`: a lower
+      bound on COSINE/IP scores, an upper bound on L2 distances). The ranking is cut, never reordered, so pages stay
+      consistent: page 2 starts where page 1 ended.
+    * ``collapse`` (a score threshold between stored vectors, in the same terms) folds every hit close enough to a
+      better one under it (``duplicates`` on the kept hit); the ranking then counts kept hits only, and more
+      candidates are fetched until ``offset + top_k`` distinct hits are found or the collection has no more.
+    * ``exclude`` leaves one id out (the item itself, in a search by id).
+    """
+    if top_k < 1:
+        raise ValueError("top_k must be >= 1")
+    if offset < 0:
+        raise ValueError("offset must be >= 0")
+    wanted = offset + top_k
+    window = index_params.MAX_RESULT_WINDOW
+    if wanted > window:
+        raise ValueError(f"offset + top_k must be at most {window}, not {wanted}")
+    metric = index.settings.metric_type
+    limit = min(window, wanted + (1 if exclude is not None else 0))
+    if collapse is not None:
+        limit = min(window, max(4 * limit, 32))
+    while True:
+        found = index.search(vector, top_k=limit, filter=filter, search_params=search_params)[0]
+        candidates = [h for h in found if h.id != exclude]
+        hits = candidates
+        if min_score is not None:
+            hits = [h for h in candidates if index_params.passes(metric, h.score, min_score)]
+        # No more to fetch: Milvus returned fewer than asked, or the cut-off ended the ranking inside this window.
+        exhausted = len(found) < limit or len(hits) < len(candidates)
+        if collapse is None:
+            return hits[offset:wanted]
+        kept = _collapse(index, hits, collapse)
+        if len(kept) >= wanted or exhausted or limit >= window:
+            return kept[offset:wanted]
+        limit = min(window, 4 * limit)
 
 
 class ImageSearcher:
@@ -121,18 +208,80 @@ class ImageSearcher:
         # Queries get the same treatment as stored vectors, so scores compare like with like.
         return (unit_normalised(vectors) if self.settings.quality.unit_norm else vectors)[0]
 
+    def _collapse_threshold(self, collapse: bool | float | None) -> float | None:
+        if collapse is None or collapse is False:
+            return None
+        return self.settings.duplicates.threshold if collapse is True else float(collapse)
+
     def search(
         self,
         image: ImageInput,
         top_k: int = 10,
         filter: str | None = None,
         search_params: dict[str, Any] | None = None,
+        *,
+        min_score: float | None = None,
+        offset: int = 0,
+        collapse: bool | float | None = None,
     ) -> list[Hit]:
-        """``search_params`` overrides the configured index search parameters for this query (e.g. ``{"ef": 128}``
-        for HNSW, ``{"nprobe": 32}`` for IVF_FLAT)."""
+        """Hits for a query image (see :func:`ranked` for ``min_score``, ``offset`` and ``collapse``; ``collapse``
+        True uses ``duplicates.threshold``). ``search_params`` overrides the configured index search parameters for
+        this query (e.g. ``{"ef": 128}`` for HNSW, ``{"nprobe": 32}`` for IVF_FLAT)."""
         vector = self.embed(image)
-        assert self._index is not None  # opened (or given) by _follow_alias, which embed() ran
-        return self._index.search(vector, top_k=top_k, filter=filter, search_params=search_params)[0]
+        return self.search_vector(
+            vector, top_k, filter, search_params, min_score=min_score, offset=offset, collapse=collapse
+        )
+
+    def search_vector(
+        self,
+        vector: Any,
+        top_k: int = 10,
+        filter: str | None = None,
+        search_params: dict[str, Any] | None = None,
+        *,
+        min_score: float | None = None,
+        offset: int = 0,
+        collapse: bool | float | None = None,
+        exclude: str | None = None,
+    ) -> list[Hit]:
+        """Hits for a query vector of the collection's dimension, used as given."""
+        return ranked(
+            self.index,
+            vector,
+            top_k,
+            filter=filter,
+            search_params=search_params,
+            min_score=min_score,
+            offset=offset,
+            collapse=self._collapse_threshold(collapse),
+            exclude=exclude,
+        )
+
+    def search_by_id(
+        self,
+        item_id: str,
+        top_k: int = 10,
+        filter: str | None = None,
+        search_params: dict[str, Any] | None = None,
+        *,
+        min_score: float | None = None,
+        offset: int = 0,
+        collapse: bool | float | None = None,
+        include_self: bool = False,
+    ) -> list[Hit]:
+        """ "More like this": hits for the vector stored with ``item_id`` in the collection search uses (no
+        re-embedding), the item itself left out unless ``include_self``. :class:`UnknownItem` for an unknown id."""
+        vector = stored_vector(self.index, item_id)
+        return self.search_vector(
+            vector,
+            top_k,
+            filter,
+            search_params,
+            min_score=min_score,
+            offset=offset,
+            collapse=collapse,
+            exclude=None if include_self else item_id,
+        )
 
     def close(self) -> None:
         if self._embedder is not None:
@@ -150,13 +299,24 @@ class ImageSearcher:
 
 
 def search(
-    image: ImageInput,
+    image: ImageInput | None = None,
     top_k: int = 10,
     filter: str | None = None,
     settings: Settings | None = None,
     search_params: dict[str, Any] | None = None,
-) -> list[dict[str, Any]]:
-    """Top-k most similar indexed images: dicts with id, score, uri, drop, sha256, model and metadata."""
+    *,
+    id: str | None = None,
+    min_score: float | None = None,
+    offset: int = 0,
+    collapse: bool | float | None = None,
+    include_self: bool = False,
+) -> list[Hit]:
+    """Top-k most similar indexed images to ``image``, or to the item stored under ``id``: :class:`Hit` objects,
+    read as ``hit.score`` or ``hit["score"]`` (id, score, uri, drop, drops, sha256, model, metadata)."""
+    if (image is None) == (id is None):
+        raise ValueError("give exactly one of image and id")
+    options: dict[str, Any] = {"min_score": min_score, "offset": offset, "collapse": collapse}
     with ImageSearcher(settings) as searcher:
-        hits = searcher.search(image, top_k=top_k, filter=filter, search_params=search_params)
-        return [hit.as_dict() for hit in hits]
+        if id is not None:
+            return searcher.search_by_id(id, top_k, filter, search_params, include_self=include_self, **options)
+        return searcher.search(image, top_k, filter, search_params, **options)

@@ -253,6 +253,14 @@ class QualitySettings(_Section):
     norm_tolerance: float = Field(1e-3, gt=0, lt=1, description="How far from 1 a vector's L2 norm may be.")
 
 
+class DuplicatesSettings(_Section):
+    threshold: float = Field(
+        0.9,
+        description="Two images count as near-duplicates when the score between their vectors is at least this good "
+        "(COSINE/IP: at least this similar; L2: at most this distance). Used to collapse search results.",
+    )
+
+
 class ApiSettings(_Section):
     host: str = Field("127.0.0.1", description="Address the HTTP API binds to (embedding-pipeline serve-api).")
     port: int = Field(18080, ge=1, le=65535, description="Port of the HTTP API (API_PORT).")
@@ -287,6 +295,7 @@ class Settings(_Section):
     preprocess: PreprocessSettings = Field(default_factory=PreprocessSettings)
     dagster: DagsterSettings = Field(default_factory=DagsterSettings)
     quality: QualitySettings = Field(default_factory=QualitySettings)
+    duplicates: DuplicatesSettings = Field(default_factory=DuplicatesSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
 
     @property

@@ -34,6 +34,7 @@ from embedding_pipeline.api.models import (
     SearchRequest,
     SearchResponse,
 )
+from embedding_pipeline.index.params import MAX_RESULT_WINDOW
 from embedding_pipeline.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,10 @@ def real_services(settings: Settings) -> ApiServices:
     return ApiServices(SearchService(settings), CollectionService(settings), runs, report)
 
 
+# Form fields a multipart search may carry besides the file.
+MULTIPART_FIELDS = ("topk", "offset", "min_score", "collapse", "filter_expr", "collection_name")
+
+
 def _search_openapi() -> dict[str, Any]:
     """The search body: JSON (a path/URL or a vector) or a multipart upload; FastAPI cannot infer both."""
     return {
@@ -106,6 +111,9 @@ def _search_openapi() -> dict[str, Any]:
                         "properties": {
                             "file": {"type": "string", "format": "binary", "description": "The query image."},
                             "topk": {"type": "integer", "minimum": 1, "default": 10},
+                            "offset": {"type": "integer", "minimum": 0, "default": 0},
+                            "min_score": {"type": "number"},
+                            "collapse": {"type": "string", "description": "true, false or a threshold"},
                             "filter_expr": {"type": "string"},
                             "collection_name": {"type": "string"},
                         },
@@ -226,6 +234,7 @@ def create_app(
     @app.post(
         "/search",
         response_model=SearchResponse,
+        response_model_exclude_unset=True,
         openapi_extra=_search_openapi(),
         summary="Top-k similar images: by image (path, URL or upload) or by vector",
         responses={404: {"description": "No such collection"}},
@@ -246,27 +255,39 @@ def create_app(
                 f"topk: at most {settings.api.max_topk} (api.max_topk)",
                 [{"loc": ["body", "topk"], "msg": f"at most {settings.api.max_topk}"}],
             )
+        if body.offset + body.topk > MAX_RESULT_WINDOW:
+            raise invalid(
+                "invalid_request",
+                f"offset + topk: at most {MAX_RESULT_WINDOW}",
+                [{"loc": ["body", "offset"], "msg": f"offset + topk at most {MAX_RESULT_WINDOW}"}],
+            )
         service = svc().search
+        options: dict[str, Any] = {"min_score": body.min_score, "offset": body.offset, "collapse": body.collapse}
+        query = (body.topk, body.filter_expr, body.collection_name, body.search_params)
 
         def run() -> Any:
             if body.vector is not None:
-                return service.search_vector(
-                    body.vector, body.topk, body.filter_expr, body.collection_name, body.search_params
-                )
+                return service.search_vector(body.vector, *query, **options)
+            if body.query_id is not None:
+                return service.search_id(body.query_id, *query, include_self=body.include_self, **options)
             with decode_slots:
                 if image is not None:
                     data = image
                 else:
-                    assert body.query_input is not None  # a SearchRequest has exactly one of vector and query_input
+                    assert body.query_input is not None  # a SearchRequest has exactly one query
                     data = read_query(settings, body.query_input)
-                return service.search_image(data, body.topk, body.filter_expr, body.collection_name, body.search_params)
+                return service.search_image(data, *query, **options)
 
         outcome = await run_in_threadpool(run)
+
+        def result(h: Any) -> dict[str, Any]:
+            out = {"id": h.id, "score": h.score, "uri": h.uri, "metadata": h.metadata, "drop": h.drop}
+            if h.duplicates is not None:
+                out["duplicates"] = list(h.duplicates)
+            return out
+
         return {
-            "results": [
-                {"id": h.id, "score": h.score, "uri": h.uri, "metadata": h.metadata, "drop": h.drop}
-                for h in outcome.hits
-            ],
+            "results": [result(h) for h in outcome.hits],
             "took_ms": round(outcome.took_ms, 3),
             "collection": outcome.collection,
             "resolved_collection": outcome.resolved,
@@ -292,7 +313,7 @@ def create_app(
                     "multipart search needs a file field 'file' holding the image",
                     [{"loc": ["body", "file"], "msg": "field required"}],
                 )
-            unknown = set(form.keys()) - {"file", "topk", "filter_expr", "collection_name"}
+            unknown = set(form.keys()) - {"file", *MULTIPART_FIELDS}
             if unknown:
                 raise invalid("invalid_request", f"unknown form field(s): {', '.join(sorted(unknown))}")
             data = await upload.read()
@@ -304,9 +325,7 @@ def create_app(
                     f"the uploaded file has {len(data)} bytes; at most "
                     f"{settings.sources.max_image_bytes} (sources.max_image_bytes)",
                 )
-            fields: dict[str, Any] = {
-                k: form.get(k) for k in ("topk", "filter_expr", "collection_name") if form.get(k) not in (None, "")
-            }
+            fields: dict[str, Any] = {k: form.get(k) for k in MULTIPART_FIELDS if form.get(k) not in (None, "")}
             try:
                 # The vector is a placeholder that satisfies "exactly one query"; the upload is the query.
                 body = SearchRequest.model_validate({**fields, "vector": [0.0]})

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -168,7 +168,24 @@ class SearchRequest(_Body):
         max_length=MAX_DIM,
         description="A query vector of the collection's dimension, instead of an image.",
     )
+    query_id: Optional[str] = Field(
+        None,
+        max_length=MAX_URI_CHARS,
+        description="More like this: search with the vector stored for this id in the collection (no re-embedding).",
+    )
+    include_self: bool = Field(False, description="With query_id: keep the item itself in the results.")
     topk: int = Field(10, ge=1, description="Hits to return (at most api.max_topk).")
+    offset: int = Field(0, ge=0, description="Hits to skip first: the next page starts at offset + topk.")
+    min_score: Optional[float] = Field(
+        None,
+        description="Only hits at least this good: for COSINE and IP a score >= min_score, for L2 a distance "
+        "<= min_score. The ranking is cut, never reordered, so pages stay consistent.",
+    )
+    collapse: Union[bool, float] = Field(
+        False,
+        description="Fold near-duplicates under the best of them (their ids in the kept hit's `duplicates`): true "
+        "uses duplicates.threshold, a number is the threshold in score terms.",
+    )
     filter_expr: Optional[str] = Field(
         None,
         max_length=MAX_FILTER_CHARS,
@@ -193,17 +210,22 @@ class SearchRequest(_Body):
 
     @model_validator(mode="after")
     def _one_query(self) -> "SearchRequest":
-        if (self.query_input is None) == (self.vector is None):
-            raise ValueError("give exactly one of query_input (an image path or URL) and vector")
+        if sum(q is not None for q in (self.query_input, self.vector, self.query_id)) != 1:
+            raise ValueError("give exactly one of query_input (an image path or URL), vector and query_id")
+        if self.include_self and self.query_id is None:
+            raise ValueError("include_self needs query_id")
         return self
 
 
 class Hit(BaseModel):
     id: str
-    score: float
+    score: float = Field(..., description="COSINE/IP: similarity, higher is closer; L2: squared distance, lower is.")
     uri: str
     metadata: dict[str, Any]
     drop: str = ""
+    duplicates: Optional[list[str]] = Field(
+        None, description="With collapse: ids of the near-duplicates folded under this hit (absent otherwise)."
+    )
 
 
 class SearchResponse(BaseModel):

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from embedding_pipeline.api.errors import ApiError, invalid
-from embedding_pipeline.index.client import CollectionError, Hit
+from embedding_pipeline.index.client import CollectionError, Hit, UnknownItem
 from embedding_pipeline.settings import ConfigError, MilvusSettings, Settings
 from embedding_pipeline.vectors import unit_normalised
 
@@ -86,6 +86,10 @@ def classify(exc: BaseException, filter_expr: str | None = None) -> ApiError:
         return exc
     if isinstance(exc, ConfigError):  # search_params that do not fit the index type
         return invalid("invalid_search_params", str(exc))
+    if isinstance(exc, UnknownItem):
+        return ApiError(404, "not_found", str(exc), {"query_id": exc.item_id})
+    if isinstance(exc, ValueError) and str(exc).startswith("offset + top_k"):
+        return invalid("invalid_request", str(exc))
     if isinstance(exc, CollectionError) and "nothing to search yet" in str(exc):
         return ApiError(404, "not_found", str(exc))
     if isinstance(exc, CollectionError) and filter_expr and not _is_unreachable(exc):
@@ -213,9 +217,29 @@ class SearchService:
         filter_expr: str | None = None,
         collection: str | None = None,
         search_params: dict[str, Any] | None = None,
+        **options: Any,
     ) -> SearchOutcome:
+        """``options``: ``min_score``, ``offset``, ``collapse`` (see :func:`embedding_pipeline.retrieval.ranked`)."""
+
         def query(entry: _Entry, resolved: str) -> list[Hit]:
-            return entry.searcher.search(image, top_k=topk, filter=filter_expr, search_params=search_params)
+            return entry.searcher.search(image, topk, filter_expr, search_params, **options)
+
+        return self._run(collection, filter_expr, query)
+
+    def search_id(
+        self,
+        item_id: str,
+        topk: int,
+        filter_expr: str | None = None,
+        collection: str | None = None,
+        search_params: dict[str, Any] | None = None,
+        **options: Any,
+    ) -> SearchOutcome:
+        """More like ``item_id``: its stored vector as the query; ``options`` as :meth:`search_image`, plus
+        ``include_self``."""
+
+        def query(entry: _Entry, resolved: str) -> list[Hit]:
+            return entry.searcher.search_by_id(item_id, topk, filter_expr, search_params, **options)
 
         return self._run(collection, filter_expr, query)
 
@@ -226,6 +250,7 @@ class SearchService:
         filter_expr: str | None = None,
         collection: str | None = None,
         search_params: dict[str, Any] | None = None,
+        **options: Any,
     ) -> SearchOutcome:
         def query(entry: _Entry, resolved: str) -> list[Hit]:
             index = entry.searcher.index
@@ -245,7 +270,7 @@ class SearchService:
                 if not np.linalg.norm(np.asarray(vector, dtype=np.float64)) > 0:
                     raise invalid("invalid_vector", "vector must not be all zeros")
                 data = unit_normalised(data)
-            return index.search(data, top_k=topk, filter=filter_expr, search_params=search_params)[0]
+            return entry.searcher.search_vector(data[0], topk, filter_expr, search_params, **options)
 
         return self._run(collection, filter_expr, query)
 

@@ -325,6 +325,19 @@ def _render_run(run: dict[str, Any], config: dict[str, Any]) -> list[str]:
             f"    {label:<26} {f['queries']:>7} {f['avg_ms']:>9.2f} {f['p50_ms']:>9.2f} {f['p95_ms']:>9.2f}"
             f" {f['p99_ms']:>9.2f}{cut}"
         )
+    if "more_like_this" in s:
+        m = s["more_like_this"]
+        for label, key in (("by id (more like this)", "by_id"), ("by the same vector (ref)", "by_vector")):
+            f = m[key]
+            lines.append(
+                f"    {label:<26} {f['queries']:>7} {f['avg_ms']:>9.2f} {f['p50_ms']:>9.2f} {f['p95_ms']:>9.2f}"
+                f" {f['p99_ms']:>9.2f}"
+            )
+        lines.append(
+            f"  by id / by vector                 p50 {m['by_id_to_by_vector_p50']:>6.2f} x   p99 "
+            f"{m['by_id_to_by_vector_p99']:>6.2f} x   (target <= {m['target_by_id_ratio']}: "
+            f"{_met(m['by_id_target_met'])})"
+        )
     lines.append(
         f"  declared filter / unfiltered (p50)    {s['declared_filter_to_unfiltered_p50']:>8.2f} x"
         f"   (target <= {s['target_declared_filter_ratio']}: {_met(s['declared_filter_target_met'])})"

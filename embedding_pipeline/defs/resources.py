@@ -16,6 +16,7 @@ from dagster import ConfigurableResource
 from pydantic import BaseModel, Field, create_model
 
 from embedding_pipeline.index.client import ImageIndex
+from embedding_pipeline.retrieval import ImageSearcher
 from embedding_pipeline.serving.client import TritonEmbedder
 from embedding_pipeline.settings import MilvusSettings, Settings, TritonSettings, load_settings
 
@@ -94,6 +95,16 @@ class _MilvusResource(ConfigurableResource):
     def index(self, base: Settings | None = None) -> ImageIndex:
         """A new client for the collection; the caller closes it."""
         return ImageIndex(self.settings(base))
+
+    def searcher(self, triton: _TritonResource | None = None) -> ImageSearcher:
+        """A searcher over this resource's collection and ``triton``'s server, for ad hoc search outside any run
+        (a notebook); the caller closes it::
+
+            from embedding_pipeline.defs import defs
+            with defs.resources["milvus"].searcher(defs.resources["triton"]) as searcher:
+                hits = searcher.search("query.jpg", top_k=5)
+        """
+        return ImageSearcher(step_settings(triton, self))
 
 
 if TYPE_CHECKING:

@@ -17,7 +17,7 @@ from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
@@ -152,8 +152,24 @@ class CollectionError(RuntimeError):
     """The collection cannot be used as asked (wrong dimension, bad filter, unreachable server)."""
 
 
-@dataclass(frozen=True)
-class Hit:
+class UnknownItem(LookupError):
+    """A search by id named an id the collection does not hold."""
+
+    def __init__(self, item_id: str, collection: str):
+        self.item_id, self.collection = item_id, collection
+        super().__init__(f"no item with id {item_id!r} in collection {collection!r}")
+
+
+@dataclass(frozen=True, eq=False)
+class Hit(Mapping[str, Any]):
+    """One search result. Read it by attribute (``hit.score``) or as a read-only mapping (``hit["score"]``,
+    ``hit.get("uri")``, ``dict(hit)``), the same keys as :meth:`as_dict`.
+
+    ``score`` is Milvus's: for COSINE and IP higher is more similar; for L2 it is the squared distance, lower is more
+    similar. ``duplicates`` lists the ids folded under this hit when the search collapsed near-duplicates (None when
+    it did not collapse).
+    """
+
     id: str
     score: float
     uri: str = ""
@@ -162,9 +178,10 @@ class Hit:
     model: str = ""
     metadata: dict[str, Any] = field(default_factory=dict)
     drops: tuple[str, ...] = ()
+    duplicates: tuple[str, ...] | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "id": self.id,
             "score": self.score,
             "uri": self.uri,
@@ -174,6 +191,21 @@ class Hit:
             "metadata": self.metadata,
             "drops": list(self.drops or ((self.drop,) if self.drop else ())),
         }
+        if self.duplicates is not None:
+            out["duplicates"] = list(self.duplicates)
+        return out
+
+    def __getitem__(self, key: str) -> Any:
+        return self.as_dict()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.as_dict())
+
+    def __len__(self) -> int:
+        return len(self.as_dict())
+
+    def __hash__(self) -> int:
+        return hash((self.id, self.score))
 
 
 def drop_filter(drop: str) -> str:

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+import numpy as np
+
 from embedding_pipeline.settings import ConfigError, MilvusSettings
 
 INT_MAX = 2**31 - 1
@@ -113,3 +115,35 @@ def check_settings(settings: MilvusSettings) -> None:
     """Raise :class:`ConfigError` now if the index or search parameters don't fit the index type."""
     build_params(settings)
     search_params(settings)
+
+
+# Milvus refuses a search whose offset + limit exceeds this.
+MAX_RESULT_WINDOW = 16384
+# Metrics whose scores grow with similarity; for L2 the score is a (squared) distance and shrinks with it.
+SIMILARITY_METRICS = frozenset({"COSINE", "IP"})
+
+
+def higher_is_better(metric: str) -> bool:
+    """True for COSINE and IP (a score is a similarity), False for L2 (a score is a distance)."""
+    return metric.upper() in SIMILARITY_METRICS
+
+
+def passes(metric: str, score: float, threshold: float) -> bool:
+    """Whether ``score`` is at least as good as ``threshold``: ``score >= threshold`` for COSINE and IP,
+    ``score <= threshold`` for L2. The one rule behind ``min_score`` and near-duplicate thresholds."""
+    return score >= threshold if higher_is_better(metric) else score <= threshold
+
+
+def pair_scores(metric: str, query: Any, vectors: Any) -> Any:
+    """Scores of ``query`` (one vector) against each row of ``vectors``, as Milvus computes them for ``metric``:
+    cosine similarity, inner product, or squared L2 distance."""
+    q = np.asarray(query, dtype=np.float64)
+    m = np.asarray(vectors, dtype=np.float64).reshape(-1, q.shape[-1])
+    metric = metric.upper()
+    if metric == "IP":
+        return m @ q
+    if metric == "COSINE":
+        norms = np.linalg.norm(m, axis=1) * np.linalg.norm(q)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(norms > 0, (m @ q) / np.where(norms > 0, norms, 1.0), 0.0)
+    return ((m - q) ** 2).sum(axis=1)

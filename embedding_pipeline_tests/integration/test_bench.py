@@ -70,6 +70,10 @@ def test_bench_runs_every_section_on_both_stores_and_leaves_nothing_running(tmp_
             assert f["queries"] == 100, (where, kind)
             assert 0 < f["p50_ms"] <= f["p95_ms"] <= f["p99_ms"] and f["avg_ms"] > 0, (where, kind)
         assert s["unfiltered"]["short_results"] == 0, where  # 10 hits every time
+        m = s["more_like_this"]  # by id against by the same vector, same collection, same queries
+        assert m["by_id"]["queries"] == m["by_vector"]["queries"] == 100, where
+        ratio = m["by_id"]["p50_ms"] / m["by_vector"]["p50_ms"]
+        assert m["by_id_to_by_vector_p50"] == pytest.approx(ratio, rel=0.01), where
         for kind in ("filtered_declared", "filtered_json_path"):
             # An engine may return fewer than 10 filtered hits (Milvus 2.3's HNSW sometimes does): counted, reported.
             assert 0 <= s[kind]["short_results"] <= 100, (where, kind)

@@ -23,17 +23,22 @@ class FakeSearch:
 
     def __init__(self) -> None:
         self.calls: list[dict[str, Any]] = []
+        self.options: list[dict[str, Any]] = []  # min_score, offset, collapse (include_self) of each query
 
-    def _answer(self, **call: Any) -> SearchOutcome:
+    def _answer(self, options: dict[str, Any], **call: Any) -> SearchOutcome:
         self.calls.append(call)
+        self.options.append(options)
         hit = Hit(id="img_1", score=0.9, uri="/x/img_1.jpg", drop="d", metadata={"category": "nature"})
         return SearchOutcome([hit], call["collection"] or "image_embeddings", "image_embeddings__m", 1.5)
 
-    def search_image(self, image, topk, filter_expr=None, collection=None, search_params=None):  # noqa: ANN001
-        return self._answer(image=image, topk=topk, filter=filter_expr, collection=collection)
+    def search_image(self, image, topk, filter_expr=None, collection=None, search_params=None, **options):  # noqa: ANN001
+        return self._answer(options, image=image, topk=topk, filter=filter_expr, collection=collection)
 
-    def search_vector(self, vector, topk, filter_expr=None, collection=None, search_params=None):  # noqa: ANN001
-        return self._answer(vector=vector, topk=topk, filter=filter_expr, collection=collection)
+    def search_vector(self, vector, topk, filter_expr=None, collection=None, search_params=None, **options):  # noqa: ANN001
+        return self._answer(options, vector=vector, topk=topk, filter=filter_expr, collection=collection)
+
+    def search_id(self, item_id, topk, filter_expr=None, collection=None, search_params=None, **options):  # noqa: ANN001
+        return self._answer(options, query_id=item_id, topk=topk, filter=filter_expr, collection=collection)
 
 
 class FakeCollections:
