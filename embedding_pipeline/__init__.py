@@ -9,11 +9,21 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["search", "ImageSearcher", "Settings", "load_settings", "definitions"]
+__all__ = [
+    "search",
+    "ImageSearcher",
+    "ImageEmbeddingPipeline",
+    "ServiceConfig",
+    "Settings",
+    "load_settings",
+    "definitions",
+]
 
 _LAZY = {
     "search": ("embedding_pipeline.retrieval", "search"),
     "ImageSearcher": ("embedding_pipeline.retrieval", "ImageSearcher"),
+    "ImageEmbeddingPipeline": ("embedding_pipeline.pipeline_api", "ImageEmbeddingPipeline"),
+    "ServiceConfig": ("embedding_pipeline.settings", "ServiceConfig"),
     "Settings": ("embedding_pipeline.settings", "Settings"),
     "load_settings": ("embedding_pipeline.settings", "load_settings"),
     "definitions": ("embedding_pipeline.defs", "defs"),

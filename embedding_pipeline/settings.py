@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Literal, Mapping
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from embedding_pipeline.runtime.state import StatePaths, state_home
 
@@ -297,6 +297,20 @@ class Settings(_Section):
     quality: QualitySettings = Field(default_factory=QualitySettings)
     duplicates: DuplicatesSettings = Field(default_factory=DuplicatesSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
+    # The YAML file these settings were read from (load_settings records it), so that Dagster runs started in this
+    # process can be pointed at the same file.
+    _config_file: Path | None = PrivateAttr(default=None)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "Settings":
+        """The settings of the YAML file ``path`` with the environment applied, exactly as :func:`load_settings`
+        reads them (``$EMBEDDING_PIPELINE_CONFIG`` is not consulted: the file named here is the one in effect)."""
+        return load_settings(path)
+
+    @property
+    def config_file(self) -> Path | None:
+        """The YAML file these settings were read from (absolute), or None (defaults and environment only)."""
+        return self._config_file
 
     @property
     def paths(self) -> StatePaths:
@@ -306,6 +320,9 @@ class Settings(_Section):
     def drops(self) -> Path:
         return (self.drops_dir or self.paths.drops).expanduser().resolve()
 
+
+# The original specification's configuration names, accepted beside ours.
+ServiceConfig = Settings
 
 _LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
@@ -368,6 +385,21 @@ def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
     return data
 
 
+def _original_milvus_address(data: dict[str, Any], path: str | Path) -> dict[str, Any]:
+    """The original specification's ``milvus.host`` + ``milvus.port`` as our ``milvus.uri`` (the environment's
+    ``MILVUS_HOST`` + ``MILVUS_PORT`` work the same way)."""
+    milvus = data.get("milvus")
+    if not isinstance(milvus, dict) or not ({"host", "port"} & milvus.keys()):
+        return data
+    if "uri" in milvus:
+        raise ConfigError(f"config file {path}: give milvus.uri or milvus.host + milvus.port, not both")
+    if "host" not in milvus:
+        raise ConfigError(f"config file {path}: milvus.port needs milvus.host (or give milvus.uri)")
+    rest = {k: v for k, v in milvus.items() if k not in ("host", "port")}
+    rest["uri"] = f"http://{milvus['host']}:{milvus.get('port') or 19530}"
+    return {**data, "milvus": rest}
+
+
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in over.items():
@@ -400,7 +432,7 @@ def load_settings(config_file: str | Path | None = None, environ: dict[str, str]
             raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
-        data = loaded
+        data = _original_milvus_address(loaded, path)
     data = _merge(data, _env_overrides(environ))
     try:
         settings = Settings.model_validate(data)
@@ -410,4 +442,5 @@ def load_settings(config_file: str | Path | None = None, environ: dict[str, str]
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         raise ConfigError(f"invalid configuration: {problems}") from None
+    settings._config_file = Path(path).resolve() if path is not None else None
     return settings

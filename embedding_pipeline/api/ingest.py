@@ -10,56 +10,23 @@ writes that name's per-model collection, with the vector index the collection al
 
 from __future__ import annotations
 
-import json
-import secrets
-from datetime import datetime, timezone
 from typing import Any
 
 from embedding_pipeline.api.errors import ApiError
-from embedding_pipeline.api.inputs import check_input
 from embedding_pipeline.api.models import InsertRequest
-from embedding_pipeline.api.search import collection_settings
-from embedding_pipeline.index.collections import ModelCollections
+from embedding_pipeline.index.named import ingest_milvus_config
 from embedding_pipeline.orchestration.webserver import LaunchError, RunNotFinished, WebserverRuns
 from embedding_pipeline.settings import Settings
-
-MAX_METADATA_BYTES = 64 * 1024
-
-
-def drop_name(now: datetime | None = None) -> str:
-    """A fresh, sortable manifest drop name: ``api-20261108T101500Z-3f2a9c1b.jsonl``."""
-    stamp = (now or datetime.now(timezone.utc)).strftime("%Y%m%dT%H%M%SZ")
-    return f"api-{stamp}-{secrets.token_hex(4)}.jsonl"
+from embedding_pipeline.sources import inserts
+from embedding_pipeline.sources.inserts import drop_name  # noqa: F401 - the API's drop names
 
 
 def manifest_rows(settings: Settings, request: InsertRequest) -> list[dict[str, Any]]:
     """The manifest lines for ``request``; raises a 422 for an input outside the rules or oversized metadata."""
-    limit = settings.api.max_inputs
-    if len(request.inputs) > limit:
-        raise ApiError(
-            422,
-            "too_many_inputs",
-            f"{len(request.inputs)} inputs; at most {limit} per request (api.max_inputs)",
-            {"count": len(request.inputs), "limit": limit},
-        )
-    rows = []
-    for n, uri in enumerate(request.inputs):
-        check_input(settings, uri, f"inputs[{n}]")
-        row: dict[str, Any] = {"uri": uri}
-        if request.ids is not None:
-            row["id"] = request.ids[n]
-        if request.metadata is not None:
-            size = len(json.dumps(request.metadata[n], default=str).encode())
-            if size > MAX_METADATA_BYTES:
-                raise ApiError(
-                    422,
-                    "invalid_request",
-                    f"metadata[{n}] is {size} bytes as JSON; at most {MAX_METADATA_BYTES}",
-                    {"index": n, "bytes": size},
-                )
-            row["metadata"] = request.metadata[n]
-        rows.append(row)
-    return rows
+    try:
+        return inserts.manifest_rows(settings, request.inputs, request.ids, request.metadata)
+    except inserts.InputRefused as exc:
+        raise ApiError(422, exc.code, exc.message, exc.details or None) from None
 
 
 class DagsterRuns(WebserverRuns):
@@ -67,20 +34,7 @@ class DagsterRuns(WebserverRuns):
 
     def _resource_config(self, name: str) -> dict[str, Any]:
         """The Milvus resource overrides for a run writing collection name ``name``."""
-        config: dict[str, Any] = {"collection": name}
-        if name == self.settings.milvus.collection:
-            return config
-        with ModelCollections(self.settings.milvus.model_copy(update={"collection": name})) as collections:
-            target = collections.search_collection()
-            if target is None:
-                return config  # new name: created by the run with the configured index
-            with collections.index(target) as index, index.guard("describing the index"):
-                info = index.describe_index()
-        milvus = collection_settings(self.settings.milvus, name, info)
-        config.update(index_type=milvus.index_type, metric_type=milvus.metric_type)
-        if milvus.index_type != self.settings.milvus.index_type:
-            config.update(index_params={}, search_params={})
-        return config
+        return ingest_milvus_config(self.settings.milvus, name)
 
     def insert(self, request: InsertRequest, rows: list[dict[str, Any]]) -> dict[str, Any]:
         """Place ``rows`` (:func:`manifest_rows` of ``request``) as a new drop and launch its run."""

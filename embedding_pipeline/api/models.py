@@ -12,11 +12,9 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from embedding_pipeline.index.named import check_collection_name
 from embedding_pipeline.sources.manifest import MAX_ID_CHARS
 
-# Milvus collection (and alias) names: letters, digits and '_', not starting with a digit. Per-model collections
-# append "__<model>" to it, so leave room for that under Milvus's 255.
-COLLECTION_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 MAX_URI_CHARS = 4096
 MAX_FILTER_CHARS = 4096
@@ -29,15 +27,6 @@ MetricType = Literal["COSINE", "IP", "L2"]
 class _Body(BaseModel):
     # Unknown keys are refused: a misspelt "top_k" must not silently mean the default.
     model_config = ConfigDict(extra="forbid")
-
-
-def check_collection_name(name: Optional[str]) -> Optional[str]:
-    if name is not None and not COLLECTION_NAME.fullmatch(name):
-        raise ValueError(
-            "a collection name uses letters, digits and '_', does not start with a digit, and has at most 128 "
-            "characters"
-        )
-    return name
 
 
 class CreateCollectionRequest(_Body):

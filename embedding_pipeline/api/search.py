@@ -26,7 +26,8 @@ import numpy as np
 
 from embedding_pipeline.api.errors import ApiError, invalid
 from embedding_pipeline.index.client import CollectionError, Hit, UnknownItem
-from embedding_pipeline.settings import ConfigError, MilvusSettings, Settings
+from embedding_pipeline.index.named import collection_settings
+from embedding_pipeline.settings import ConfigError, Settings
 from embedding_pipeline.vectors import unit_normalised
 
 log = logging.getLogger(__name__)
@@ -45,23 +46,6 @@ class SearchOutcome:
     collection: str  # the name asked for (the alias)
     resolved: str  # the per-model collection searched
     took_ms: float = 0.0
-
-
-def collection_settings(base: MilvusSettings, name: str, index_info: dict[str, Any] | None) -> MilvusSettings:
-    """``base`` for collection ``name``, with the index type and metric of its existing vector index
-    (``describe_index``) where known, so searches and ingest runs agree with the collection as it is."""
-    update: dict[str, Any] = {"collection": name}
-    if index_info:
-        if index_info.get("index_type") in ("FLAT", "IVF_FLAT", "HNSW"):
-            update["index_type"] = index_info["index_type"]
-            if update["index_type"] != base.index_type:
-                # The configured parameters are for another index type: the type's defaults apply. (An existing
-                # collection's build parameters are never used again: its index is built once, at creation.)
-                update["index_params"] = {}
-                update["search_params"] = {}
-        if index_info.get("metric_type") in ("COSINE", "IP", "L2"):
-            update["metric_type"] = index_info["metric_type"]
-    return MilvusSettings.model_validate({**base.model_dump(exclude_unset=True), **update})
 
 
 def _is_unreachable(exc: BaseException) -> bool:

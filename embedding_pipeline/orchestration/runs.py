@@ -33,8 +33,13 @@ from embedding_pipeline.sources.drops import checked_name, place_drop
 from embedding_pipeline.sources.statuses import ItemStatus
 
 
-def ingest(settings: Settings, path: Path, name: str | None = None) -> dict[str, Any]:
-    """Register the drop as a partition and execute the ingest job for it; returns a JSON-able summary."""
+def ingest(
+    settings: Settings, path: Path, name: str | None = None, run_config: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Register the drop as a partition and execute the ingest job for it; returns a JSON-able summary.
+
+    ``run_config`` is the run's config (e.g. ``{"resources": {"milvus": {"config": {"collection": ...}}}}``, as
+    the HTTP API's inserts send it); none by default."""
     instance = pipeline_instance(settings)
     drops = DagsterDrops(instance)
     drop = checked_name(name or Path(path).resolve().name)
@@ -56,7 +61,9 @@ def ingest(settings: Settings, path: Path, name: str | None = None) -> dict[str,
                 drops.delete_partition(drop)
             raise
     job = defs.resolve_job_def(INGEST_JOB)
-    result = job.execute_in_process(instance=instance, partition_key=drop, tags={DROP_TAG: drop}, raise_on_error=False)
+    result = job.execute_in_process(
+        run_config=run_config, instance=instance, partition_key=drop, tags={DROP_TAG: drop}, raise_on_error=False
+    )
     summary: dict[str, Any] = {"drop": drop, "run_id": result.run_id, "success": result.success}
     if not result.success:
         summary["errors"] = step_errors(result.all_events)

@@ -18,12 +18,12 @@ PACKAGE = Path(__file__).resolve().parents[2] / "embedding_pipeline"
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("runtime", ("embedding_pipeline", "settings", "runtime", "orchestration.names")),
     ("components", ("sources", "preprocess", "storage", "serving", "index")),
-    ("pipeline", ("ingest", "retrieval", "quality", "vectors", "retention", "thumbnails")),
+    ("pipeline", ("ingest", "retrieval", "quality", "vectors", "retention", "thumbnails", "collection_setup")),
     # The instance and what it knows about drops: used by the definitions (an op reading its own instance).
     ("instance", ("orchestration.instance",)),
     ("defs", ("defs",)),
     ("orchestration", ("orchestration", "services")),
-    ("surfaces", ("cli", "api", "bench")),
+    ("surfaces", ("cli", "api", "bench", "pipeline_api")),
 ]
 # The components in the order an image passes them: each may use the ones before it, never one after it, and
 # serving and index never use each other.
