@@ -509,8 +509,9 @@ def index_drop(settings: Settings, drop_name: str, target) -> IndexSummary:
 @dataclass(frozen=True)
 class Protected:
     """Rows a drop keeps although its embeddings lack them: those of items that failed this run for a passing
-    reason, by the same rule as :func:`_kept_previous` (the item's id; when no earlier row has it, its URI). The embed stage carries such rows when it can (same model); this covers the rest: a model change, or a
-    collection of another model."""
+    reason, by the same rule as :func:`_kept_previous` (the item's id; when no earlier row has it, its URI). The
+    embed stage carries such rows when it can (same model); this covers the rest: a model change, or a collection
+    of another model."""
 
     failures: tuple[tuple[str, str, str], ...] = ()
 
