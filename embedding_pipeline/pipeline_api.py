@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Literal, Mapping, Sequence
 
 from embedding_pipeline import collection_setup
-from embedding_pipeline.index.client import CollectionError
+from embedding_pipeline.index.client import CollectionError, Hit
 from embedding_pipeline.index.named import check_collection_name, ingest_milvus_config
 from embedding_pipeline.settings import CONFIG_ENV, MilvusSettings, ServiceConfig, Settings, load_settings
 from embedding_pipeline.sources import inserts
