@@ -126,14 +126,70 @@ def cmd_serve_api(args: argparse.Namespace) -> int:
 def cmd_ingest(args: argparse.Namespace) -> int:
     from embedding_pipeline import services
     from embedding_pipeline.orchestration import runs
+    from embedding_pipeline.runtime import progress
 
     settings = _settings(args)
     started = services.start_services(settings)
     if started:
         print(f"started {', '.join(started)}; `embedding-pipeline services stop` stops them", file=sys.stderr)
-    summary = runs.ingest(settings, Path(args.path), args.drop)
-    print(json.dumps(summary, indent=2))
+    bars = sys.stderr.isatty() and not args.json
+    listener: Any = _ProgressBars() if bars else progress.Throttled(_print_progress, every_s=PROGRESS_EVERY_S)
+    try:
+        with progress.listening(listener):
+            summary = runs.ingest(
+                settings, Path(args.path), args.drop, console_log_level=None if args.verbose else "WARNING"
+            )
+    finally:
+        if bars:
+            listener.close()
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        _print_ingest_summary(summary)
     return 0 if summary["success"] else 1
+
+
+# How often plain progress lines are printed (not on a terminal, or with --json).
+PROGRESS_EVERY_S = 5.0
+
+
+def _print_progress(update: Any) -> None:
+    print(update.line(), file=sys.stderr, flush=True)
+
+
+class _ProgressBars:
+    """One tqdm bar per stage on the terminal (stderr), each with its count, rate and ETA."""
+
+    def __init__(self) -> None:
+        self._bars: dict[str, Any] = {}
+
+    def __call__(self, update: Any) -> None:
+        from tqdm import tqdm
+
+        bar = self._bars.get(update.stage)
+        if bar is None:
+            bar = self._bars[update.stage] = tqdm(
+                total=update.total, desc=f"{update.stage:<10}", unit=f" {update.unit}", file=sys.stderr, leave=True
+            )
+        bar.update(update.done - bar.n)
+        if update.finished:
+            bar.refresh()
+
+    def close(self) -> None:
+        for bar in self._bars.values():
+            bar.close()
+
+
+def _print_ingest_summary(summary: dict[str, Any]) -> None:
+    state = "ok" if summary["success"] else "FAILED"
+    print(
+        f"drop {summary['drop']} ({state}, run {summary['run_id']}): {summary['items']} items, {summary['ok']} ok, "
+        f"{summary['failed']} failed, {summary['skipped']} skipped"
+    )
+    for error in summary.get("errors", []):
+        print(f"  error in {error['step']}: {error['error']}")
+    for failure in summary["failures"]:
+        print(f"  {failure['status']:<8} {failure['id']}  {failure['error_kind']}: {failure['error']}")
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -379,6 +435,8 @@ def build_parser() -> argparse.ArgumentParser:
     ing = sub.add_parser("ingest", help="ingest a folder or manifest as a drop, in the Dagster instance")
     ing.add_argument("path")
     ing.add_argument("--drop", help="drop (partition) name; default: the file or folder name")
+    ing.add_argument("--json", action="store_true", help="print the summary as JSON; progress as plain lines")
+    ing.add_argument("--verbose", action="store_true", help="also print every Dagster event of the run")
     ing.set_defaults(func=cmd_ingest)
     se = sub.add_parser("search", help="search the collection by image, or by the id of an indexed item")
     se.add_argument("image", nargs="?", help="local path or http(s) URL (or give --id)")

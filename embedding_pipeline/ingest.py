@@ -21,6 +21,7 @@ import pyarrow as pa
 
 from embedding_pipeline.index.client import MAX_DROPS_PER_ROW
 from embedding_pipeline.preprocess.preprocessor import SourceError, for_model
+from embedding_pipeline.runtime import progress
 from embedding_pipeline.runtime.locks import drop_lock, membership_lock
 from embedding_pipeline.settings import QualitySettings, Settings
 from embedding_pipeline.sources.drops import find_drop
@@ -108,6 +109,7 @@ def build_manifest(settings: Settings, drop_name: str) -> ManifestSummary:
     drop = find_drop(settings.drops, drop_name)
     files = drop_files(settings, drop_name)
     items = collect_items(drop, settings.sources, files.blobs)
+    progress.Stage("manifest", len(items), "items").advance(len(items))
     columns: dict[str, list] = {name: [] for name in MANIFEST_SCHEMA.names}
     for item in items:
         row = item.as_row()
@@ -263,9 +265,11 @@ def preprocess_drop(
     chunks = [items[i : i + prep.batch_size] for i in range(0, len(items), prep.batch_size)]
     roots = _drop_roots(settings, drop_name)
     max_bytes = settings.sources.max_image_bytes
+    stage = progress.Stage("preprocess", len(items))
     with arrow.DropWriter(files.preprocessed) as writer:
         batches = prep.stream([_reader(item, roots, files.blobs, max_bytes) for item in chunk] for chunk in chunks)
         for chunk, prepared in zip(chunks, batches):
+            stage.advance(len(chunk))
             for item, err in zip(chunk, prepared.errors):
                 if err is not None:
                     failures.append(_failure(item.id, err.kind, err.message, item.uri))
@@ -341,6 +345,7 @@ def embed_drop(settings: Settings, drop_name: str, embedder: Embedder) -> EmbedS
             tables.append(table)
             yield arrow.tensors_of(table)
 
+    stage = progress.Stage("embed", sum(t.num_rows for t in arrow.read_batches(files.preprocessed, columns=["id"])))
     stream = getattr(embedder, "embed_stream", None)  # an embedder without one is called batch by batch
     results = stream(tensor_batches()) if stream else map(embedder.embed, tensor_batches())
     with arrow.DropWriter(files.embeddings) as writer:
@@ -360,6 +365,7 @@ def embed_drop(settings: Settings, drop_name: str, embedder: Embedder) -> EmbedS
                 rows["metadata"] = [metadata.get(i, "{}") for i in rows["id"]]
                 writer.write(arrow.embedding_table(rows, vectors, arrow.embedding_schema(dim, {"model": model})))
                 count += table.num_rows
+                stage.advance(table.num_rows)
         finally:
             getattr(results, "close", lambda: None)()  # cancels batches still queued if writing failed
         if carry:
@@ -486,7 +492,8 @@ def index_drop(settings: Settings, drop_name: str, target) -> IndexSummary:
                 index = target
                 index.ensure_collection(dim)
         try:
-            summary, conflicts = _write_drop(drop_name, index, first, tables, protected)
+            total = sum(t.num_rows for t in arrow.read_batches(files.embeddings, columns=["id"]))
+            summary, conflicts = _write_drop(drop_name, index, first, tables, protected, total)
         finally:
             if placement is not None:
                 index.close()
@@ -532,7 +539,7 @@ def _protected(settings: Settings, drop_name: str) -> Protected:
 
 
 def _write_drop(
-    drop_name: str, index, first, tables, protected: Protected = Protected()
+    drop_name: str, index, first, tables, protected: Protected = Protected(), total: int = 0
 ) -> tuple[IndexSummary, list[dict[str, Any]]]:
     """The drop's rows written to ``index``: the summary (without timings) and every id conflict."""
     present = first is not None or index.exists()
@@ -541,7 +548,9 @@ def _write_drop(
     ids: set[str] = set()
     upserted = unchanged = shared = 0
     conflicts: list[dict[str, Any]] = []
+    stage = progress.Stage("index", total, "rows")
     for table in itertools.chain([first] if first is not None else [], tables):
+        stage.advance(table.num_rows)
         vectors = arrow.vectors_of(table)
         cols = table.select(["id", "sha256", "uri", "model", "metadata"]).to_pydict()
         if any(m != model for m in cols["model"]):

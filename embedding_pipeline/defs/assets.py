@@ -1,6 +1,7 @@
 """The ingest chain for one drop: manifest → tensor batches → embeddings → Milvus rows."""
 
-from typing import Any, Mapping
+from contextlib import contextmanager
+from typing import Any, Iterator, Mapping
 
 from dagster import (
     AssetExecutionContext,
@@ -18,6 +19,7 @@ from embedding_pipeline import ingest
 from embedding_pipeline.defs import metadata as ui
 from embedding_pipeline.defs.partitions import drops_partitions
 from embedding_pipeline.defs.resources import MilvusResource, TritonResource, step_settings
+from embedding_pipeline.runtime import progress
 from embedding_pipeline.settings import load_settings
 from embedding_pipeline.sources.drops import DROP_SIGNATURE_KEY, drop_signature, find_drop
 from embedding_pipeline.sources.statuses import ItemStatus
@@ -45,6 +47,17 @@ def _retry_policy() -> RetryPolicy:
 RETRY = _retry_policy()
 
 
+# A long step logs how far it is this often (count, rate, ETA), so its log in the UI shows it moving.
+PROGRESS_LOG_EVERY_S = 5.0
+
+
+@contextmanager
+def _logged_progress(context: AssetExecutionContext) -> Iterator[None]:
+    """Log the running stage's progress (:mod:`embedding_pipeline.runtime.progress`) every few seconds."""
+    with progress.listening(progress.Throttled(lambda update: context.log.info(update.line()), PROGRESS_LOG_EVERY_S)):
+        yield
+
+
 def _metadata(summary: Mapping[str, Any]) -> dict[str, Any]:
     """A stage summary (its ``as_dict()``, with what the asset adds) as materialization metadata (numbers, JSON,
     and a failures table; see defs/metadata.py)."""
@@ -68,7 +81,8 @@ def raw_image_manifest(context: AssetExecutionContext) -> MaterializeResult:
     settings = load_settings()
     # Taken before the items are read: a file changing meanwhile makes the next rescan see a change.
     signature = drop_signature(find_drop(settings.drops, context.partition_key))
-    summary = ingest.build_manifest(settings, context.partition_key)
+    with _logged_progress(context):
+        summary = ingest.build_manifest(settings, context.partition_key)
     items_per_s = round(summary.items / summary.seconds, 1) if summary.seconds else 0.0
     if summary.failed:
         context.log.warning(f"{summary.failed} item(s) failed: {summary.failure_examples}")
@@ -101,9 +115,10 @@ def preprocessed_batches(context: AssetExecutionContext, triton: TritonResource)
     with triton.embedder(settings) as embedder:
         model_input = embedder.input_spec()
         model = embedder.model_version_label()
-    summary = ingest.preprocess_drop(
-        settings, context.partition_key, (model_input.datatype, tuple(model_input.shape)), model
-    )
+    with _logged_progress(context):
+        summary = ingest.preprocess_drop(
+            settings, context.partition_key, (model_input.datatype, tuple(model_input.shape)), model
+        )
     if summary.failed:
         context.log.warning(f"{summary.failed} image(s) could not be decoded: {summary.failure_examples}")
     files = layout.drop_files(settings, context.partition_key)
@@ -128,7 +143,8 @@ def image_embeddings(context: AssetExecutionContext, triton: TritonResource) -> 
     lineage (drop, sha256, URI) and the model name and version."""
     settings = step_settings(triton)
     with triton.embedder(settings) as embedder:
-        summary = ingest.embed_drop(settings, context.partition_key, embedder)
+        with _logged_progress(context):
+            summary = ingest.embed_drop(settings, context.partition_key, embedder)
     version = ingest.embeddings_version(settings, context.partition_key, summary.model)
     files = layout.drop_files(settings, context.partition_key)
     extra = {ui.ROW_COUNT_KEY: summary.embeddings, **ui.output_schema_metadata(files.embeddings)}
@@ -157,7 +173,8 @@ def milvus_collection(context: AssetExecutionContext, milvus: MilvusResource) ->
 
     settings = step_settings(milvus=milvus)
     with ModelCollections(settings.milvus) as collections:
-        summary = ingest.index_drop(settings, context.partition_key, collections)
+        with _logged_progress(context):
+            summary = ingest.index_drop(settings, context.partition_key, collections)
         described: dict[str, Any] = {}
         if summary.collection:
             with collections.index(summary.collection) as index:

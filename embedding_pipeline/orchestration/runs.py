@@ -34,12 +34,18 @@ from embedding_pipeline.sources.statuses import ItemStatus
 
 
 def ingest(
-    settings: Settings, path: Path, name: str | None = None, run_config: dict[str, Any] | None = None
+    settings: Settings,
+    path: Path,
+    name: str | None = None,
+    run_config: dict[str, Any] | None = None,
+    console_log_level: str | None = None,
 ) -> dict[str, Any]:
     """Register the drop as a partition and execute the ingest job for it; returns a JSON-able summary.
 
     ``run_config`` is the run's config (e.g. ``{"resources": {"milvus": {"config": {"collection": ...}}}}``, as
-    the HTTP API's inserts send it); none by default."""
+    the HTTP API's inserts send it); none by default. ``console_log_level`` (e.g. ``"WARNING"``) quiets what the
+    run prints on this process's console; its event log is kept in the instance whatever the level (the UI shows
+    it)."""
     instance = pipeline_instance(settings)
     drops = DagsterDrops(instance)
     drop = checked_name(name or Path(path).resolve().name)
@@ -60,6 +66,9 @@ def ingest(
             if added:
                 drops.delete_partition(drop)
             raise
+    if console_log_level is not None:
+        console = {"loggers": {"console": {"config": {"log_level": console_log_level}}}}
+        run_config = {**(run_config or {}), **console}
     job = defs.resolve_job_def(INGEST_JOB)
     result = job.execute_in_process(
         run_config=run_config, instance=instance, partition_key=drop, tags={DROP_TAG: drop}, raise_on_error=False
