@@ -253,6 +253,24 @@ class QualitySettings(_Section):
     norm_tolerance: float = Field(1e-3, gt=0, lt=1, description="How far from 1 a vector's L2 norm may be.")
 
 
+# The default cosine similarity above which two images count as near-duplicates, measured with
+# `embedding-pipeline bench duplicates` on the default model (docs/operations.md#near-duplicates).
+DUPLICATES_COSINE = 0.94
+
+
+class DuplicatesSettings(_Section):
+    threshold: float | None = Field(
+        None,
+        description="Score at which two images count as near-duplicates, in the collection's metric: for COSINE and "
+        "IP a similarity (at least this), for L2 a squared distance (at most this). Unset: the measured default for "
+        "the default model, cosine 0.94 (squared L2 0.12 on unit vectors).",
+    )
+    top_k: int = Field(
+        16, ge=2, le=1024, description="Neighbours searched per image; a larger group still joins through its links."
+    )
+    batch_size: int = Field(256, ge=1, le=4096, description="Query vectors per search call.")
+
+
 class ApiSettings(_Section):
     host: str = Field("127.0.0.1", description="Address the HTTP API binds to (embedding-pipeline serve-api).")
     port: int = Field(18080, ge=1, le=65535, description="Port of the HTTP API (API_PORT).")
@@ -287,6 +305,7 @@ class Settings(_Section):
     preprocess: PreprocessSettings = Field(default_factory=PreprocessSettings)
     dagster: DagsterSettings = Field(default_factory=DagsterSettings)
     quality: QualitySettings = Field(default_factory=QualitySettings)
+    duplicates: DuplicatesSettings = Field(default_factory=DuplicatesSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
 
     @property
