@@ -3,7 +3,9 @@ search, never by comparing every pair.
 
 Each query row's stored vector is searched in the collection (``top_k`` neighbours, ``batch_size`` queries per
 call); every hit at least as close as the threshold is a pair, and the groups are the connected components of the
-pairs (union-find). A group larger than ``top_k`` still forms as long as its members link to each other.
+pairs (union-find). A group larger than ``top_k`` still forms as long as its members link to each other. Range
+search (``radius``/``range_filter``, which milvus-lite 3.2 and Milvus 2.3.5 both answer) would still cap the hits
+per query at its limit, so plain top-k search is used.
 
 *Scope.* For a drop the queries are the drop's rows and the candidates the whole collection: an image that
 duplicates an older image of another drop is found, and the group holds both. Groups among other drops' rows
