@@ -224,6 +224,27 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_duplicates(args: argparse.Namespace) -> int:
+    """Near-duplicate groups of a drop (its images against the whole collection) or of the whole collection."""
+    from embedding_pipeline import duplicates
+    from embedding_pipeline.index.server import start_milvus
+
+    settings = _settings(args)
+    start_milvus(settings)  # a local Milvus is started like `ingest` does
+    page = duplicates.report_page(duplicates.find_for(settings, args.drop, args.threshold))
+    if args.json:
+        print(json.dumps(page, indent=2))
+        return 0
+    scope = f"drop {args.drop!r}" if args.drop else "the collection"
+    print(f"{page['total_groups']} group(s) of near-duplicates in {scope} ({page['metric']} {page['threshold']})")
+    for group in page["groups"]:
+        print(f"group {group['group']} ({group['size']} images)")
+        for m in group["members"]:
+            mark = "*" if m["representative"] else " "
+            print(f"  {mark} {m['score']:.4f}  {m['id']}  {m['drop']}  {m['uri']}")
+    return 0
+
+
 def _csv(kind, text: str) -> list:  # noqa: ANN001 - int or str
     """A comma-separated option value ("10000,100000"), each part converted by ``kind``."""
     try:
@@ -260,6 +281,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         result = bench_integrity.run(settings, images=args.images or 5000)
         render = bench_integrity.render
+    elif args.what == "duplicates":
+        from embedding_pipeline.bench import duplicates as bench_duplicates
+
+        result = bench_duplicates.run(settings, vectors=args.vectors)
+        render = bench_duplicates.render
     elif args.what == "api":
         from embedding_pipeline.bench import api as bench_api
 
@@ -460,6 +486,11 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--filter", help='Milvus expression, e.g. metadata["category"] == "nature"')
     se.add_argument("--json", action="store_true")
     se.set_defaults(func=cmd_search)
+    du = sub.add_parser("duplicates", help="near-duplicate groups of a drop or of the whole collection")
+    du.add_argument("drop", nargs="?", help="drop name (its images against the whole collection); default: all rows")
+    du.add_argument("--threshold", type=float, help="default: duplicates.threshold, else the measured default")
+    du.add_argument("--json", action="store_true")
+    du.set_defaults(func=cmd_duplicates)
     it = sub.add_parser("items", help="every item of an ingested drop with its status and error")
     it.add_argument("drop")
     it.add_argument("--failed", action="store_true", help="only items that failed or were skipped")
@@ -511,10 +542,11 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument(
         "what",
         nargs="?",
-        choices=["preprocess", "ingest", "api", "integrity"],
+        choices=["preprocess", "ingest", "api", "integrity", "duplicates"],
         help="preprocess: decode + JAX vs Pillow; ingest: memory of a whole drop; api: search latency "
         "through the HTTP API under concurrent load; integrity: the guarded reader and fsync against "
-        "plain reads and page-cache writes (default: none of these)",
+        "plain reads and page-cache writes; duplicates: the near-duplicate threshold from altered photos, "
+        "and group search vs brute force (default: none of these)",
     )
     be.add_argument("--images", type=int, help="photos to embed / images to process (default 3000 / 512 / 5000)")
     be.add_argument("--baseline-images", type=int, default=500, help="ingest: the small drop compared against")
@@ -556,7 +588,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="api: an HTTP API already running on loopback (default: the configured one, "
         "started if needed, with a collection of its own)",
     )
-    be.add_argument("--vectors", type=int, default=10_000, help="api: vectors in its own collection (default 10000)")
+    be.add_argument(
+        "--vectors", type=int, default=10_000, help="api, duplicates: vectors in its own collection (default 10000)"
+    )
     be.add_argument("--collection", help="api with --url: the collection to search (default: the API's default)")
     be.add_argument("--json", action="store_true")
     be.set_defaults(func=cmd_bench)

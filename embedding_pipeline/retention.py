@@ -10,8 +10,8 @@ What a drop owns:
   drop sensor's memory is the set of partitions, so a source left behind after its partition is gone would be
   ingested again as a new drop. Dropping the same name again later is a new drop.
 * its **files** under ``<home>/data``: ``manifests/<drop>.arrow``, ``preprocessed/<drop>/``, ``embeddings/<drop>/``,
-  ``index/<drop>.json`` and leftovers of interrupted writes (``.<drop>.<hex>.staging`` / ``.old`` folders,
-  ``<drop>.<hex>.tmp`` files);
+  ``index/<drop>.json``, ``duplicates/<drop>.parquet`` and leftovers of interrupted writes
+  (``.<drop>.<hex>.staging`` / ``.old`` folders, ``<drop>.<hex>.tmp`` files);
 * the **downloaded blobs** of its URL items (``blobs/<sha[:2]>/<sha>``, content-addressed, so shared by every drop
   listing the same bytes): a blob is removed only when no other drop's manifest lists a URL with that content;
 * its **rows** in every collection of the configured name: ``<milvus.collection>`` itself and each per-model
@@ -61,7 +61,7 @@ class DropBusyError(RuntimeError):
 class PlannedPath:
     """A file or folder that belongs to the drop: what it is, how many files it holds and their size."""
 
-    kind: str  # source, manifest, preprocessed, embeddings, index, blob, leftover
+    kind: str  # source, manifest, preprocessed, embeddings, index, duplicates, blob, leftover
     path: Path
     files: int
     bytes: int
@@ -239,6 +239,7 @@ def _leftovers(settings: Settings, drop: str) -> list[Path]:
         (files.embeddings.parent, folder_pattern),
         (files.manifest.parent, manifest_pattern),
         (files.index_report.parent, manifest_pattern),
+        (files.duplicates.parent, manifest_pattern),
     ):
         if parent.is_dir():
             found.extend(sorted(p for p in parent.iterdir() if pattern.match(p.name)))
@@ -292,6 +293,7 @@ def plan_drop_deletion(
         ("preprocessed", files.preprocessed),
         ("embeddings", files.embeddings),
         ("index", files.index_report),
+        ("duplicates", files.duplicates),
     ):
         if _exists(path):
             plan.paths.append(_planned(kind, path))

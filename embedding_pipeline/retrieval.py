@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from embedding_pipeline.duplicates import threshold_for
 from embedding_pipeline.index import params as index_params
 from embedding_pipeline.index.client import CollectionError, Hit, ImageIndex, UnknownItem
 from embedding_pipeline.preprocess.preprocessor import Preprocessor, for_model
@@ -211,7 +212,9 @@ class ImageSearcher:
     def _collapse_threshold(self, collapse: bool | float | None) -> float | None:
         if collapse is None or collapse is False:
             return None
-        return self.settings.duplicates.threshold if collapse is True else float(collapse)
+        if collapse is True:
+            return threshold_for(self.settings, self.index.settings.metric_type)
+        return float(collapse)
 
     def search(
         self,

@@ -253,12 +253,22 @@ class QualitySettings(_Section):
     norm_tolerance: float = Field(1e-3, gt=0, lt=1, description="How far from 1 a vector's L2 norm may be.")
 
 
+# The default cosine similarity above which two images count as near-duplicates, measured with
+# `embedding-pipeline bench duplicates` on the default model (docs/operations.md#near-duplicates).
+DUPLICATES_COSINE = 0.94
+
+
 class DuplicatesSettings(_Section):
-    threshold: float = Field(
-        0.9,
-        description="Two images count as near-duplicates when the score between their vectors is at least this good "
-        "(COSINE/IP: at least this similar; L2: at most this distance). Used to collapse search results.",
+    threshold: float | None = Field(
+        None,
+        description="Score at which two images count as near-duplicates, in the collection's metric: for COSINE and "
+        "IP a similarity (at least this), for L2 a squared distance (at most this). Unset: the measured default for "
+        "the default model, cosine 0.94 (squared L2 0.12 on unit vectors).",
     )
+    top_k: int = Field(
+        16, ge=2, le=1024, description="Neighbours searched per image; a larger group still joins through its links."
+    )
+    batch_size: int = Field(256, ge=1, le=4096, description="Query vectors per search call.")
 
 
 class ApiSettings(_Section):

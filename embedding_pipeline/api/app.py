@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, Iterable, Mapping, Optional
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -28,6 +28,7 @@ from embedding_pipeline.api.inputs import read_query
 from embedding_pipeline.api.models import (
     CreateCollectionRequest,
     CreateCollectionResponse,
+    DuplicatesResponse,
     InsertAccepted,
     InsertRequest,
     RunReport,
@@ -67,9 +68,10 @@ class ApiServices:
     collections: Any  # CollectionService
     runs: Any  # DagsterRuns
     health: Callable[[], dict[str, Any]]
+    duplicates: Any = None  # DuplicatesService
 
     def close(self) -> None:
-        for service in (self.search, self.collections, self.runs):
+        for service in (self.search, self.collections, self.runs, self.duplicates):
             close = getattr(service, "close", None)
             if close is not None:
                 close()
@@ -78,6 +80,7 @@ class ApiServices:
 def real_services(settings: Settings) -> ApiServices:
     from embedding_pipeline.api import health
     from embedding_pipeline.api.collections import CollectionService
+    from embedding_pipeline.api.duplicates import DuplicatesService
     from embedding_pipeline.api.ingest import DagsterRuns
     from embedding_pipeline.api.search import SearchService
 
@@ -90,7 +93,7 @@ def real_services(settings: Settings) -> ApiServices:
             "dagster": runs.reachable(),
         }
 
-    return ApiServices(SearchService(settings), CollectionService(settings), runs, report)
+    return ApiServices(SearchService(settings), CollectionService(settings), runs, report, DuplicatesService(settings))
 
 
 # Form fields a multipart search may carry besides the file.
@@ -292,6 +295,31 @@ def create_app(
             "collection": outcome.collection,
             "resolved_collection": outcome.resolved,
         }
+
+    @app.get(
+        "/duplicates",
+        response_model=DuplicatesResponse,
+        summary="Near-duplicate groups of a drop (against the whole collection) or of the collection, by page",
+        responses={404: {"description": "No such drop, or nothing indexed yet"}},
+    )
+    def near_duplicates(
+        drop: Optional[str] = Query(
+            None,
+            description="A drop: its images against the whole collection. Default: "
+            "every image of the collection search uses.",
+        ),
+        threshold: Optional[float] = Query(
+            None,
+            description="COSINE/IP: similarity of at least this; L2: squared distance of at most this. "
+            "Default: duplicates.threshold, else the measured default (cosine 0.94).",
+        ),
+        offset: int = Query(0, ge=0, description="Groups to skip (largest first)."),
+        limit: int = Query(20, ge=1, le=100, description="Groups per page."),
+    ) -> dict[str, Any]:
+        service = svc().duplicates
+        if service is None:
+            raise ApiError(503, "unavailable", "near-duplicate groups are not served by this API")
+        return service.page(drop, threshold, offset, limit)
 
     async def _json_search(request: Request) -> SearchRequest:
         raw = await request.body()

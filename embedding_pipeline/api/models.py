@@ -222,3 +222,30 @@ class SearchResponse(BaseModel):
     took_ms: float
     collection: str = Field(..., description="The collection name searched (milvus.collection by default).")
     resolved_collection: str = Field(..., description="The per-model collection behind that name.")
+
+
+class DuplicateMember(BaseModel):
+    id: str
+    uri: str
+    drop: str = Field(..., description="A drop that lists the image.")
+    representative: bool = Field(..., description="The member closest to all others in its group.")
+    score: float = Field(..., description="Score to the representative, in the collection's metric.")
+    link_score: float = Field(..., description="Best score to another member (at least as close as the threshold).")
+
+
+class DuplicateGroup(BaseModel):
+    group: int = Field(..., description="Group number: 0 is the largest group.")
+    size: int
+    representative: str = Field(..., description="Id of the representative (listed first among the members).")
+    members: list[DuplicateMember]
+
+
+class DuplicatesResponse(BaseModel):
+    drop: Optional[str] = Field(None, description="The drop whose images were the queries; null: the collection.")
+    threshold: float = Field(..., description="COSINE/IP: similarity of at least this; L2: squared distance at most.")
+    metric: str
+    total_groups: int
+    images_in_groups: int
+    offset: int
+    limit: int
+    groups: list[DuplicateGroup]

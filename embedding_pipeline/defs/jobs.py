@@ -59,6 +59,7 @@ class SearchQuery(Config):
 def embed_query(
     context: OpExecutionContext, config: SearchQuery, triton: TritonResource, milvus: MilvusResource
 ) -> dict[str, Any]:
+    from embedding_pipeline.duplicates import threshold_for
     from embedding_pipeline.retrieval import ImageSearcher, stored_vector
     from embedding_pipeline.sources.inputs import read_image_input
     from embedding_pipeline.thumbnails import thumbnail_uri
@@ -82,7 +83,9 @@ def embed_query(
             context.log.info(
                 f"embedded {config.image} → {vector.shape[0]}-d vector with {model} for collection {collection}"
             )
-    collapse = (config.collapse_threshold or settings.duplicates.threshold) if config.collapse else None
+    collapse = None
+    if config.collapse:
+        collapse = threshold_for(settings, settings.milvus.metric_type, config.collapse_threshold)
     return {
         "image": config.image or f"id {config.id}",
         "vector": vector.tolist(),

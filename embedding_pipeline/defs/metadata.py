@@ -308,6 +308,35 @@ def search_results(
     return "\n".join(lines)
 
 
+DUPLICATE_GROUPS_SHOWN = 8
+DUPLICATE_MEMBERS_SHOWN = 6
+
+
+def duplicate_groups(
+    groups: Sequence[Mapping[str, Any]], images: Mapping[str, str | None], total: int | None = None
+) -> str:
+    """The largest near-duplicate groups: one table row per group with its size and its first members as
+    thumbnails, each captioned with its id and score to the representative (the representative first, in bold)."""
+    if not groups:
+        return "No near-duplicates."
+    lines = []
+    if total is not None and total > len(groups):
+        lines += [f"The {len(groups)} largest of {total} groups.", ""]
+    lines += ["| group | size | images (score to the representative) |", "|---:|---:|---|"]
+    for group in groups:
+        cells = []
+        for member in group["members"][:DUPLICATE_MEMBERS_SHOWN]:
+            label = md_cell(item_label(member["id"], member.get("uri", "")), 40)
+            if member["representative"]:
+                label = f"**{label}**"
+            cells.append(f"{_image(str(member['id']), images.get(member['id']))} {label} {member['score']:.3f}")
+        more = group["size"] - min(group["size"], DUPLICATE_MEMBERS_SHOWN)
+        if more:
+            cells.append(f"… {more} more")
+        lines.append(f"| {group['group']} | {group['size']} | {' '.join(cells)} |")
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------------------- stage timings
 
 

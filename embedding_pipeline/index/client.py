@@ -208,6 +208,11 @@ class Hit(Mapping[str, Any]):
         return hash((self.id, self.score))
 
 
+def all_rows_filter() -> str:
+    """Every row (ids are never empty): the filter of a scan over the whole collection."""
+    return expressions.not_equals("id", "")
+
+
 def drop_filter(drop: str) -> str:
     """The rows of ``drop``: every row whose membership lists it (an image listed by several drops is one row)."""
     return expressions.array_contains(MEMBERSHIP_FIELD, drop)
@@ -611,6 +616,11 @@ class ImageIndex:
                 # code point order). Anything else could skip rows: stop rather than decide from half a listing.
                 raise CollectionError(f"Milvus returned a page of {self.collection!r} out of key order; cannot list it")
             last = keys[-1]
+
+    def scan(self, filter: str, fields: Sequence[str], strong: bool = False) -> Iterator[dict[str, Any]]:
+        """Every row matching ``filter`` (built by :mod:`.expressions`, never pasted from a user), ``fields`` of
+        each, a page at a time in key order: a whole collection is never held at once."""
+        return iter(self._iterate(filter, list(fields), strong=strong))
 
     def drop_ids(self, drop: str) -> set[str]:
         """Ids of every row ``drop`` lists (Strong)."""

@@ -157,6 +157,29 @@ def write_table(path: Path, table: pa.Table) -> None:
     _fsync(path.parent)
 
 
+def write_parquet(path: Path, table: pa.Table) -> None:
+    """A table meant to be read by other tools (near-duplicate groups) as Parquet, written atomically and durably
+    like the IPC files: a temporary name in the same folder, fsynced, then renamed over ``path``."""
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        pq.write_table(table, str(tmp))
+        _fsync(tmp)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync(path.parent)
+
+
+def read_parquet(path: Path) -> pa.Table:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(str(path))
+
+
 def write_json(path: Path, value: Any) -> None:
     """A small JSON file (a stage's report), written atomically and durably like the tables."""
     path.parent.mkdir(parents=True, exist_ok=True)

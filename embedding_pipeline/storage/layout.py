@@ -1,7 +1,8 @@
 """Where a drop's stage outputs live under ``<home>/data``, and the manifest's schema.
 
 One drop owns ``manifests/<drop>.arrow`` (its items), ``preprocessed/<drop>/`` (tensor batches),
-``embeddings/<drop>/`` (vectors) and ``index/<drop>.json`` (what the index stage could not write); downloaded
+``embeddings/<drop>/`` (vectors), ``index/<drop>.json`` (what the index stage could not write) and
+``duplicates/<drop>.parquet`` (its near-duplicate groups, when they were looked for); downloaded
 images are shared by content under ``blobs/``. The stages write these, retention removes them, the checks read them.
 """
 
@@ -58,6 +59,16 @@ class DropFiles:
     def index_report(self) -> Path:
         """What the index stage could not write (ids held by another drop's image), per item."""
         return self.data / "index" / f"{self.drop}.json"
+
+    @property
+    def duplicates(self) -> Path:
+        """The drop's near-duplicate groups (Parquet), written by the ``near_duplicates`` asset."""
+        return self.data / "duplicates" / f"{self.drop}.parquet"
+
+
+def collection_duplicates(settings: Settings, collection: str) -> Path:
+    """The near-duplicate groups of a whole collection (Parquet), apart from any drop's outputs."""
+    return settings.paths.data / "collection_duplicates" / f"{collection}.parquet"
 
 
 def drop_files(settings: Settings, drop: str) -> DropFiles:

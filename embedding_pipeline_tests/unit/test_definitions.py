@@ -12,14 +12,20 @@ ASSETS = ["raw_image_manifest", "preprocessed_batches", "image_embeddings", "mil
 def test_definitions_load_with_assets_jobs_sensor():
     repo = defs.get_repository_def()
     keys = [k.to_user_string() for k in repo.asset_graph.get_all_asset_keys()]
-    # The four drop-partitioned stages, plus the observed model that makes embeddings stale when it changes.
-    assert sorted(keys) == sorted(ASSETS + ["embedding_model"])
+    # The four drop-partitioned stages, the observed model that makes embeddings stale when it changes, and the
+    # near-duplicate groups (on demand, outside the ingest group).
+    assert sorted(keys) == sorted(ASSETS + ["embedding_model", "near_duplicates"])
     for name in ASSETS:
         assets_def = repo.assets_defs_by_key[AssetKey(name)]
         assert assets_def.group_names_by_key[AssetKey(name)] == "image_ingest"
         assert len(assets_def.descriptions_by_key[AssetKey(name)]) > 40  # the UI shows it
         assert assets_def.partitions_def.name == "drops"
-    assert {j.name for j in repo.get_all_jobs()} >= {"ingest_drop", "search_images"}
+    assert {j.name for j in repo.get_all_jobs()} >= {
+        "ingest_drop",
+        "search_images",
+        "find_duplicates",
+        "collection_duplicates",
+    }
     assert repo.get_sensor_def("drop_sensor")
     assert repo.get_schedule_def("rescan_drops")
 
@@ -34,6 +40,7 @@ def test_asset_checks_run_per_drop_in_ingest_drop_and_gate_indexing():
     from embedding_pipeline.defs.checks import quality_checks
 
     specs = {(s.asset_key.to_user_string(), s.name): s for checks in quality_checks for s in checks.check_specs}
+    # The ingest job's own checks; the near-duplicate check belongs to the on-demand asset.
     assert set(specs) == {
         ("image_embeddings", "embeddings_match_ok_items"),
         ("image_embeddings", "dimension_matches_model"),
@@ -85,3 +92,16 @@ def test_sensor_reports_ignored_names(drops_env):
     with DagsterInstance.ephemeral() as instance:
         result = drop_sensor(build_sensor_context(instance=instance))
     assert isinstance(result, SkipReason) and "bad name" in result.skip_message
+
+
+def test_near_duplicates_run_on_demand_not_in_every_ingest():
+    repo = defs.get_repository_def()
+    key = AssetKey("near_duplicates")
+    assets_def = repo.assets_defs_by_key[key]
+    assert assets_def.partitions_def.name == "drops"
+    assert AssetKey("milvus_collection") in assets_def.asset_deps[key]
+    ingest = defs.resolve_job_def("ingest_drop")
+    assert key not in ingest.asset_layer.executable_asset_keys
+    find = defs.resolve_job_def("find_duplicates")
+    assert key in find.asset_layer.executable_asset_keys
+    assert any(k.name == "duplicate_groups_sound" for k in find.asset_layer.asset_graph.asset_check_keys)
