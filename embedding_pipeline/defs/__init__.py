@@ -4,6 +4,7 @@ from dagster import Definitions
 
 from embedding_pipeline.defs.assets import ingest_assets
 from embedding_pipeline.defs.checks import quality_checks
+from embedding_pipeline.defs.export import export_jobs
 from embedding_pipeline.defs.jobs import ingest_drop_job, search_images
 from embedding_pipeline.defs.models import model_assets, observe_embedding_model, switch_search_collection
 from embedding_pipeline.defs.resources import MilvusResource, TritonResource
@@ -14,7 +15,14 @@ from embedding_pipeline.defs.sensors import drop_sensor
 defs = Definitions(
     assets=[*ingest_assets, *model_assets],
     asset_checks=quality_checks,
-    jobs=[ingest_drop_job, search_images, *retention_jobs, observe_embedding_model, switch_search_collection],
+    jobs=[
+        ingest_drop_job,
+        search_images,
+        *retention_jobs,
+        observe_embedding_model,
+        switch_search_collection,
+        *export_jobs,
+    ],
     sensors=[drop_sensor],
     schedules=[rescan_drops],
     resources={

@@ -19,7 +19,7 @@ def test_definitions_load_with_assets_jobs_sensor():
         assert assets_def.group_names_by_key[AssetKey(name)] == "image_ingest"
         assert len(assets_def.descriptions_by_key[AssetKey(name)]) > 40  # the UI shows it
         assert assets_def.partitions_def.name == "drops"
-    assert {j.name for j in repo.get_all_jobs()} >= {"ingest_drop", "search_images"}
+    assert {j.name for j in repo.get_all_jobs()} >= {"ingest_drop", "search_images", "export_embeddings"}
     assert repo.get_sensor_def("drop_sensor")
     assert repo.get_schedule_def("rescan_drops")
 

@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "embedding_pipeline"
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("runtime", ("embedding_pipeline", "settings", "runtime", "orchestration.names")),
     ("components", ("sources", "preprocess", "storage", "serving", "index")),
-    ("pipeline", ("ingest", "retrieval", "quality", "vectors", "retention", "thumbnails")),
+    ("pipeline", ("ingest", "retrieval", "quality", "vectors", "retention", "thumbnails", "export")),
     # The instance and what it knows about drops: used by the definitions (an op reading its own instance).
     ("instance", ("orchestration.instance",)),
     ("defs", ("defs",)),
