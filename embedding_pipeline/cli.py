@@ -203,6 +203,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         result = bench_integrity.run(settings, images=args.images or 5000)
         render = bench_integrity.render
+    elif args.what == "export":
+        from embedding_pipeline.bench import export as bench_export
+
+        result = bench_export.run(settings, rows=args.rows, dim=args.dim or bench_export.DIM)
+        render = bench_export.render
     elif args.what == "api":
         from embedding_pipeline.bench import api as bench_api
 
@@ -442,10 +447,11 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument(
         "what",
         nargs="?",
-        choices=["preprocess", "ingest", "api", "integrity"],
+        choices=["preprocess", "ingest", "api", "integrity", "export"],
         help="preprocess: decode + JAX vs Pillow; ingest: memory of a whole drop; api: search latency "
         "through the HTTP API under concurrent load; integrity: the guarded reader and fsync against "
-        "plain reads and page-cache writes (default: none of these)",
+        "plain reads and page-cache writes; export: Parquet export throughput and peak memory (default: none of "
+        "these)",
     )
     be.add_argument("--images", type=int, help="photos to embed / images to process (default 3000 / 512 / 5000)")
     be.add_argument("--baseline-images", type=int, default=500, help="ingest: the small drop compared against")
@@ -487,6 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="api: an HTTP API already running on loopback (default: the configured one, "
         "started if needed, with a collection of its own)",
     )
+    be.add_argument("--rows", type=int, default=100_000, help="export: rows in its collection (default 100000)")
     be.add_argument("--vectors", type=int, default=10_000, help="api: vectors in its own collection (default 10000)")
     be.add_argument("--collection", help="api with --url: the collection to search (default: the API's default)")
     be.add_argument("--json", action="store_true")
