@@ -205,6 +205,7 @@ class ImageIndex:
         self._client = None
         self._filter_fields: dict[str, str] | None = None
         self._membership: bool | None = None
+        self._lite: bool | None = None  # milvus-lite (pages need its key-order mark), known after the first page
         # Milvus 2.3 answers a delete without a timestamp, so a Session read after it may not see it: reads that
         # follow a delete through this client run Strong instead (milvus-lite is always strong: no cost there).
         self._deleted = False
@@ -565,7 +566,7 @@ class ImageIndex:
         """
         if not 1 <= page_rows <= MAX_QUERY_ROWS:
             raise ValueError(f"page_rows must be between 1 and {MAX_QUERY_ROWS}, not {page_rows}")
-        extra = {"consistency_level": "Strong"} if strong else {}
+        extra = {**self._key_order(), **({"consistency_level": "Strong"} if strong else {})}
         columns = list(dict.fromkeys(["id", *fields]))
         last: str | None = None
         while True:
@@ -593,6 +594,22 @@ class ImageIndex:
                 raise CollectionError(f"Milvus returned a page of {self.collection!r} out of key order; cannot list it")
             last = keys[-1]
             del rows, page, keys
+
+    def _key_order(self) -> dict[str, Any]:
+        """Query options that make a limited query return the smallest keys, in key order (what paging by key needs).
+
+        Milvus merges its segments' results by primary key. milvus-lite returns rows in storage order (segments, then
+        the memtable) and sorts by key only for a query marked as an iterator's: without the mark, a full page can be
+        in key order and still skip smaller keys stored later, silently. The mark is sent to milvus-lite only:
+        pymilvus sends no consistency timestamp with it, and milvus-lite reads are always strong anyway.
+        """
+        if self._lite is None:
+            try:
+                version = str(self.client.get_server_version())
+            except Exception:  # noqa: BLE001 - unknown server: assume a Milvus that merges by key
+                version = ""
+            self._lite = version.startswith("milvus_lite")
+        return {"iterator": "True"} if self._lite else {}
 
     def drop_ids(self, drop: str) -> set[str]:
         """Ids of every row ``drop`` lists (Strong)."""

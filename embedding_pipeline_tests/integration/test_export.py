@@ -121,3 +121,39 @@ def test_export_job_writes_the_file_and_records_rows_bytes_and_path(two_drops, t
     recorded = materialized.event_specific_data.metadata
     assert recorded["rows"].value == 2 and recorded["bytes"].value == out.stat().st_size
     assert recorded["path"].value == str(out)
+
+
+def test_pages_never_skip_smaller_keys_stored_after_larger_ones(stack):
+    """milvus-lite returns a limited query in storage order unless asked for key order: rows flushed first (large
+    keys) then rows in the memtable (small keys) must still all be listed, in key order, page by page."""
+    milvus = stack.milvus.model_copy(
+        update={"collection": "export_paging", "index_type": "FLAT", "index_params": {}, "search_params": {}}
+    )
+    rng = np.random.default_rng(0)
+
+    def rows(prefix: str) -> list[dict]:
+        return [
+            {
+                "id": f"{prefix}{i}",
+                "embedding": rng.standard_normal(8).astype(np.float32),
+                "uri": f"{prefix}{i}.jpg",
+                "sha256": "",
+                "drop": "paging",
+                "model": "m",
+                "metadata": {},
+            }
+            for i in range(5)
+        ]
+
+    with ImageIndex(milvus) as index:
+        try:
+            index.ensure_collection(8)
+            index.upsert(rows("c"))
+            index.flush()
+            index.upsert(rows("a"))
+            pages = list(index.pages('id != ""', ["embedding"], page_rows=3))
+            ids = [r["id"] for page in pages for r in page]
+            assert ids == [f"a{i}" for i in range(5)] + [f"c{i}" for i in range(5)]
+            assert [len(p) for p in pages] == [3, 3, 3, 1]
+        finally:
+            index.client.drop_collection("export_paging")
