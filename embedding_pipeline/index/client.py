@@ -558,8 +558,9 @@ class ImageIndex:
     def pages(
         self, filter: str, fields: Sequence[str], page_rows: int = PAGE_ROWS, strong: bool = False
     ) -> Iterator[list[dict[str, Any]]]:
-        """The rows matching ``filter`` (``id`` plus ``fields``, the vector field allowed) in pages of at most
-        ``page_rows``, in primary-key order: one query per page, so a reader holds one page at a time.
+        """The rows matching ``filter`` (``id`` plus ``fields``) in pages of at most ``page_rows``, in primary-key
+        order: one query per page, so a reader holds one page at a time. The vector field, if asked for, comes as
+        float32 arrays.
 
         Not pymilvus's ``query_iterator``: it pages with ``id > "<last id>"`` pasted in unescaped, so an id holding a
         quote or a newline breaks the listing (or rewrites it). The cursor here is a literal from :mod:`.expressions`.
@@ -568,6 +569,9 @@ class ImageIndex:
             raise ValueError(f"page_rows must be between 1 and {MAX_QUERY_ROWS}, not {page_rows}")
         extra = {**self._key_order(), **({"consistency_level": "Strong"} if strong else {})}
         columns = list(dict.fromkeys(["id", *fields]))
+        if VECTOR_FIELD in columns:
+            # Vectors as float32 arrays over one buffer per page, not lists of Python floats (8x the memory).
+            extra["strict_float32"] = True
         last: str | None = None
         while True:
             expr = filter if last is None else f"({filter}) and id > {expressions.literal(last)}"
