@@ -245,6 +245,25 @@ def cmd_duplicates(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write the rows of drops (or of the whole collection) with their vectors to a Parquet file."""
+    from embedding_pipeline.export import check_selection, export_embeddings
+    from embedding_pipeline.index.server import start_milvus
+
+    check_selection(args.drops, args.all)  # a bad command line fails before anything is loaded or started
+    settings = _settings(args)
+    start_milvus(settings)  # the rows are in Milvus: a local one is started like `ingest` does
+    summary = export_embeddings(
+        settings.milvus, Path(args.out), args.drops, all_rows=args.all, collection=args.collection
+    )
+    what = "every drop" if args.all else ", ".join(summary.drops)
+    print(
+        f"wrote {summary.rows} rows ({what}) of collection {summary.collection!r}, {summary.dimension}-d, to "
+        f"{summary.path} ({summary.bytes} bytes, {summary.row_groups} row groups, {summary.seconds} s)"
+    )
+    return 0
+
+
 def _csv(kind, text: str) -> list:  # noqa: ANN001 - int or str
     """A comma-separated option value ("10000,100000"), each part converted by ``kind``."""
     try:
@@ -286,6 +305,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         result = bench_duplicates.run(settings, vectors=args.vectors)
         render = bench_duplicates.render
+    elif args.what == "export":
+        from embedding_pipeline.bench import export as bench_export
+
+        result = bench_export.run(settings, rows=args.rows, dim=args.dim or bench_export.DIM)
+        render = bench_export.render
     elif args.what == "api":
         from embedding_pipeline.bench import api as bench_api
 
@@ -503,6 +527,12 @@ def build_parser() -> argparse.ArgumentParser:
     dd.add_argument("--yes", action="store_true", help="really delete (default: only show what would go)")
     dd.add_argument("--json", action="store_true")
     dd.set_defaults(func=cmd_delete_drop)
+    ex = sub.add_parser("export", help="write drops (or the whole collection) with their vectors to Parquet")
+    ex.add_argument("drops", nargs="*", metavar="DROP", help="drops to export (or --all)")
+    ex.add_argument("--all", action="store_true", help="export every row of the collection")
+    ex.add_argument("--out", required=True, help="the Parquet file to write (replaced when complete)")
+    ex.add_argument("--collection", help="collection to read (default: the one search uses, behind milvus.collection)")
+    ex.set_defaults(func=cmd_export)
     mo = sub.add_parser("models", help="the collections per model behind milvus.collection; switch search")
     mo.add_argument("action", nargs="?", choices=["list", "switch"], default="list")
     mo.add_argument("--to", help="switch: a collection or model label (default: the model Triton serves now)")
@@ -542,11 +572,12 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument(
         "what",
         nargs="?",
-        choices=["preprocess", "ingest", "api", "integrity", "duplicates"],
+        choices=["preprocess", "ingest", "api", "integrity", "duplicates", "export"],
         help="preprocess: decode + JAX vs Pillow; ingest: memory of a whole drop; api: search latency "
         "through the HTTP API under concurrent load; integrity: the guarded reader and fsync against "
         "plain reads and page-cache writes; duplicates: the near-duplicate threshold from altered photos, "
-        "and group search vs brute force (default: none of these)",
+        "and group search vs brute force; export: Parquet export throughput and peak memory (default: none of "
+        "these)",
     )
     be.add_argument("--images", type=int, help="photos to embed / images to process (default 3000 / 512 / 5000)")
     be.add_argument("--baseline-images", type=int, default=500, help="ingest: the small drop compared against")
@@ -588,6 +619,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="api: an HTTP API already running on loopback (default: the configured one, "
         "started if needed, with a collection of its own)",
     )
+    be.add_argument("--rows", type=int, default=100_000, help="export: rows in its collection (default 100000)")
     be.add_argument(
         "--vectors", type=int, default=10_000, help="api, duplicates: vectors in its own collection (default 10000)"
     )

@@ -5,6 +5,7 @@ from dagster import Definitions
 from embedding_pipeline.defs.assets import ingest_assets
 from embedding_pipeline.defs.checks import quality_checks
 from embedding_pipeline.defs.duplicates import duplicate_assets, duplicate_checks, duplicate_jobs
+from embedding_pipeline.defs.export import export_jobs
 from embedding_pipeline.defs.jobs import ingest_drop_job, search_images
 from embedding_pipeline.defs.models import model_assets, observe_embedding_model, switch_search_collection
 from embedding_pipeline.defs.resources import MilvusResource, TritonResource
@@ -22,6 +23,7 @@ defs = Definitions(
         observe_embedding_model,
         switch_search_collection,
         *duplicate_jobs,
+        *export_jobs,
     ],
     sensors=[drop_sensor],
     schedules=[rescan_drops],

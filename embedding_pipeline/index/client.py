@@ -53,7 +53,8 @@ CONSISTENCY_LEVELS = ("Strong", "Session", "Bounded", "Eventually")
 # Milvus refuses messages over 64 MB (proxy.grpc.serverMaxRecvSize); stay far below it whatever the row size.
 MAX_UPSERT_BYTES = 16 * 1024 * 1024
 UPSERT_IN_FLIGHT = 2
-PAGE_ROWS = 1000  # rows per page when listing (a plain query returns at most 16,384)
+PAGE_ROWS = 1000  # rows per page when listing
+MAX_QUERY_ROWS = 16_384  # the most rows one plain query returns
 # Scalar index types per declared type, best first. Milvus 2.4+ and milvus-lite take INVERTED for all four (milvus-lite
 # takes nothing else); Milvus 2.3 takes only Trie for VARCHAR and STL_SORT for numbers and cannot index BOOL (a BOOL
 # column is still a plain scan, far cheaper than parsing JSON).
@@ -241,6 +242,7 @@ class ImageIndex:
         self._client = None
         self._filter_fields: dict[str, str] | None = None
         self._membership: bool | None = None
+        self._lite: bool | None = None  # milvus-lite (pages need its key-order mark), known after the first page
         # Milvus 2.3 answers a delete without a timestamp, so a Session read after it may not see it: reads that
         # follow a delete through this client run Strong instead (milvus-lite is always strong: no cost there).
         self._deleted = False
@@ -586,12 +588,27 @@ class ImageIndex:
     def _iterate(self, filter: str, fields: list[str], strong: bool = False) -> Iterable[dict[str, Any]]:
         """All rows matching ``filter``, page by page in primary-key order (a plain query is capped at 16,384 rows).
         ``strong`` reads at Strong consistency: reads that decide what to delete must see every write before them.
+        """
+        for page in self.pages(filter, fields, strong=strong):
+            yield from page
+
+    def pages(
+        self, filter: str, fields: Sequence[str], page_rows: int = PAGE_ROWS, strong: bool = False
+    ) -> Iterator[list[dict[str, Any]]]:
+        """The rows matching ``filter`` (``id`` plus ``fields``) in pages of at most ``page_rows``, in primary-key
+        order: one query per page, so a reader holds one page at a time. The vector field, if asked for, comes as
+        float32 arrays.
 
         Not pymilvus's ``query_iterator``: it pages with ``id > "<last id>"`` pasted in unescaped, so an id holding a
         quote or a newline breaks the listing (or rewrites it). The cursor here is a literal from :mod:`.expressions`.
         """
-        extra = {"consistency_level": "Strong"} if strong else {}
+        if not 1 <= page_rows <= MAX_QUERY_ROWS:
+            raise ValueError(f"page_rows must be between 1 and {MAX_QUERY_ROWS}, not {page_rows}")
+        extra = {**self._key_order(), **({"consistency_level": "Strong"} if strong else {})}
         columns = list(dict.fromkeys(["id", *fields]))
+        if VECTOR_FIELD in columns:
+            # Vectors as float32 arrays over one buffer per page, not lists of Python floats (8x the memory).
+            extra["strict_float32"] = True
         last: str | None = None
         while True:
             expr = filter if last is None else f"({filter}) and id > {expressions.literal(last)}"
@@ -601,21 +618,39 @@ class ImageIndex:
                         self.collection,
                         filter=expr,
                         output_fields=columns,
-                        limit=PAGE_ROWS,
+                        limit=page_rows,
                         **extra,  # noqa: B023
                     )
                 )
             if not page:
                 return
-            yield from page
-            if len(page) < PAGE_ROWS:
+            rows = list(page)
+            yield rows
+            if len(rows) < page_rows:
                 return
-            keys = [r["id"] for r in page]
+            keys = [r["id"] for r in rows]
             if keys != sorted(keys):
                 # Paging by key needs a full page in key order (both engines return that; UTF-8 byte order is
                 # code point order). Anything else could skip rows: stop rather than decide from half a listing.
                 raise CollectionError(f"Milvus returned a page of {self.collection!r} out of key order; cannot list it")
             last = keys[-1]
+            del rows, page, keys
+
+    def _key_order(self) -> dict[str, Any]:
+        """Query options that make a limited query return the smallest keys, in key order (what paging by key needs).
+
+        Milvus merges its segments' results by primary key. milvus-lite returns rows in storage order (segments, then
+        the memtable) and sorts by key only for a query marked as an iterator's: without the mark, a full page can be
+        in key order and still skip smaller keys stored later, silently. The mark is sent to milvus-lite only:
+        pymilvus sends no consistency timestamp with it, and milvus-lite reads are always strong anyway.
+        """
+        if self._lite is None:
+            try:
+                version = str(self.client.get_server_version())
+            except Exception:  # noqa: BLE001 - unknown server: assume a Milvus that merges by key
+                version = ""
+            self._lite = version.startswith("milvus_lite")
+        return {"iterator": "True"} if self._lite else {}
 
     def scan(self, filter: str, fields: Sequence[str], strong: bool = False) -> Iterator[dict[str, Any]]:
         """Every row matching ``filter`` (built by :mod:`.expressions`, never pasted from a user), ``fields`` of

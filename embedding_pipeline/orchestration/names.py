@@ -25,6 +25,7 @@ INGEST_ASSETS = ("raw_image_manifest", "preprocessed_batches", "image_embeddings
 DELETE_DROP_JOB = "delete_drop"
 SWITCH_JOB = "switch_search_collection"
 OBSERVE_MODEL_JOB = "observe_embedding_model"
+EXPORT_JOB = "export_embeddings"
 
 # The code location as the workspace file names it, and the repository Dagster makes of a Definitions object.
 LOCATION_NAME = "embedding_pipeline"

@@ -56,6 +56,7 @@ OPERATIONS = [
     ("POST", "/insert"),
     ("GET", "/runs/{run_id}"),
     ("POST", "/search"),
+    ("GET", "/duplicates"),
 ]
 
 

@@ -25,6 +25,7 @@ def test_definitions_load_with_assets_jobs_sensor():
         "search_images",
         "find_duplicates",
         "collection_duplicates",
+        "export_embeddings",
     }
     assert repo.get_sensor_def("drop_sensor")
     assert repo.get_schedule_def("rescan_drops")

@@ -20,7 +20,17 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("components", ("sources", "preprocess", "storage", "serving", "index")),
     (
         "pipeline",
-        ("ingest", "retrieval", "quality", "vectors", "retention", "thumbnails", "collection_setup", "duplicates"),
+        (
+            "ingest",
+            "retrieval",
+            "quality",
+            "vectors",
+            "retention",
+            "thumbnails",
+            "collection_setup",
+            "duplicates",
+            "export",
+        ),
     ),
     # The instance and what it knows about drops: used by the definitions (an op reading its own instance).
     ("instance", ("orchestration.instance",)),
