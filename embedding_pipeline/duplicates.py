@@ -93,18 +93,38 @@ def closer(a: float, b: float, metric: str) -> bool:
     return a > b if _higher(metric) else a < b
 
 
+def in_metric(cosine: float, metric: str) -> float:
+    """A cosine similarity in ``metric``'s terms: the same for IP on unit vectors, the squared distance
+    ``2 - 2·cos`` for L2."""
+    return cosine if _higher(metric) else round(2.0 - 2.0 * cosine, 6)
+
+
 def default_threshold(metric: str) -> float:
-    """The measured default (a cosine similarity) in ``metric``'s terms: the same for IP on unit vectors, and
-    the squared distance ``2 - 2·cos`` for L2."""
-    return DUPLICATES_COSINE if _higher(metric) else round(2.0 - 2.0 * DUPLICATES_COSINE, 6)
+    """The measured default (a cosine similarity) in ``metric``'s terms."""
+    return in_metric(DUPLICATES_COSINE, metric)
+
+
+# The loosest thresholds allowed (cosine 0.5 in each metric's terms): looser ones join nearly every image into one
+# group (the neighbour graph is connected), which only costs time and memory and says nothing.
+LOOSEST = {"COSINE": 0.5, "IP": 0.5, "L2": 1.0}
+
+
+def check_threshold(threshold: float, metric: str) -> float:
+    """``threshold`` if it is finite and no looser than :data:`LOOSEST`; ValueError naming the bound otherwise."""
+    loosest = LOOSEST[metric] if metric in LOOSEST else LOOSEST["COSINE"]
+    if not np.isfinite(threshold) or closer(loosest, threshold, metric):
+        bound = "at least" if _higher(metric) else "at most"
+        raise ValueError(f"threshold {threshold!r}: for {metric} it must be {bound} {loosest}")
+    return threshold
 
 
 def threshold_for(settings: Settings, metric: str, given: float | None = None) -> float:
-    """``given``, else ``duplicates.threshold``, else the measured default for ``metric``."""
+    """``given`` (in ``metric``'s terms), else ``duplicates.threshold`` (a cosine similarity, converted), else the
+    measured default for ``metric``. One configured value so means the same closeness in every collection."""
     if given is not None:
         return float(given)
     if settings.duplicates.threshold is not None:
-        return float(settings.duplicates.threshold)
+        return in_metric(float(settings.duplicates.threshold), metric)
     return default_threshold(metric)
 
 
@@ -234,20 +254,56 @@ def _query_batches(index: DuplicateIndex, filter: str, size: int) -> Iterator[tu
         yield batch, np.asarray(vectors, dtype=np.float32)
 
 
+def _representative(members: np.ndarray, metric: str) -> int:
+    """The member closest to all others (summed score), in O(n·d): no n×n matrix, whatever the group's size."""
+    total = members.sum(0)
+    if metric == "COSINE":
+        unit = members / np.maximum(np.linalg.norm(members, axis=1, keepdims=True), 1e-12)
+        totals = unit @ unit.sum(0)
+    elif metric == "IP":
+        totals = members @ total
+    else:  # L2: the sum of squared distances to every member, expanded
+        squares = (members * members).sum(1)
+        totals = len(members) * squares + squares.sum() - 2.0 * (members @ total)
+    ranked = -totals if _higher(metric) else totals
+    return int(np.argmin(ranked))  # ties: the first, i.e. the smallest id (members are sorted)
+
+
+def _links(members: np.ndarray, metric: str, chunk: int = 1024) -> np.ndarray:
+    """Each member's best score to another member, a block of rows at a time (memory O(chunk·n))."""
+    out = np.empty(len(members), dtype=np.float64)
+    for start in range(0, len(members), chunk):
+        block = pair_scores(members[start : start + chunk], members, metric).astype(np.float64)
+        rows = np.arange(block.shape[0])
+        block[rows, start + rows] = -np.inf if _higher(metric) else np.inf
+        out[start : start + chunk] = block.max(1) if _higher(metric) else block.min(1)
+    return out
+
+
 def grouped_table(
-    groups: Sequence[Sequence[str]], rows: Mapping[str, Row], vectors: Mapping[str, np.ndarray], metric: str
+    groups: Sequence[Sequence[str]],
+    rows: Mapping[str, Row],
+    vectors: Mapping[str, np.ndarray],
+    metric: str,
+    pairs: Pairs | None = None,
 ) -> pa.Table:
     """One row per member: group number, id, uri, drop, representative flag, score to the representative and best
-    score to another member. The representative is the member closest to all others (ties: the smallest id)."""
+    score to another member. The representative is the member closest to all others (ties: the smallest id).
+    With ``pairs`` (what the search found), a member's best link is taken from them: no all-pairs pass."""
     out: dict[str, list[Any]] = {name: [] for name in SCHEMA.names}
+    best: dict[str, float] = {}
+    for (a, b), score in (pairs or {}).items():
+        for member in (a, b):
+            if member not in best or closer(score, best[member], metric):
+                best[member] = score
     for number, members in enumerate(groups):
         members = sorted(members)
-        matrix = pair_scores(np.stack([vectors[m] for m in members]), np.stack([vectors[m] for m in members]), metric)
-        totals = matrix.sum(1)
-        rep = int(np.argmax(totals) if _higher(metric) else np.argmin(totals))
-        others = matrix.copy()
-        np.fill_diagonal(others, -np.inf if _higher(metric) else np.inf)
-        links = others.max(1) if _higher(metric) else others.min(1)
+        matrix = np.stack([vectors[m] for m in members]).astype(np.float32)
+        rep = _representative(matrix, metric)
+        to_rep = pair_scores(matrix, matrix[rep : rep + 1], metric)[:, 0]
+        links = [best[m] for m in members] if pairs is not None and all(m in best for m in members) else None
+        if links is None:
+            links = list(_links(matrix, metric))
         for k, member in enumerate(members):
             row = rows.get(member, Row(member, "", ""))
             out["group"].append(number)
@@ -255,7 +311,7 @@ def grouped_table(
             out["uri"].append(row.uri)
             out["drop"].append(row.drop)
             out["representative"].append(k == rep)
-            out["score"].append(float(matrix[rep, k]))
+            out["score"].append(float(to_rep[k]))
             out["link_score"].append(float(links[k]))
     return pa.Table.from_pydict(out, schema=SCHEMA)
 
@@ -307,7 +363,7 @@ def find_duplicates(
     if top_k < 2:
         raise ValueError("top_k must be at least 2 (the first hit of a stored vector is itself)")
     metric = index.settings.metric_type
-    threshold = default_threshold(metric) if threshold is None else float(threshold)
+    threshold = check_threshold(default_threshold(metric) if threshold is None else float(threshold), metric)
     started = time.perf_counter()
     if drop is None:
         scope = all_rows_filter()
@@ -326,7 +382,7 @@ def find_duplicates(
     if missing:
         # A row deleted between the search and this read (a drop deleted meanwhile): leave it out of its group.
         groups = [kept for g in groups if len(kept := [m for m in g if m in vectors]) > 1]
-    table = grouped_table(groups, rows, vectors, metric)
+    table = grouped_table(groups, rows, vectors, metric, pairs)
     return DuplicateReport(table, threshold, metric, drop, queries, len(pairs), time.perf_counter() - started)
 
 

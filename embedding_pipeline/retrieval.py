@@ -37,26 +37,41 @@ def stored_vector(index: ImageIndex, item_id: str) -> np.ndarray:
     return np.asarray(row["embedding"], dtype=np.float32)
 
 
-def _collapse(index: ImageIndex, hits: list[Hit], threshold: float) -> list[Hit]:
-    """Fold each hit within ``threshold`` of a better kept hit under it (hits come best first)."""
+def _collapse(index: ImageIndex, hits: list[Hit], threshold: float, wanted: int) -> list[Hit]:
+    """Fold each hit within ``threshold`` of a better kept hit under it (hits come best first). Once ``wanted``
+    hits are kept, later ones are only folded, never kept. One matrix-vector product per hit against the kept
+    vectors (held normalised for COSINE), so the cost grows with candidates × kept, not candidates²."""
     if not hits:
         return []
-    metric = index.settings.metric_type
-    vectors = index.rows([h.id for h in hits], ["id", "embedding"])
+    metric = index.settings.metric_type.upper()
+    rows = index.rows([h.id for h in hits], ["id", "embedding"])
     kept: list[Hit] = []
-    kept_vectors: list[np.ndarray] = []
     folded: list[list[str]] = []
+    matrix: np.ndarray | None = None  # the kept vectors, one per row (unit rows for COSINE)
+    squares: list[float] = []  # |kept|² for L2
     for hit in hits:
-        row = vectors.get(hit.id)
+        row = rows.get(hit.id)
         vector = np.asarray(row["embedding"], dtype=np.float32) if row is not None else None
-        if vector is not None and kept_vectors:
-            scores = index_params.pair_scores(metric, vector, np.stack(kept_vectors))
+        if vector is not None and metric == "COSINE":
+            norm = float(np.linalg.norm(vector))
+            vector = vector / norm if norm > 0 else None
+        if vector is not None and kept and matrix is not None:
+            dots = matrix[: len(kept)] @ vector
+            scores = np.asarray(squares) + float(vector @ vector) - 2.0 * dots if metric == "L2" else dots
             close = [k for k, score in enumerate(scores) if index_params.passes(metric, float(score), threshold)]
             if close:
                 folded[close[0]].append(hit.id)
                 continue
+        if len(kept) >= wanted:
+            continue  # enough distinct hits: later ones only matter as duplicates of these
+        if vector is not None:
+            if matrix is None:
+                matrix = np.full((wanted, vector.shape[0]), np.nan, dtype=np.float32)
+            matrix[len(kept)] = vector
+        elif matrix is not None:
+            matrix[len(kept)] = np.nan  # no stored vector: it folds nothing
         kept.append(hit)
-        kept_vectors.append(vector if vector is not None else np.full(1, np.nan, dtype=np.float32))
+        squares.append(float(vector @ vector) if vector is not None else float("nan"))
         folded.append([])
     return [replace(hit, duplicates=tuple(ids)) for hit, ids in zip(kept, folded)]
 
@@ -76,8 +91,9 @@ def ranked(
     """Hits ``offset`` to ``offset + top_k`` of the ranking of ``vector`` in ``index``, best first.
 
     * ``min_score`` keeps only hits at least that good (:func:`~embedding_pipeline.index.params.passes`: a lower
-      bound on COSINE/IP scores, an upper bound on L2 distances). The ranking is cut, never reordered, so pages stay
-      consistent: page 2 starts where page 1 ended.
+      bound on COSINE/IP scores, an upper bound on L2 distances). The ranking is cut, never reordered: page 2
+      starts where page 1 ended (exactly on FLAT; an approximate index searches each window on its own, with a
+      candidate list that grows with it, so a deep page may differ slightly from one larger search).
     * ``collapse`` (a score threshold between stored vectors, in the same terms) folds every hit close enough to a
       better one under it (``duplicates`` on the kept hit); the ranking then counts kept hits only, and more
       candidates are fetched until ``offset + top_k`` distinct hits are found or the collection has no more.
@@ -105,7 +121,7 @@ def ranked(
         exhausted = len(found) < limit or len(hits) < len(candidates)
         if collapse is None:
             return hits[offset:wanted]
-        kept = _collapse(index, hits, collapse)
+        kept = _collapse(index, hits, collapse, wanted)
         if len(kept) >= wanted or exhausted or limit >= window:
             return kept[offset:wanted]
         limit = min(window, 4 * limit)
@@ -214,7 +230,10 @@ class ImageSearcher:
             return None
         if collapse is True:
             return threshold_for(self.settings, self.index.settings.metric_type)
-        return float(collapse)
+        threshold = float(collapse)
+        if not np.isfinite(threshold):
+            raise ValueError(f"collapse threshold must be a finite number, not {collapse!r}")
+        return threshold
 
     def search(
         self,

@@ -261,9 +261,11 @@ DUPLICATES_COSINE = 0.94
 class DuplicatesSettings(_Section):
     threshold: float | None = Field(
         None,
-        description="Score at which two images count as near-duplicates, in the collection's metric: for COSINE and "
-        "IP a similarity (at least this), for L2 a squared distance (at most this). Unset: the measured default for "
-        "the default model, cosine 0.94 (squared L2 0.12 on unit vectors).",
+        ge=0.5,
+        le=1.0,
+        description="Cosine similarity at which two images count as near-duplicates (at least this). Applied in each "
+        "collection's metric: the same for IP, the squared distance 2 - 2·cos for L2. Unset: the measured default "
+        "for the default model, 0.94 (squared L2 0.12 on unit vectors).",
     )
     top_k: int = Field(
         16, ge=2, le=1024, description="Neighbours searched per image; a larger group still joins through its links."
@@ -278,6 +280,9 @@ class ApiSettings(_Section):
         20 * 1024 * 1024, ge=1024, description="Larger request bodies (JSON or uploads) are refused with 413."
     )
     max_topk: int = Field(1000, ge=1, le=16384, description="Largest topk a search may ask for.")
+    max_window: int = Field(
+        5000, ge=1, le=16384, description="Largest offset + topk a search may reach (how deep pages go)."
+    )
     max_inputs: int = Field(10_000, ge=1, description="Most inputs one insert request may carry.")
     insert_timeout_s: float = Field(
         600.0, gt=0, le=3600, description="How long an insert with wait=true waits for its run before answering 504."

@@ -35,7 +35,6 @@ from embedding_pipeline.api.models import (
     SearchRequest,
     SearchResponse,
 )
-from embedding_pipeline.index.params import MAX_RESULT_WINDOW
 from embedding_pipeline.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
@@ -97,7 +96,7 @@ def real_services(settings: Settings) -> ApiServices:
 
 
 # Form fields a multipart search may carry besides the file.
-MULTIPART_FIELDS = ("topk", "offset", "min_score", "collapse", "filter_expr", "collection_name")
+MULTIPART_FIELDS = ("topk", "offset", "min_score", "collapse", "collapse_threshold", "filter_expr", "collection_name")
 
 
 def _search_openapi() -> dict[str, Any]:
@@ -116,7 +115,8 @@ def _search_openapi() -> dict[str, Any]:
                             "topk": {"type": "integer", "minimum": 1, "default": 10},
                             "offset": {"type": "integer", "minimum": 0, "default": 0},
                             "min_score": {"type": "number"},
-                            "collapse": {"type": "string", "description": "true, false or a threshold"},
+                            "collapse": {"type": "boolean", "default": False},
+                            "collapse_threshold": {"type": "number"},
                             "filter_expr": {"type": "string"},
                             "collection_name": {"type": "string"},
                         },
@@ -258,14 +258,16 @@ def create_app(
                 f"topk: at most {settings.api.max_topk} (api.max_topk)",
                 [{"loc": ["body", "topk"], "msg": f"at most {settings.api.max_topk}"}],
             )
-        if body.offset + body.topk > MAX_RESULT_WINDOW:
+        window = settings.api.max_window
+        if body.offset + body.topk > window:
             raise invalid(
                 "invalid_request",
-                f"offset + topk: at most {MAX_RESULT_WINDOW}",
-                [{"loc": ["body", "offset"], "msg": f"offset + topk at most {MAX_RESULT_WINDOW}"}],
+                f"offset + topk: at most {window} (api.max_window)",
+                [{"loc": ["body", "offset"], "msg": f"offset + topk at most {window}"}],
             )
         service = svc().search
-        options: dict[str, Any] = {"min_score": body.min_score, "offset": body.offset, "collapse": body.collapse}
+        collapse = (body.collapse_threshold if body.collapse_threshold is not None else True) if body.collapse else None
+        options: dict[str, Any] = {"min_score": body.min_score, "offset": body.offset, "collapse": collapse}
         query = (body.topk, body.filter_expr, body.collection_name, body.search_params)
 
         def run() -> Any:

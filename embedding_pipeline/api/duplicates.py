@@ -28,6 +28,9 @@ class DuplicatesService:
         self.settings = settings
         self.cache_s = cache_s
         self._lock = threading.Lock()
+        # One report computed at a time: a burst of identical requests waits for the first, then reads its result;
+        # different ones queue rather than scanning the collection side by side.
+        self._computing = threading.Lock()
         self._reports: dict[tuple[str | None, float | None], tuple[float, duplicates.DuplicateReport]] = {}
 
     def report(self, drop: str | None, threshold: float | None) -> duplicates.DuplicateReport:
@@ -37,8 +40,23 @@ class DuplicatesService:
             cached = self._reports.get(key)
             if cached is not None and now - cached[0] <= self.cache_s:
                 return cached[1]
+        with self._computing:
+            with self._lock:
+                cached = self._reports.get(key)
+                if cached is not None and time.monotonic() - cached[0] <= self.cache_s:
+                    return cached[1]
+            return self._compute(key, drop, threshold)
+
+    def _compute(
+        self, key: tuple[str | None, float | None], drop: str | None, threshold: float | None
+    ) -> duplicates.DuplicateReport:
+        now = time.monotonic()
         try:
             found = duplicates.find_for(self.settings, drop, threshold)
+        except ValueError as exc:
+            if str(exc).startswith("threshold"):
+                raise invalid("invalid_request", str(exc), [{"loc": ["query", "threshold"]}]) from exc
+            raise classify(exc) from exc
         except Exception as exc:  # noqa: BLE001 - mapped to the API's error shape
             raise classify(exc) from exc
         with self._lock:

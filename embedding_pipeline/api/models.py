@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -170,10 +170,13 @@ class SearchRequest(_Body):
         description="Only hits at least this good: for COSINE and IP a score >= min_score, for L2 a distance "
         "<= min_score. The ranking is cut, never reordered, so pages stay consistent.",
     )
-    collapse: Union[bool, float] = Field(
-        False,
-        description="Fold near-duplicates under the best of them (their ids in the kept hit's `duplicates`): true "
-        "uses duplicates.threshold, a number is the threshold in score terms.",
+    collapse: bool = Field(
+        False, description="Fold near-duplicates under the best of them (their ids in the kept hit's `duplicates`)."
+    )
+    collapse_threshold: Optional[float] = Field(
+        None,
+        description="With collapse: the near-duplicate threshold in the collection's score terms (COSINE/IP: at least "
+        "this similar; L2: at most this squared distance). Default: duplicates.threshold.",
     )
     filter_expr: Optional[str] = Field(
         None,
@@ -203,6 +206,8 @@ class SearchRequest(_Body):
             raise ValueError("give exactly one of query_input (an image path or URL), vector and query_id")
         if self.include_self and self.query_id is None:
             raise ValueError("include_self needs query_id")
+        if self.collapse_threshold is not None and not (self.collapse and math.isfinite(self.collapse_threshold)):
+            raise ValueError("collapse_threshold needs collapse: true and a finite number")
         return self
 
 

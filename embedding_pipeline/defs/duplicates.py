@@ -32,12 +32,14 @@ from embedding_pipeline.defs.checks import _results, _specs
 from embedding_pipeline.defs.partitions import drops_partitions
 from embedding_pipeline.defs.resources import MilvusResource, step_settings
 from embedding_pipeline.index.collections import index_for_drop
+from embedding_pipeline.orchestration.names import DUPLICATES_ASSET
 from embedding_pipeline.quality import Outcome
+from embedding_pipeline.runtime.locks import drop_lock
 from embedding_pipeline.settings import Settings
 from embedding_pipeline.storage import arrow, layout
 
 GROUP = "image_duplicates"
-NEAR_DUPLICATES = "near_duplicates"
+NEAR_DUPLICATES = DUPLICATES_ASSET
 FIND_DUPLICATES_JOB = "find_duplicates"
 COLLECTION_DUPLICATES_JOB = "collection_duplicates"
 CHECKS = {
@@ -87,9 +89,13 @@ def near_duplicates(
     best link score). On demand: not part of `ingest_drop`. Its metadata shows the largest groups as thumbnails."""
     settings = step_settings(milvus=milvus)
     drop = context.partition_key
-    report = duplicates.find_for(settings, drop, config.threshold)
-    path = layout.drop_files(settings, drop).duplicates
-    duplicates.write_report(path, report)
+    # Under the drop's lock, like the ingest stages: a deletion of the drop never interleaves with its report.
+    with drop_lock(settings.paths.data, drop):
+        if not layout.drop_files(settings, drop).manifest.is_file():
+            raise ValueError(f"drop {drop!r} has not been ingested (or was deleted): nothing to group")
+        report = duplicates.find_for(settings, drop, config.threshold)
+        path = layout.drop_files(settings, drop).duplicates
+        duplicates.write_report(path, report)
     context.log.info(f"{report.groups} group(s), {report.members} image(s), threshold {report.threshold}")
     return MaterializeResult(metadata=_report_metadata(settings, report, path))
 

@@ -5,6 +5,7 @@ One op, configured with the drops (or ``all: true``) and the output path. It rea
 records the rows, bytes and path as metadata; the logic is :mod:`embedding_pipeline.export`.
 """
 
+import re
 from pathlib import Path
 
 from dagster import Config, MetadataValue, OpExecutionContext, Out, in_process_executor, job, op
@@ -21,10 +22,33 @@ class ExportConfig(Config):
     drops: list[str] = Field(default_factory=list, description="The drops (partition keys) to export.")
     all: bool = Field(False, description="Export every row of the collection instead of named drops.")
     out: str = Field(
-        description="The Parquet file to write (replaced when complete). A relative path is taken from the "
-        "state directory (embedding_pipeline's home), not from the run's working directory."
+        description="The file name to write in the state directory's `exports/` folder, e.g. `cats.parquet` "
+        "(replaced when complete). A run launched from the UI writes there only; `embedding-pipeline export "
+        "--out` writes anywhere its user can."
     )
     collection: str = Field("", description="The collection to read; empty: the one search uses.")
+
+
+# A file name, nothing more: no folder, no "..", no hidden file.
+EXPORT_NAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,127}\.parquet\Z")
+
+
+def export_path(home: Path, name: str) -> Path:
+    """``<home>/exports/<name>``: where a run may write, whoever launched it. Anyone who can launch a run can set
+    the config, so it never names another place: a path, ``..``, a link in the way or a non-file target is refused."""
+    if not EXPORT_NAME.match(name):
+        raise ValueError(
+            f"out {name!r}: give a file name ending in .parquet (letters, digits, '.', '_', '-'); it is written in "
+            f"{home / 'exports'}"
+        )
+    folder = home / "exports"
+    if folder.is_symlink():
+        raise ValueError(f"{folder} is a link; exports are written into a real folder only")
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / name
+    if target.is_symlink() or (target.exists() and not target.is_file()):
+        raise ValueError(f"{target} exists and is not a regular file; remove it or pick another name")
+    return target
 
 
 @op(
@@ -35,9 +59,7 @@ def export_parquet(context: OpExecutionContext, config: ExportConfig, milvus: Mi
     """Writes the rows of the chosen drops, or of the whole collection, with their vectors to one Parquet file
     (written under a temporary name and renamed when complete). Refuses an unknown drop."""
     settings = step_settings(milvus=milvus)
-    out = Path(config.out).expanduser()
-    if not out.is_absolute():
-        out = settings.paths.root / out
+    out = export_path(settings.paths.root, config.out)
     summary = export_embeddings(
         settings.milvus, out, config.drops, all_rows=config.all, collection=config.collection or None
     )

@@ -645,10 +645,10 @@ class ImageIndex:
         pymilvus sends no consistency timestamp with it, and milvus-lite reads are always strong anyway.
         """
         if self._lite is None:
-            try:
+            # Asked until answered: a guess cached after one failed call would page a milvus-lite without the mark
+            # for the client's whole life. A failure here fails the listing, as the page query would.
+            with self.guard("reading the server version"):
                 version = str(self.client.get_server_version())
-            except Exception:  # noqa: BLE001 - unknown server: assume a Milvus that merges by key
-                version = ""
             self._lite = version.startswith("milvus_lite")
         return {"iterator": "True"} if self._lite else {}
 

@@ -15,9 +15,9 @@ from dagster import AssetKey, DagsterInstance, DagsterRunStatus, RunsFilter
 
 from embedding_pipeline.orchestration.names import (
     DEFS_MODULE,
+    DROP_ASSETS,
     DROP_TAGS,
     DROPS_PARTITION,
-    INGEST_ASSETS,
     LOCATION_NAME,
 )
 from embedding_pipeline.runtime.state import private_state_dir
@@ -106,7 +106,7 @@ class DagsterDrops:
     def wipe_history(self, drop: str) -> str:
         """Wipe the drop's materializations where the event storage can; says what happened."""
         try:
-            for key in INGEST_ASSETS:
+            for key in DROP_ASSETS:
                 self.instance.wipe_asset_partitions(AssetKey(key), [drop])
         except NotImplementedError:
             # The open-source SQL event storages (SQLite, PostgreSQL) do not implement per-partition wipes; the

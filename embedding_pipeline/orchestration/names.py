@@ -22,6 +22,10 @@ REEMBED_TAG = "reembed"
 INGEST_JOB = "ingest_drop"
 # The assets of INGEST_JOB, partitioned by drop, in the order a drop passes them.
 INGEST_ASSETS = ("raw_image_manifest", "preprocessed_batches", "image_embeddings", "milvus_collection")
+# The on-demand near-duplicate groups of a drop, downstream of the ingest assets.
+DUPLICATES_ASSET = "near_duplicates"
+# Every asset partitioned by drop: what deleting a drop wipes the history of.
+DROP_ASSETS = (*INGEST_ASSETS, DUPLICATES_ASSET)
 DELETE_DROP_JOB = "delete_drop"
 SWITCH_JOB = "switch_search_collection"
 OBSERVE_MODEL_JOB = "observe_embedding_model"

@@ -8,6 +8,7 @@ a run executed in this process (the CLI's) reaches the terminal that started it.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from contextlib import contextmanager
@@ -47,6 +48,8 @@ class Progress:
 
 Listener = Callable[[Progress], None]
 
+log = logging.getLogger(__name__)
+
 _listeners: list[Listener] = []
 _lock = threading.Lock()
 
@@ -60,7 +63,8 @@ def listening(listener: Listener) -> Iterator[None]:
         yield
     finally:
         with _lock:
-            _listeners.remove(listener)
+            if listener in _listeners:  # a listener that failed was taken out already
+                _listeners.remove(listener)
 
 
 class Stage:
@@ -79,7 +83,13 @@ class Stage:
         if listeners:
             update = Progress(self.name, self.done, self.total, time.monotonic() - self.started, self.unit)
             for listener in listeners:
-                listener(update)
+                try:
+                    listener(update)
+                except Exception as exc:  # noqa: BLE001 - showing progress must never fail the work it shows
+                    with _lock:
+                        if listener in _listeners:
+                            _listeners.remove(listener)
+                    log.warning("progress display stopped: %s: %s", type(exc).__name__, exc)
 
 
 class Throttled:

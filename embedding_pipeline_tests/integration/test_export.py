@@ -108,9 +108,9 @@ def test_export_job_writes_the_file_and_records_rows_bytes_and_path(two_drops, t
 
     from embedding_pipeline.defs import defs
 
-    out = tmp_path / "job.parquet"
+    out = two_drops.paths.root / "exports" / "job.parquet"
     job = defs.get_job_def("export_embeddings")
-    config = {"ops": {"export_parquet": {"config": {"drops": [OTHER], "out": str(out)}}}}
+    config = {"ops": {"export_parquet": {"config": {"drops": [OTHER], "out": "job.parquet"}}}}
     with DagsterInstance.ephemeral() as instance:
         result = job.execute_in_process(run_config=config, instance=instance)
     assert result.success

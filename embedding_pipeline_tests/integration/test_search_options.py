@@ -152,7 +152,14 @@ def test_the_http_api_searches_by_id_pages_and_collapses(stack, near_copies):
         assert page.status_code == 200 and {r["id"] for r in page.json()["results"]}.isdisjoint(_ids(results))
         folded = client.post(
             "/search",
-            json={"query_id": "nc-chelsea", "include_self": True, "topk": 3, "filter_expr": drop_only, "collapse": 0.9},
+            json={
+                "query_id": "nc-chelsea",
+                "include_self": True,
+                "topk": 3,
+                "filter_expr": drop_only,
+                "collapse": True,
+                "collapse_threshold": 0.9,
+            },
         ).json()["results"]
         assert folded[0]["id"] == "nc-chelsea" and sorted(folded[0]["duplicates"]) == [
             "nc-chelsea-half",

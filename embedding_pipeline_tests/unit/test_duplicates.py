@@ -204,8 +204,16 @@ def test_l2_collections_group_by_small_distances():
 def test_threshold_edges():
     rows = planted_rows()
     assert duplicates.find_duplicates(FakeIndex(rows), threshold=1.01).groups == 0  # nothing is that close
-    everything = duplicates.find_duplicates(FakeIndex(rows), threshold=-1.0, top_k=len(rows))
-    assert everything.groups == 1 and everything.members == len(rows)
+    # Looser than cosine 0.5 joins nearly everything into one group: refused, naming the bound, in every metric.
+    with pytest.raises(ValueError, match="at least 0.5"):
+        duplicates.find_duplicates(FakeIndex(rows), threshold=-1.0, top_k=len(rows))
+    with pytest.raises(ValueError, match="at least 0.5"):
+        duplicates.find_duplicates(FakeIndex(rows), threshold=float("nan"))
+    assert duplicates.check_threshold(1.0, "L2") == 1.0
+    with pytest.raises(ValueError, match="at most 1.0"):
+        duplicates.check_threshold(1.5, "L2")
+    loosest = duplicates.find_duplicates(FakeIndex(rows), threshold=0.5, top_k=len(rows))
+    assert loosest.groups >= 1
     with pytest.raises(ValueError, match="top_k"):
         duplicates.find_duplicates(FakeIndex(rows), top_k=1)
 

@@ -212,3 +212,19 @@ def test_page_table_matches_the_schema():
     table = export.page_table(make_rows(2), schema)
     assert table.schema == schema
     assert export.page_table([], schema).num_rows == 0
+
+
+def test_a_run_writes_its_export_in_the_exports_folder_only(tmp_path):
+    from embedding_pipeline.defs.export import export_path
+
+    home = tmp_path / "home"
+    assert export_path(home, "cats.parquet") == home / "exports" / "cats.parquet"
+    for bad in ("/etc/passwd.parquet", "../x.parquet", "a/b.parquet", ".hidden.parquet", "x.txt", "dagster.yaml", ""):
+        with pytest.raises(ValueError, match="file name"):
+            export_path(home, bad)
+    (home / "exports" / "link.parquet").symlink_to(tmp_path / "elsewhere.parquet")
+    with pytest.raises(ValueError, match="not a regular file"):
+        export_path(home, "link.parquet")
+    (home / "exports" / "dir.parquet").mkdir()
+    with pytest.raises(ValueError, match="not a regular file"):
+        export_path(home, "dir.parquet")

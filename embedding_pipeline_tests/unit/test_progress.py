@@ -75,3 +75,17 @@ def test_ingest_takes_json_and_verbose(argv):
 
     args = build_parser().parse_args(argv)
     assert args.json == ("--json" in argv) and args.verbose == ("--verbose" in argv)
+
+
+def test_a_failing_listener_is_dropped_and_never_fails_the_stage(caplog):
+    calls: list[int] = []
+
+    def broken(update: progress.Progress) -> None:
+        calls.append(update.done)
+        raise BrokenPipeError("the terminal went away")
+
+    with progress.listening(broken):
+        stage = progress.Stage("index", 3, "rows")
+        stage.advance(1)
+        stage.advance(2)
+    assert calls == [0] and "progress display stopped" in caplog.text
