@@ -377,6 +377,14 @@ def _settings_for_runs(settings: Settings) -> Iterator[None]:
         if settings.config_file is not None:
             os.environ[CONFIG_ENV] = str(settings.config_file)
         try:
+            home = os.environ.get("DAGSTER_HOME")
+            if home and Path(home).resolve() != settings.paths.dagster_home.resolve():
+                # The process already uses another pipeline's instance: its partitions and runs would land there.
+                raise ValueError(
+                    f"this process uses the Dagster instance at DAGSTER_HOME={home!r}, not this pipeline's "
+                    f"({settings.paths.dagster_home}); run inserts of another state directory in their own process, "
+                    "or through its webserver (launch='webserver')"
+                )
             seen = load_settings()
             ours, theirs = settings.model_dump(), seen.model_dump()
             if ours != theirs:
