@@ -37,6 +37,7 @@ from embedding_pipeline.index.client import ImageIndex
 from embedding_pipeline.index.collections import ModelCollections
 from embedding_pipeline.index.expressions import equals
 from embedding_pipeline.orchestration.instance import DagsterDrops
+from embedding_pipeline.runtime.state import HOME_ENV
 from embedding_pipeline.serving.client import TritonEmbedder
 from embedding_pipeline.settings import CONFIG_ENV, load_settings
 from embedding_pipeline.sources.items import content_id
@@ -114,7 +115,8 @@ SLOTS = (
 
 @pytest.fixture(scope="module")
 def world(stack, tmp_path_factory):
-    """Settings that allow the loopback image server, the image server, and a Triton client."""
+    """Settings that allow the loopback image server, the image server, and a Triton client; a state directory and
+    a collection of the module's own."""
     work = tmp_path_factory.mktemp("integrity")
     mp = pytest.MonkeyPatch()
     server = Images()
@@ -128,6 +130,9 @@ def world(stack, tmp_path_factory):
     path = work / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     mp.setenv(CONFIG_ENV, str(path))
+    # A state directory of its own (drops, stage outputs), on the session's servers: reset() deletes every drop it
+    # finds, and the other modules' drops (the session's "photos") must not be among them.
+    mp.setenv(HOME_ENV, str(work / "home"))
     settings = load_settings()
     embedder = TritonEmbedder.from_settings(settings.triton)
     try:

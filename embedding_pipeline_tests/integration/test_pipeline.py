@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 import pytest
-from dagster import AssetKey, DagsterInstance
+from dagster import AssetKey, AssetRecordsFilter, DagsterInstance
 
 from embedding_pipeline.index.client import ImageIndex
 from embedding_pipeline.orchestration import runs
@@ -24,11 +24,19 @@ def test_drop_materializes_all_four_assets(stack, ingested_photos):
     assert n >= 10
     assert (ingested_photos["ok"], ingested_photos["failed"]) == (n, 0)
     instance = DagsterInstance.get()
+
+    def latest(name: str):  # noqa: ANN202 - the latest materialization of the "photos" partition (other tests' drops
+        # materialize the same assets in other partitions of this session's instance)
+        records = instance.fetch_materializations(
+            AssetRecordsFilter(asset_key=AssetKey(name), asset_partitions=["photos"]), limit=1
+        ).records
+        return records[0].event_log_entry if records else None
+
     for name in ASSETS:
-        event = instance.get_latest_materialization_event(AssetKey(name))
+        event = latest(name)
         assert event is not None and event.run_id == ingested_photos["run_id"], name
         assert event.asset_materialization.partition == "photos"
-    meta = instance.get_latest_materialization_event(AssetKey("milvus_collection")).asset_materialization.metadata
+    meta = latest("milvus_collection").asset_materialization.metadata
     assert meta["drop_rows"].value == n
     # Arrow outputs record shape, dtype and lineage.
     files = layout.drop_files(stack, "photos")

@@ -127,7 +127,8 @@ def _wait_images_decoded(page, minimum: int) -> list[dict]:
 
 
 def test_asset_graph_names_the_stages_and_their_kinds(ui):
-    with chromium_page(width=1280, height=720) as page:
+    # Wide enough that the graph, which now reaches the on-demand near_duplicates asset, keeps full labels.
+    with chromium_page(width=1920, height=1080) as page:
         _open(page, f"{ui['url']}/locations/{names.LOCATION_NAME}/asset-groups/image_ingest", "milvus_collection")
         graph = page.inner_text("body")
         page.screenshot(path=ui["shots"] / "asset-graph.png")
