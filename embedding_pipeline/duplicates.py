@@ -30,6 +30,7 @@ import pyarrow as pa
 from embedding_pipeline.index import expressions
 from embedding_pipeline.index import params as index_params
 from embedding_pipeline.index.client import VECTOR_FIELD, Hit, all_rows_filter, drop_filter
+from embedding_pipeline.index.params import pair_scores
 from embedding_pipeline.settings import DUPLICATES_COSINE, Settings
 from embedding_pipeline.storage import arrow
 
@@ -126,21 +127,6 @@ def threshold_for(settings: Settings, metric: str, given: float | None = None) -
     if settings.duplicates.threshold is not None:
         return in_metric(float(settings.duplicates.threshold), metric)
     return default_threshold(metric)
-
-
-def pair_scores(a: np.ndarray, b: np.ndarray, metric: str) -> np.ndarray:
-    """Scores of every row of ``a`` against every row of ``b`` as the engine computes them ([len(a), len(b)])."""
-    a = np.asarray(a, dtype=np.float32)
-    b = np.asarray(b, dtype=np.float32)
-    if metric == "L2":
-        sq = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * (a @ b.T)
-        return np.maximum(sq, 0.0)
-    if metric == "COSINE":
-        a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
-        b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
-    elif metric != "IP":
-        _higher(metric)
-    return a @ b.T
 
 
 # -------------------------------------------------------------------------------------------------- grouping

@@ -39,39 +39,31 @@ def stored_vector(index: ImageIndex, item_id: str) -> np.ndarray:
 
 def _collapse(index: ImageIndex, hits: list[Hit], threshold: float, wanted: int) -> list[Hit]:
     """Fold each hit within ``threshold`` of a better kept hit under it (hits come best first). Once ``wanted``
-    hits are kept, later ones are only folded, never kept. One matrix-vector product per hit against the kept
-    vectors (held normalised for COSINE), so the cost grows with candidates × kept, not candidates²."""
+    hits are kept, later ones are only folded, never kept. Each hit is scored against the kept vectors only, so
+    the cost grows with candidates × kept, not candidates²."""
     if not hits:
         return []
     metric = index.settings.metric_type.upper()
     rows = index.rows([h.id for h in hits], ["id", "embedding"])
     kept: list[Hit] = []
     folded: list[list[str]] = []
-    matrix: np.ndarray | None = None  # the kept vectors, one per row (unit rows for COSINE)
-    squares: list[float] = []  # |kept|² for L2
+    matrix: np.ndarray | None = None  # the kept vectors, one per row (NaN for a hit without a stored vector)
     for hit in hits:
         row = rows.get(hit.id)
         vector = np.asarray(row["embedding"], dtype=np.float32) if row is not None else None
-        if vector is not None and metric == "COSINE":
-            norm = float(np.linalg.norm(vector))
-            vector = vector / norm if norm > 0 else None
         if vector is not None and kept and matrix is not None:
-            dots = matrix[: len(kept)] @ vector
-            scores = np.asarray(squares) + float(vector @ vector) - 2.0 * dots if metric == "L2" else dots
+            scores = index_params.pair_scores(matrix[: len(kept)], vector[None, :], metric)[:, 0]
             close = [k for k, score in enumerate(scores) if index_params.passes(metric, float(score), threshold)]
             if close:
                 folded[close[0]].append(hit.id)
                 continue
         if len(kept) >= wanted:
             continue  # enough distinct hits: later ones only matter as duplicates of these
-        if vector is not None:
-            if matrix is None:
-                matrix = np.full((wanted, vector.shape[0]), np.nan, dtype=np.float32)
+        if vector is not None and matrix is None:
+            matrix = np.full((wanted, vector.shape[0]), np.nan, dtype=np.float32)
+        if matrix is not None and vector is not None:
             matrix[len(kept)] = vector
-        elif matrix is not None:
-            matrix[len(kept)] = np.nan  # no stored vector: it folds nothing
         kept.append(hit)
-        squares.append(float(vector @ vector) if vector is not None else float("nan"))
         folded.append([])
     return [replace(hit, duplicates=tuple(ids)) for hit, ids in zip(kept, folded)]
 

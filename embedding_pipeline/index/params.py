@@ -134,16 +134,18 @@ def passes(metric: str, score: float, threshold: float) -> bool:
     return score >= threshold if higher_is_better(metric) else score <= threshold
 
 
-def pair_scores(metric: str, query: Any, vectors: Any) -> Any:
-    """Scores of ``query`` (one vector) against each row of ``vectors``, as Milvus computes them for ``metric``:
-    cosine similarity, inner product, or squared L2 distance."""
-    q = np.asarray(query, dtype=np.float64)
-    m = np.asarray(vectors, dtype=np.float64).reshape(-1, q.shape[-1])
-    metric = metric.upper()
-    if metric == "IP":
-        return m @ q
+def pair_scores(a: np.ndarray, b: np.ndarray, metric: str) -> np.ndarray:
+    """Scores of every row of ``a`` against every row of ``b`` as the engine computes them ([len(a), len(b)]):
+    cosine similarity, inner product, or squared L2 distance. The one place that knows how each metric scores;
+    search's collapse, the near-duplicate groups and the tests use it."""
+    a = np.asarray(a, dtype=np.float32)
+    b = np.asarray(b, dtype=np.float32)
+    if metric == "L2":
+        sq = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * (a @ b.T)
+        return np.maximum(sq, 0.0)
     if metric == "COSINE":
-        norms = np.linalg.norm(m, axis=1) * np.linalg.norm(q)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(norms > 0, (m @ q) / np.where(norms > 0, norms, 1.0), 0.0)
-    return ((m - q) ** 2).sum(axis=1)
+        a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+        b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
+    elif metric != "IP":
+        raise ValueError(f"unknown metric {metric!r}; use COSINE, IP or L2")
+    return a @ b.T

@@ -33,7 +33,8 @@ class FakeIndex:
         if not ids:
             return [[]]
         metric = self.settings.metric_type
-        scores = params.pair_scores(metric, np.asarray(vector).reshape(-1), np.stack([self.vectors[i] for i in ids]))
+        matrix = np.stack([self.vectors[i] for i in ids])
+        scores = params.pair_scores(matrix, np.asarray(vector).reshape(1, -1), metric)[:, 0]
         order = sorted(
             range(len(ids)), key=lambda k: (-scores[k] if params.higher_is_better(metric) else scores[k], ids[k])
         )
@@ -162,7 +163,7 @@ def test_window_and_argument_limits():
 def test_pair_scores_follow_the_metric(metric):
     a = np.array([1.0, 0.0], dtype=np.float32)
     b = np.array([[0.6, 0.8], [2.0, 0.0]], dtype=np.float32)
-    scores = params.pair_scores(metric, a, b)
+    scores = params.pair_scores(b, a[None, :], metric)[:, 0]
     expected = {"COSINE": [0.6, 1.0], "IP": [0.6, 2.0], "L2": [0.16 + 0.64, 1.0]}[metric]
     assert np.allclose(scores, expected)
     assert params.passes(metric, 0.5, 0.5) and params.higher_is_better(metric) == (metric != "L2")

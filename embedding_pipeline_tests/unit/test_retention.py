@@ -226,3 +226,24 @@ def test_cli_delete_drop_refuses_an_invalid_name_without_touching_anything(tmp_p
     done = subprocess.run([cli, "delete-drop", "../etc"], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr
     assert "invalid drop name '../etc'" in done.stderr
+
+
+def test_deleting_a_drop_takes_its_duplicate_report_and_nothing_named_like_it(settings, rows, instance):
+    reports = drop_files(settings, "cats").duplicates.parent
+    reports.mkdir(parents=True, exist_ok=True)
+    own = [reports / "cats.parquet", reports / "cats.0123abcd.tmp"]  # the report and an interrupted write of it
+    # Other drops' reports and writes whose names start like it: "cats.0123abcd" and "cats.b" are valid drop names.
+    others = [
+        reports / "dogs.parquet",
+        reports / "cats.b.parquet",
+        reports / "cats.0123abcd.parquet",
+        reports / "cats.0123abcd.89abcdef.tmp",
+        reports / "cats.b.0123abcd.tmp",
+        reports / "xcats.parquet",
+    ]
+    for path in own + others:
+        path.write_bytes(b"PAR1")
+    plan = retention.plan_drop_deletion(settings, "cats", DagsterDrops(instance), rows=rows)
+    assert {p.path for p in plan.paths if p.path.parent == reports} == set(own)
+    retention.delete_drop(settings, "cats", DagsterDrops(instance), rows=rows)
+    assert not any(p.exists() for p in own) and all(p.is_file() for p in others)
