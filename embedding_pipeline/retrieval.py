@@ -12,7 +12,7 @@ Usable without Dagster::
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -119,6 +119,16 @@ def ranked(
         limit = min(window, 4 * limit)
 
 
+@dataclass(frozen=True)
+class SearchTarget:
+    """The collection one query uses and the clients for it, resolved once. A query embedded and searched through
+    one target never mixes two models, even when the alias moves between the two steps."""
+
+    collection: str
+    index: ImageIndex
+    embedder: Any  # a TritonEmbedder for the model recorded on the collection
+
+
 class ImageSearcher:
     """Holds a Triton client, a compiled preprocessor and a Milvus client; reuse it for many queries.
 
@@ -138,6 +148,14 @@ class ImageSearcher:
         self._collections: ModelCollections | None = None
         self._collection: str | None = None  # the collection the current index and embedder are for
         self._preprocessor: Preprocessor | None = None
+        self._preprocessor_of: Any = None  # the embedder the preprocessor was built for
+
+    def target(self) -> SearchTarget:
+        """Resolve the alias once: the collection the next query searches, its index and its model's embedder.
+        Every step of one query goes through the same target."""
+        self._follow_alias()
+        assert self._index is not None  # opened (or given) by _follow_alias
+        return SearchTarget(self._collection or self._index.collection, self._index, self._embedder)
 
     def _follow_alias(self) -> None:
         """Resolve the search collection; when it changed, open it and the client of its model."""
@@ -179,49 +197,47 @@ class ImageSearcher:
             self._embedder = None
         t = self.settings.triton
         self._embedder = embedder_for_label(t, label) if label else TritonEmbedder.from_settings(t)
-        self._preprocessor = None  # the new model may take another input
 
     @property
     def collection(self) -> str:
         """The collection the next query searches (the alias resolved)."""
-        self._follow_alias()
-        assert self._index is not None  # opened (or given) by _follow_alias
-        return self._collection or self._index.collection
+        return self.target().collection
 
     @property
     def index(self) -> ImageIndex:
-        self._follow_alias()
-        assert self._index is not None  # opened (or given) by _follow_alias
-        return self._index
+        return self.target().index
 
     @property
     def embedder(self):  # noqa: ANN201 - a TritonEmbedder
-        self._follow_alias()
-        return self._embedder
+        return self.target().embedder
 
     @property
     def preprocessor(self) -> Preprocessor:
-        embedder = self.embedder
-        if self._preprocessor is None:
+        return self._preprocessor_for(self.target().embedder)
+
+    def _preprocessor_for(self, embedder) -> Preprocessor:  # noqa: ANN001 - a TritonEmbedder
+        if self._preprocessor is None or self._preprocessor_of is not embedder:
             model_input = embedder.input_spec()
             self._preprocessor = for_model(self.settings, model_input.datatype, model_input.shape, batch_size=1)
+            self._preprocessor_of = embedder
         return self._preprocessor
 
-    def embed(self, image: ImageInput) -> np.ndarray:
-        """The query's vector from the model of the collection search uses."""
-        preprocessor = self.preprocessor
+    def embed(self, image: ImageInput, target: SearchTarget | None = None) -> np.ndarray:
+        """The query's vector from the model of the collection search uses (of ``target``'s, when given)."""
+        target = target or self.target()
+        preprocessor = self._preprocessor_for(target.embedder)
         prepared = preprocessor.prepare([read_image_input(image, self.settings.sources)])
         if prepared.errors[0] is not None:
             raise ValueError(f"query image: {prepared.errors[0]}")
-        vectors = self._embedder.embed(prepared.tensors)
+        vectors = target.embedder.embed(prepared.tensors)
         # Queries get the same treatment as stored vectors, so scores compare like with like.
         return (unit_normalised(vectors) if self.settings.quality.unit_norm else vectors)[0]
 
-    def _collapse_threshold(self, collapse: bool | float | None) -> float | None:
+    def _collapse_threshold(self, collapse: bool | float | None, index: ImageIndex) -> float | None:
         if collapse is None or collapse is False:
             return None
         if collapse is True:
-            return threshold_for(self.settings, self.index.settings.metric_type)
+            return threshold_for(self.settings, index.settings.metric_type)
         threshold = float(collapse)
         if not np.isfinite(threshold):
             raise ValueError(f"collapse threshold must be a finite number, not {collapse!r}")
@@ -241,9 +257,10 @@ class ImageSearcher:
         """Hits for a query image (see :func:`ranked` for ``min_score``, ``offset`` and ``collapse``; ``collapse``
         True uses ``duplicates.threshold``). ``search_params`` overrides the configured index search parameters for
         this query (e.g. ``{"ef": 128}`` for HNSW, ``{"nprobe": 32}`` for IVF_FLAT)."""
-        vector = self.embed(image)
+        target = self.target()
+        vector = self.embed(image, target)
         return self.search_vector(
-            vector, top_k, filter, search_params, min_score=min_score, offset=offset, collapse=collapse
+            vector, top_k, filter, search_params, min_score=min_score, offset=offset, collapse=collapse, target=target
         )
 
     def search_vector(
@@ -257,17 +274,20 @@ class ImageSearcher:
         offset: int = 0,
         collapse: bool | float | None = None,
         exclude: str | None = None,
+        target: SearchTarget | None = None,
     ) -> list[Hit]:
-        """Hits for a query vector of the collection's dimension, used as given."""
+        """Hits for a query vector of the collection's dimension, used as given (in ``target``'s collection, when
+        given: the one the vector was made for)."""
+        index = (target or self.target()).index
         return ranked(
-            self.index,
+            index,
             vector,
             top_k,
             filter=filter,
             search_params=search_params,
             min_score=min_score,
             offset=offset,
-            collapse=self._collapse_threshold(collapse),
+            collapse=self._collapse_threshold(collapse, index),
             exclude=exclude,
         )
 
@@ -285,7 +305,8 @@ class ImageSearcher:
     ) -> list[Hit]:
         """ "More like this": hits for the vector stored with ``item_id`` in the collection search uses (no
         re-embedding), the item itself left out unless ``include_self``. :class:`UnknownItem` for an unknown id."""
-        vector = stored_vector(self.index, item_id)
+        target = self.target()
+        vector = stored_vector(target.index, item_id)
         return self.search_vector(
             vector,
             top_k,
@@ -295,6 +316,7 @@ class ImageSearcher:
             offset=offset,
             collapse=collapse,
             exclude=None if include_self else item_id,
+            target=target,
         )
 
     def close(self) -> None:

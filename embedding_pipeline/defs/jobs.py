@@ -69,16 +69,17 @@ def embed_query(
     settings = step_settings(triton, milvus)
     thumbnail = None
     with ImageSearcher(settings) as searcher:
+        # Resolved once: the vector is made for (or read from) the collection the next op searches.
+        target = searcher.target()
+        collection = target.collection
         if config.id:
-            vector = stored_vector(searcher.index, config.id)
-            collection = searcher.collection
+            vector = stored_vector(target.index, config.id)
             context.log.info(f"stored vector of {config.id!r} ({vector.shape[0]}-d) from collection {collection}")
         else:
             # Read once (a URL is fetched once): the bytes are embedded and shown as the query's thumbnail.
             image = read_image_input(config.image, settings.sources)
-            vector = searcher.embed(image)
-            collection = searcher.collection
-            model = searcher.embedder.model_version_label()
+            vector = searcher.embed(image, target)
+            model = target.embedder.model_version_label()
             thumbnail = thumbnail_uri(image, max_pixels=settings.preprocess.max_pixels)
             context.log.info(
                 f"embedded {config.image} → {vector.shape[0]}-d vector with {model} for collection {collection}"
