@@ -12,8 +12,9 @@ Usable without Dagster::
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ContextManager
 
 import numpy as np
 
@@ -222,11 +223,16 @@ class ImageSearcher:
             self._preprocessor_of = embedder
         return self._preprocessor
 
-    def embed(self, image: ImageInput, target: SearchTarget | None = None) -> np.ndarray:
-        """The query's vector from the model of the collection search uses (of ``target``'s, when given)."""
+    def embed(
+        self, image: ImageInput, target: SearchTarget | None = None, decode_slot: ContextManager | None = None
+    ) -> np.ndarray:
+        """The query's vector from the model of the collection search uses (of ``target``'s, when given).
+        ``decode_slot`` is held while the image is read and decoded (a server bounds how many decode at once),
+        not while it is embedded."""
         target = target or self.target()
         preprocessor = self._preprocessor_for(target.embedder)
-        prepared = preprocessor.prepare([read_image_input(image, self.settings.sources)])
+        with decode_slot or nullcontext():
+            prepared = preprocessor.prepare([read_image_input(image, self.settings.sources)])
         if prepared.errors[0] is not None:
             raise ValueError(f"query image: {prepared.errors[0]}")
         vectors = target.embedder.embed(prepared.tensors)
@@ -253,12 +259,14 @@ class ImageSearcher:
         min_score: float | None = None,
         offset: int = 0,
         collapse: bool | float | None = None,
+        decode_slot: ContextManager | None = None,
     ) -> list[Hit]:
         """Hits for a query image (see :func:`ranked` for ``min_score``, ``offset`` and ``collapse``; ``collapse``
         True uses ``duplicates.threshold``). ``search_params`` overrides the configured index search parameters for
-        this query (e.g. ``{"ef": 128}`` for HNSW, ``{"nprobe": 32}`` for IVF_FLAT)."""
+        this query (e.g. ``{"ef": 128}`` for HNSW, ``{"nprobe": 32}`` for IVF_FLAT). ``decode_slot``: see
+        :meth:`embed`."""
         target = self.target()
-        vector = self.embed(image, target)
+        vector = self.embed(image, target, decode_slot)
         return self.search_vector(
             vector, top_k, filter, search_params, min_score=min_score, offset=offset, collapse=collapse, target=target
         )

@@ -291,6 +291,13 @@ class ApiSettings(_Section):
         32, ge=1, le=1024, description="Requests in progress at once; more get 503 'busy' with Retry-After at once."
     )
     max_decodes: int = Field(4, ge=1, le=64, description="Query images decoded at once (each may take ~100 MB).")
+    query_batch: int = Field(
+        16,
+        ge=1,
+        le=256,
+        description="Concurrent queries answered together at most: one Triton request for their images, one Milvus "
+        "search for their vectors (1: each query alone).",
+    )
     health_cache_s: float = Field(
         2.0, ge=0, le=60, description="/health answers from a report this old at most (it opens connections)."
     )

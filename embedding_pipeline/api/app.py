@@ -275,13 +275,14 @@ def create_app(
                 return service.search_vector(body.vector, *query, **options)
             if body.query_id is not None:
                 return service.search_id(body.query_id, *query, include_self=body.include_self, **options)
-            with decode_slots:
-                if image is not None:
-                    data = image
-                else:
-                    assert body.query_input is not None  # a SearchRequest has exactly one query
+            if image is not None:
+                data = image
+            else:
+                assert body.query_input is not None  # a SearchRequest has exactly one query
+                with decode_slots:
                     data = read_query(settings, body.query_input)
-                return service.search_image(data, *query, **options)
+            # The slot bounds decoding only: embedding and searching are shared with concurrent queries.
+            return service.search_image(data, *query, decode_slot=decode_slots, **options)
 
         outcome = await run_in_threadpool(run)
 

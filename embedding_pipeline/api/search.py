@@ -152,7 +152,12 @@ class SearchService:
         # The index given: the searcher embeds with the model recorded on it and resolves nothing per query
         # (the alias is resolved here, at most every alias_ttl_s).
         searcher = ImageSearcher(self.settings.model_copy(update={"milvus": milvus}), index=ImageIndex(milvus))
+        batch = self.settings.api.query_batch
         try:
+            if batch > 1:
+                # Concurrent requests share calls: their vectors one Milvus search, their images one Triton request.
+                searcher.index.coalesce_searches(max_batch=batch)
+                searcher.embedder.coalesce(max_batch=batch)
             # Opens the model's Triton client and compiles the kernel once, here, rather than racing in the
             # first concurrent queries.
             searcher.preprocessor  # noqa: B018
@@ -203,7 +208,8 @@ class SearchService:
         search_params: dict[str, Any] | None = None,
         **options: Any,
     ) -> SearchOutcome:
-        """``options``: ``min_score``, ``offset``, ``collapse`` (see :func:`embedding_pipeline.retrieval.ranked`)."""
+        """``options``: ``min_score``, ``offset``, ``collapse`` (see :func:`embedding_pipeline.retrieval.ranked`),
+        ``decode_slot`` (held while the image decodes)."""
 
         def query(entry: _Entry, resolved: str) -> list[Hit]:
             return entry.searcher.search(image, topk, filter_expr, search_params, **options)

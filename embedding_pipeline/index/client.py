@@ -27,9 +27,11 @@ from embedding_pipeline.index import expressions
 from embedding_pipeline.index import params as index_params
 from embedding_pipeline.index.filters import (
     MEMBERSHIP_FIELD,
+    MIRROR_PREFIX,
     VARCHAR_MAX,
     TypeMismatch,
     check_declared,
+    mirrored_values,
     presence_field,
     rewrite_drop_filter,
     rewrite_filter,
@@ -47,6 +49,8 @@ DROP_MAX = 256
 MAX_DROPS_PER_ROW = 4096
 SCALAR_FIELDS = ("uri", "sha256", "drop", "model", "metadata")
 VECTOR_FIELD = "embedding"
+# Collection property saying its rows carry metadata mirrors (see index.filters) under this prefix.
+MIRROR_PROPERTY = "embedding_pipeline.metadata_mirrors"
 # Collection property naming the model whose vectors the collection holds (set once, when it is created).
 MODEL_PROPERTY = "embedding_pipeline.model"
 CONSISTENCY_LEVELS = ("Strong", "Session", "Bounded", "Eventually")
@@ -242,6 +246,8 @@ class ImageIndex:
         self._client = None
         self._filter_fields: dict[str, str] | None = None
         self._membership: bool | None = None
+        self._mirrored: bool | None = None
+        self._coalescer: Any = None  # set by coalesce_searches
         self._lite: bool | None = None  # milvus-lite (pages need its key-order mark), known after the first page
         # Milvus 2.3 answers a delete without a timestamp, so a Session read after it may not see it: reads that
         # follow a delete through this client run Strong instead (milvus-lite is always strong: no cost there).
@@ -384,6 +390,15 @@ class ImageIndex:
             self._membership = any(f["name"] == MEMBERSHIP_FIELD for f in self._describe()["fields"])
         return self._membership
 
+    def has_mirrors(self) -> bool:
+        """True if every row carries mirrors of its metadata keys (collections this version creates): filters on
+        undeclared keys then read the mirrors rather than each row's JSON."""
+        if self._mirrored is None:
+            info = self._describe()
+            properties = info.get("properties") or {}
+            self._mirrored = bool(info.get("enable_dynamic_field")) and properties.get(MIRROR_PROPERTY) == MIRROR_PREFIX
+        return self._mirrored
+
     def require_membership(self) -> None:
         """Refuse to write to a collection made before drop membership: with one ``drop`` per row, a second drop
         listing the same image would take the row over and deleting either would delete it for both."""
@@ -424,7 +439,8 @@ class ImageIndex:
     def _create(self, dim: int) -> None:
         from pymilvus import DataType, MilvusClient
 
-        schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+        # The dynamic field holds the metadata mirrors; nothing else is written there.
+        schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=True)
         schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=ID_MAX)
         schema.add_field(VECTOR_FIELD, DataType.FLOAT_VECTOR, dim=dim)
         schema.add_field("uri", DataType.VARCHAR, max_length=URI_MAX)
@@ -446,12 +462,11 @@ class ImageIndex:
         try:
             # The model is a collection property: both Milvus 2.3 and milvus-lite keep those (milvus-lite drops
             # a collection's description).
-            properties = {MODEL_PROPERTY: self.model_label} if self.model_label else {}
+            properties = {MIRROR_PROPERTY: MIRROR_PREFIX}
+            if self.model_label:
+                properties[MODEL_PROPERTY] = self.model_label
             self.client.create_collection(
-                self.collection,
-                schema=schema,
-                consistency_level=self.settings.consistency_level,
-                **({"properties": properties} if properties else {}),
+                self.collection, schema=schema, consistency_level=self.settings.consistency_level, properties=properties
             )
         except Exception:
             if self.exists():  # another process created it meanwhile: check it like any existing one
@@ -536,6 +551,7 @@ class ImageIndex:
 
         fields = self.filter_fields()
         membership = self.has_membership()
+        mirrors = self.has_mirrors()
         in_flight = UPSERT_IN_FLIGHT if len({r["id"] for r in rows}) == len(rows) else 1
         done = 0
         # (rows in the call, their type mismatches, the call) in submission order
@@ -557,6 +573,8 @@ class ImageIndex:
                     problems: list[TypeMismatch] = []
                     for r in batch:
                         row = _row(r, membership)
+                        if mirrors:
+                            row.update(mirrored_values(row["metadata"]))
                         if fields:
                             columns, mismatches = typed_values(row["id"], row["metadata"], fields)
                             row.update(columns)
@@ -753,7 +771,7 @@ class ImageIndex:
             return ""
         if self.has_membership():
             filter = rewrite_drop_filter(filter)
-        return rewrite_filter(filter, self.filter_fields())
+        return rewrite_filter(filter, self.filter_fields(), mirrored=self.has_mirrors())
 
     def count(self, filter: str = "", consistency_level: str | None = None) -> int:
         rows = self._call(
@@ -799,10 +817,36 @@ class ImageIndex:
         """
         if top_k < 1:
             raise ValueError("top_k must be >= 1")
-        params = index_params.search_params(self.settings, search_params, top_k)
         data = np.asarray(vectors, dtype=np.float32)
         if data.ndim == 1:
             data = data[None, :]
+        if self._coalescer is not None and len(data) == 1:
+            key = (top_k, filter or "", json.dumps(search_params, sort_keys=True, default=repr), consistency_level)
+            return [self._coalescer(key, (data[0], search_params))]
+        return self._search_now(data, top_k, filter, search_params, consistency_level)
+
+    def coalesce_searches(self, max_batch: int = 16, max_concurrent: int = 2) -> None:
+        """From now on, single-vector searches from concurrent threads that agree on top-k, filter, parameters
+        and consistency go to the server together, as one multi-vector search (see
+        :mod:`embedding_pipeline.runtime.batching`); answers are the same as one search each."""
+        from embedding_pipeline.runtime.batching import Coalescer
+
+        def run(key: Any, items: list[tuple[np.ndarray, dict[str, Any] | None]]) -> list[list[Hit]]:
+            top_k, filter, _, consistency_level = key
+            vectors = np.stack([vector for vector, _ in items])
+            return self._search_now(vectors, top_k, filter or None, items[0][1], consistency_level)
+
+        self._coalescer = Coalescer(run, max_batch=max_batch, max_concurrent=max_concurrent)
+
+    def _search_now(
+        self,
+        data: np.ndarray,
+        top_k: int,
+        filter: str | None,
+        search_params: dict[str, Any] | None,
+        consistency_level: str | None,
+    ) -> list[list[Hit]]:
+        params = index_params.search_params(self.settings, search_params, top_k)
         result = self._call(
             "search",
             filter,
@@ -890,7 +934,8 @@ def _row_bytes(row: dict[str, Any]) -> int:
     """About what a row costs in an upsert message: 4 bytes per vector component plus its text."""
     vector = row["embedding"]
     size = 4 * (vector.size if isinstance(vector, np.ndarray) else len(vector))
-    size += len(json.dumps(row.get("metadata") or {}, default=str).encode())
+    # The metadata twice: as the JSON document and as its mirrors.
+    size += 2 * len(json.dumps(row.get("metadata") or {}, default=str).encode())
     size += sum(len(str(row.get(k, "")).encode()) for k in ("id", "uri", "sha256", "drop", "model"))
     return size + 64  # field headers and the declared columns
 

@@ -19,6 +19,13 @@ each comparison of a declared key with a literal of its type into ``(has_meta_ca
 A value of the wrong type for a declared key (``"year": "1999"`` for INT64) keeps its row: the JSON holds it as
 given, the typed column is empty (``has_meta_year`` false), and the row is reported (see :func:`typed_values`).
 Filters on a declared key therefore see only values of its declared type; a DOUBLE key also takes integers.
+
+Keys nobody declared are fast too, in collections this version creates: each row also carries every scalar metadata
+value under a top-level *mirror* key (``m__color`` for ``metadata["color"]``) in the collection's dynamic field, and
+:func:`rewrite_filter` turns the same positive comparisons of any such key into comparisons of its mirror. A mirror
+holds exactly the JSON value of the key it copies, so the rows are the same; the engine reads one small column
+instead of every row's JSON document (milvus-lite evaluates a JSON path row by row over the whole segment, the
+vectors included). Collections created before mirrors keep the JSON path.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from embedding_pipeline.settings import ConfigError
 
@@ -37,6 +44,10 @@ MAX_DECLARED = 24  # two columns each; Milvus allows 64 fields per collection an
 VARCHAR_MAX = 2048
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 TYPES = ("VARCHAR", "INT64", "DOUBLE", "BOOL")
+# Undeclared keys: the mirror of metadata["k"] is the dynamic key MIRROR_PREFIX + k (a name no schema field takes).
+MIRROR_PREFIX = "m__"
+MIRROR_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,60}")
+ANY = "ANY"  # the "type" of an undeclared key: any literal compares with the JSON value it mirrors
 
 
 def value_field(key: str) -> str:
@@ -124,6 +135,45 @@ def typed_values(
     return columns, problems
 
 
+def mirror_key(key: str) -> str:
+    return MIRROR_PREFIX + key
+
+
+def mirrored_values(metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """The mirror keys of one row: every top-level metadata key usable as a name whose value is a string, a
+    number or a boolean, under :func:`mirror_key`, with the value as it is. Lists, objects, nulls and non-finite
+    numbers are not mirrored: a positive comparison of a literal with any of them matches nothing either way."""
+    out: dict[str, Any] = {}
+    for key, value in metadata.items():
+        if not isinstance(key, str) or not MIRROR_KEY.fullmatch(key):
+            continue
+        if isinstance(value, bool) or isinstance(value, str):
+            out[mirror_key(key)] = value
+        elif isinstance(value, int) and INT64_MIN <= value <= INT64_MAX:
+            out[mirror_key(key)] = value
+        elif isinstance(value, float) and math.isfinite(value):
+            out[mirror_key(key)] = value
+    return out
+
+
+class _Mirrored(Mapping[str, str]):
+    """Every key that has a mirror, as a mapping key -> ``ANY`` (the rewriter's view of undeclared keys)."""
+
+    def __getitem__(self, key: str) -> str:
+        if not MIRROR_KEY.fullmatch(key):
+            raise KeyError(key)
+        return ANY
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and MIRROR_KEY.fullmatch(key) is not None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
+
+
 # -- the filter rewriter -------------------------------------------------------------------------------------------
 
 
@@ -200,9 +250,9 @@ class _Rewriter:
         token = self.at(i)
         if token is None:
             return None
-        if kind == "VARCHAR":
+        if kind == "VARCHAR" or (kind == ANY and token.kind == "str"):
             return i + 1 if token.kind == "str" else None
-        if kind == "BOOL":
+        if kind == "BOOL" or (kind == ANY and token.word in _BOOLEANS):
             return i + 1 if token.word in _BOOLEANS else None
         sign = token.text in ("+", "-") and token.kind == "op"
         number = self.at(i + 1) if sign else token
@@ -263,7 +313,7 @@ class _Rewriter:
             end = self.literal_list(after + 1, kind)
             return (i, end, key) if end is not None else None
         pattern = self.at(after + 1)
-        if _is(op, "like") and kind == "VARCHAR" and pattern is not None and pattern.kind == "str":
+        if _is(op, "like") and kind in ("VARCHAR", ANY) and pattern is not None and pattern.kind == "str":
             return i, after + 2, key
         return None
 
@@ -290,6 +340,12 @@ class _Rewriter:
                 depth_flags.pop()
         return any(depth_flags)
 
+    def column(self, key: str) -> str:
+        return value_field(key)
+
+    def comparison_text(self, key: str, inner: str) -> str:
+        return f"({presence_field(key)} == true and ({inner}))"
+
     def rewrite(self) -> str:
         pieces: list[str] = []
         cursor = 0  # character offset copied so far
@@ -311,14 +367,14 @@ class _Rewriter:
             first, last = self.tokens[start], self.tokens[end - 1]
             ref_first, ref_last = self.tokens[i], self.tokens[i + 3]
             left, right = self.expr[first.start : ref_first.start], self.expr[ref_last.end : last.end]
-            column = value_field(key)
+            column = self.column(key)
             if start < i and end > i + 4:
                 # A range: milvus-lite reads "a < x < b" as "(a < x) < b", so spell it as two comparisons.
                 inner = f"{left}{column} and {column}{right}"
             else:
                 inner = f"{left}{column}{right}"
             pieces.append(self.expr[cursor : first.start])
-            pieces.append(f"({presence_field(key)} == true and ({inner}))")
+            pieces.append(self.comparison_text(key, inner))
             cursor = last.end
             done_until = end
             i = end
@@ -326,11 +382,29 @@ class _Rewriter:
         return "".join(pieces)
 
 
-def rewrite_filter(expr: str | None, fields: Mapping[str, str]) -> str:
-    """``expr`` with comparisons on declared metadata keys moved to their typed columns (see module docstring)."""
-    if not expr or not fields:
-        return expr or ""
-    return _Rewriter(expr, fields).rewrite()
+class _MirrorRewriter(_Rewriter):
+    """Comparisons of undeclared keys moved to their mirrors: the same value, so no presence test is needed."""
+
+    def __init__(self, expr: str):
+        super().__init__(expr, _Mirrored())
+
+    def column(self, key: str) -> str:
+        return mirror_key(key)
+
+    def comparison_text(self, key: str, inner: str) -> str:
+        return f"({inner})"
+
+
+def rewrite_filter(expr: str | None, fields: Mapping[str, str], mirrored: bool = False) -> str:
+    """``expr`` with comparisons on declared metadata keys moved to their typed columns, and (``mirrored``: the
+    collection keeps mirrors) comparisons on any other key moved to its mirror (see module docstring)."""
+    if not expr:
+        return ""
+    if fields:
+        expr = _Rewriter(expr, fields).rewrite()
+    if mirrored:
+        expr = _MirrorRewriter(expr).rewrite()
+    return expr
 
 
 # -- filters on the drop ---------------------------------------------------------------------------------------------

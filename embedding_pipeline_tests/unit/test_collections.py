@@ -194,7 +194,7 @@ def test_the_first_model_creates_its_collection_and_the_alias(milvus):
         index.close()
     name_a = model_collection_name("image_embeddings", A)
     assert milvus.aliases == {"image_embeddings": name_a}
-    assert milvus.collections[name_a]["properties"] == {MODEL_PROPERTY: A}
+    assert milvus.collections[name_a]["properties"][MODEL_PROPERTY] == A
     assert (placement.collection, placement.search_collection, placement.switch_pending) == (name_a, name_a, False)
 
 

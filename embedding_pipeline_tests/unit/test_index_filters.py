@@ -1,8 +1,21 @@
 """Declared filter fields: the filter rewriter and the typed row values (no server)."""
 
-import pytest
+import math
 
-from embedding_pipeline.index.filters import check_declared, rewrite_filter, tokenize, typed_values
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from embedding_pipeline.index.filters import (
+    MIRROR_KEY,
+    MIRROR_PREFIX,
+    check_declared,
+    mirror_key,
+    mirrored_values,
+    rewrite_filter,
+    tokenize,
+    typed_values,
+)
 from embedding_pipeline.settings import ConfigError
 
 FIELDS = {"category": "VARCHAR", "year": "INT64", "score": "DOUBLE", "ok": "BOOL"}
@@ -147,3 +160,60 @@ def test_bad_declarations_name_the_key(fields, needle):
     with pytest.raises(ConfigError, match="filter_fields") as err:
         check_declared(fields)
     assert needle in str(err.value)
+
+
+# -- mirrors of undeclared keys ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "expr, expected",
+    [
+        ('metadata["color"] == "red"', '(m__color == "red")'),
+        ('metadata["n"] in [1, "a", true]', '(m__n in [1, "a", true])'),
+        ('1 <= metadata["n"] < 5', "(1 <= m__n and m__n < 5)"),
+        ('metadata["name"] like "re%" or metadata["n"] > -2.5', '(m__name like "re%") or (m__n > -2.5)'),
+        # declared keys keep their typed column; the rest of the filter uses mirrors
+        (
+            'metadata["category"] == "nature" and metadata["color"] == "red"',
+            '(has_meta_category == true and (meta_category == "nature")) and (m__color == "red")',
+        ),
+        # not rewritten: negations, keys that are no names, nested paths, function arguments, string contents
+        ('metadata["color"] != "red"', 'metadata["color"] != "red"'),
+        ('not (metadata["color"] == "red")', 'not (metadata["color"] == "red")'),
+        ('metadata["a b"] == "red"', 'metadata["a b"] == "red"'),
+        ('metadata["a"]["b"] == 1', 'metadata["a"]["b"] == 1'),
+        ('array_contains(metadata["tags"], "x")', 'array_contains(metadata["tags"], "x")'),
+        ('uri == "metadata[\\"color\\"] == 1"', 'uri == "metadata[\\"color\\"] == 1"'),
+    ],
+)
+def test_undeclared_keys_move_to_their_mirrors(expr, expected):
+    assert rewrite_filter(expr, {"category": "VARCHAR"}, mirrored=True) == expected
+
+
+def test_without_mirrors_undeclared_keys_keep_the_json_path():
+    assert rewrite_filter('metadata["color"] == "red"', {}, mirrored=False) == 'metadata["color"] == "red"'
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=2) | st.dictionaries(st.text(max_size=3), inner, max_size=2),
+    max_leaves=4,
+)
+
+
+@given(st.dictionaries(st.text(max_size=8), json_values, max_size=6))
+def test_a_mirror_is_its_keys_scalar_value_as_given(metadata):
+    mirrors = mirrored_values(metadata)
+    for mirror, value in mirrors.items():
+        assert mirror.startswith(MIRROR_PREFIX)
+        key = mirror[len(MIRROR_PREFIX) :]
+        assert metadata[key] is value and isinstance(value, (str, int, float))
+    # Every scalar under a usable name is mirrored; nothing else is.
+    for key, value in metadata.items():
+        usable = MIRROR_KEY.fullmatch(key) is not None
+        scalar = (
+            isinstance(value, (str, bool))
+            or (isinstance(value, int) and -(2**63) <= value < 2**63)
+            or (isinstance(value, float) and math.isfinite(value))
+        )
+        assert (mirror_key(key) in mirrors) == (usable and scalar)

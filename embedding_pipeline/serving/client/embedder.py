@@ -90,6 +90,7 @@ class TritonEmbedder:
         self._pool = _WorkerPool(self.endpoint, concurrency)
         self._finalizer = weakref.finalize(self, self._pool.close)
         self._lock = threading.Lock()
+        self._coalescer: Any = None  # set by coalesce
         self._spec: ModelInputSpec | None = None
         self._config: dict[str, Any] | None = None
         self._metadata: dict[str, Any] | None = None
@@ -250,7 +251,22 @@ class TritonEmbedder:
 
         A batch larger than the model's ``max_batch_size`` is split, and the chunks are sent concurrently.
         """
+        if self._coalescer is not None:
+            batch = np.asarray(batch)
+            return self._coalescer((batch.shape[1:], batch.dtype.str), batch)
         return self._gather(self._submit(batch))
+
+    def coalesce(self, max_batch: int = 16, max_concurrent: int = 2) -> None:
+        """From now on, :meth:`embed` calls from concurrent threads with inputs of one shape go to Triton together,
+        as one request (see :mod:`embedding_pipeline.runtime.batching`); each caller gets its own rows back."""
+        from embedding_pipeline.runtime.batching import Coalescer
+
+        def run(key: Any, batches: list[np.ndarray]) -> list[np.ndarray]:
+            vectors = self._gather(self._submit(np.concatenate(batches)))
+            bounds = np.cumsum([len(b) for b in batches])[:-1]
+            return list(np.split(vectors, bounds))
+
+        self._coalescer = Coalescer(run, max_batch=max_batch, max_concurrent=max_concurrent)
 
     def embed_stream(self, batches: Iterable[np.ndarray], in_flight: int | None = None) -> Iterator[np.ndarray]:
         """Embeddings for each batch of ``batches``, yielded in order, with requests kept in flight meanwhile.
