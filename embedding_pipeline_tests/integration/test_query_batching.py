@@ -61,7 +61,8 @@ def test_concurrent_queries_share_calls_and_get_their_own_answers(stack, ingeste
             results = _burst(calls)
             assert [_answer(r) for r in results[:8]] == image_alone[:8]
             assert [_answer(r) for r in results[8:]] == vector_alone
-            if embedder._coalescer.items > embedder._coalescer.calls and index._coalescer.items > index._coalescer.calls:
+            shared = [c.items > c.calls for c in (embedder._coalescer, index._coalescer)]
+            if all(shared):
                 break
         # Some calls carried several queries: fewer Triton requests and Milvus searches than queries.
         assert embedder._coalescer.items > embedder._coalescer.calls
