@@ -102,6 +102,14 @@ class MilvusSettings(_Section, _ServerAddress):
         default_factory=dict,
         description="Metadata keys stored as typed, indexed scalar fields so filters on them are fast.",
     )
+    lite_memtable_mb: int = Field(
+        1024,
+        ge=16,
+        le=65536,
+        description="The embedded milvus-lite server keeps up to this many MiB of new rows in memory before it "
+        "writes them as a segment (the pipeline also writes at the end of each drop). Larger: fewer, bigger segments, "
+        "each indexed once; smaller: less memory while a big drop is written.",
+    )
 
 
 class SourceSettings(_Section):

@@ -134,3 +134,21 @@ def run(settings: Settings, folder: Path, images: int, progress: Callable[[str],
 def _checked(prepared, failures: list[str]) -> np.ndarray:  # noqa: ANN001 - a Prepared batch
     failures.extend(str(e) for e in prepared.errors if e is not None)
     return prepared.tensors
+
+
+def served_model_only(settings: Settings, batch: int, seconds: float) -> dict[str, Any]:
+    """The served model alone: images/s for requests of ``batch`` ready-made input tensors, one after another
+    (no decoding, no preprocessing, no search) — the ceiling by-image search is compared with."""
+    from embedding_pipeline.serving.client import TritonEmbedder
+
+    with TritonEmbedder.from_settings(settings.triton) as embedder:
+        spec = embedder.input_spec()
+        shape = [224 if d < 0 else d for d in spec.shape]
+        tensors = np.random.default_rng(5).integers(0, 255, size=(batch, *shape)).astype(spec.dtype)
+        embedder.embed(tensors)  # the first request pays one-off costs
+        done, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            embedder.embed(tensors)
+            done += batch
+        elapsed = time.perf_counter() - started
+    return {"batch": batch, "images": done, "seconds": round(elapsed, 2), "images_per_s": round(done / elapsed, 1)}

@@ -21,6 +21,7 @@ from embedding_pipeline.index.client import ImageIndex, connect
 from embedding_pipeline.settings import MilvusSettings
 
 TARGET_VECTORS_PER_S = 5000
+TARGET_RATIO_TO_RAW = 0.9  # ImageIndex.upsert vs a raw pymilvus insert on the same store
 COLLECTION = "bench_seed"
 RAW_COLLECTION = "bench_seed_raw"
 RAW_BATCH_BYTES = 32 * 1024 * 1024

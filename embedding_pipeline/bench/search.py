@@ -2,9 +2,11 @@
 
 Each query is one :meth:`ImageIndex.search` call at top-10 (what a user's search costs, hits with their fields
 included), timed on its own. Three kinds: no filter; a filter on the declared key (``metadata["category"]``,
-stored as a typed scalar field because ``milvus.filter_fields`` declares it); a filter on an undeclared key,
-which Milvus evaluates as a JSON path on every row. The reference is numpy brute force over the same matrix with
-the same queries, one at a time. Recall@10 compares the unfiltered hits with the exact top-10.
+stored as a typed scalar field because ``milvus.filter_fields`` declares it); a filter on an undeclared key
+(served by the rows' mirror of it; a collection without mirrors evaluates it as a JSON path on every row). A
+fourth figure sends 8 queries per call, as the HTTP API does for concurrent clients. The references are numpy brute
+force over the same matrix with the same queries, one at a time, and FAISS called directly (:mod:`.faiss_ref`).
+Recall@10 compares the unfiltered hits with the exact top-10.
 
 A kind stops early when it has used its time budget (a JSON-path filter on milvus-lite can take seconds per
 query); the figures say how many queries were measured.
@@ -24,8 +26,10 @@ from embedding_pipeline.index.expressions import literal as quote
 from embedding_pipeline.retrieval import ranked, stored_vector
 
 TOP_K = 10
-TARGET_FILTER_RATIO = 2.0  # declared-key filter p50 vs unfiltered p50
-TARGET_RECALL = 0.95  # HNSW recall@10 on real embeddings
+TARGET_FILTER_RATIO = 1.5  # declared-key filter p99 vs unfiltered p99
+TARGET_JSON_FILTER_RATIO = 3.0  # undeclared-key filter p99 vs unfiltered p99
+TARGET_RECALL = 0.99  # HNSW recall@10 on real embeddings
+BATCH = 8  # queries per call in the batched figure (what the API's coalescing sends under 8 clients)
 TARGET_BY_ID_RATIO = 1.5  # search by a stored item's id vs by its vector, p50 and p99
 WARMUP_QUERIES = 3
 DECLARED_KEY, JSON_KEY = "category", "group"
@@ -81,6 +85,26 @@ def run_queries(
         example = filter_for(key)(0)[0]
         figures.update(filter=example, run_as=index.rewrite(example), wrong_hits=wrong)
     return figures, ids
+
+
+def run_batched(index: ImageIndex, corpus: Corpus, queries: int, budget_s: float) -> dict[str, Any]:
+    """Searches of ``BATCH`` query vectors in one call (how the HTTP API sends concurrent queries): milliseconds
+    per call, and per query."""
+    calls = max(1, queries // BATCH)
+    batch = lambda c: np.stack([corpus.query(c * BATCH + k) for k in range(BATCH)])  # noqa: E731
+    index.search(batch(0), top_k=TOP_K)
+    ms = []
+    started = time.perf_counter()
+    for c in range(calls):
+        vectors = batch(c)
+        t0 = time.perf_counter()
+        index.search(vectors, top_k=TOP_K)
+        ms.append(1000 * (time.perf_counter() - t0))
+        if time.perf_counter() - started > budget_s:
+            break
+    figures = latency(ms)
+    figures.update(batch=BATCH, per_query_p50_ms=round(figures["p50_ms"] / BATCH, 3))
+    return figures
 
 
 def by_id_and_by_vector(index: ImageIndex, corpus: Corpus, queries: int, budget_s: float) -> dict[str, Any]:
@@ -176,14 +200,20 @@ def run(index: ImageIndex, corpus: Corpus, queries: int, budget_s: float, index_
     unfiltered, ids = run_queries(index, corpus, queries, budget_s)
     declared, _ = run_queries(index, corpus, queries, budget_s, DECLARED_KEY)
     json_path, _ = run_queries(index, corpus, queries, budget_s, JSON_KEY)
+    batched = run_batched(index, corpus, queries, budget_s)
     numpy_ref = brute_force(corpus, queries, budget_s)
     more_like_this = by_id_and_by_vector(index, corpus, queries, budget_s)
     quality = recall(corpus, ids)
-    ratio = declared["p50_ms"] / unfiltered["p50_ms"] if unfiltered["p50_ms"] else float("inf")
+    base = unfiltered["p99_ms"]
+    ratio = declared["p99_ms"] / base if base else float("inf")
+    json_ratio = json_path["p99_ms"] / base if base else float("inf")
     targets = {
-        "declared_filter_to_unfiltered_p50": round(ratio, 3),
+        "declared_filter_to_unfiltered_p99": round(ratio, 3),
         "target_declared_filter_ratio": TARGET_FILTER_RATIO,
         "declared_filter_target_met": ratio <= TARGET_FILTER_RATIO,
+        "json_filter_to_unfiltered_p99": round(json_ratio, 3),
+        "target_json_filter_ratio": TARGET_JSON_FILTER_RATIO,
+        "json_filter_target_met": json_ratio <= TARGET_JSON_FILTER_RATIO,
     }
     if index_type == "HNSW" and corpus.real:
         targets.update(target_recall=TARGET_RECALL, recall_target_met=quality["recall_at_10"] >= TARGET_RECALL)
@@ -192,6 +222,7 @@ def run(index: ImageIndex, corpus: Corpus, queries: int, budget_s: float, index_
         "unfiltered": unfiltered,
         "filtered_declared": declared,
         "filtered_json_path": json_path,
+        "batched": batched,
         "numpy_brute_force": numpy_ref,
         "more_like_this": more_like_this,
         "recall": quality,

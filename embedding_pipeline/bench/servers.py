@@ -37,6 +37,19 @@ def cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def peak_rss_mb(pid: int | None) -> float | None:
+    """The most resident memory process ``pid`` has used so far (VmHWM), in MiB; None if unknown."""
+    if pid is None:
+        return None
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def wait_until_idle(pid: int, quiet_s: float = 1.0, busy_share: float = 0.1, timeout_s: float = 900.0) -> float:
     """Block until process ``pid`` used under ``busy_share`` of a core for ``quiet_s``; returns the seconds waited.
 
