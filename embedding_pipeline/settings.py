@@ -103,7 +103,7 @@ class MilvusSettings(_Section, _ServerAddress):
         description="Metadata keys stored as typed, indexed scalar fields so filters on them are fast.",
     )
     lite_memtable_mb: int = Field(
-        1024,
+        256,
         ge=16,
         le=65536,
         description="The embedded milvus-lite server keeps up to this many MiB of new rows in memory before it "

@@ -662,13 +662,17 @@ class ImageIndex:
         in key order and still skip smaller keys stored later, silently. The mark is sent to milvus-lite only:
         pymilvus sends no consistency timestamp with it, and milvus-lite reads are always strong anyway.
         """
+        return {"iterator": "True"} if self.is_lite() else {}
+
+    def is_lite(self) -> bool:
+        """True if the server is milvus-lite (a Python engine: one call at a time uses it fully)."""
         if self._lite is None:
             # Asked until answered: a guess cached after one failed call would page a milvus-lite without the mark
-            # for the client's whole life. A failure here fails the listing, as the page query would.
+            # for the client's whole life. A failure here fails the call that needed it.
             with self.guard("reading the server version"):
                 version = str(self.client.get_server_version())
             self._lite = version.startswith("milvus_lite")
-        return {"iterator": "True"} if self._lite else {}
+        return self._lite
 
     def scan(self, filter: str, fields: Sequence[str], strong: bool = False) -> Iterator[dict[str, Any]]:
         """Every row matching ``filter`` (built by :mod:`.expressions`, never pasted from a user), ``fields`` of
@@ -825,11 +829,18 @@ class ImageIndex:
             return [self._coalescer(key, (data[0], search_params))]
         return self._search_now(data, top_k, filter, search_params, consistency_level)
 
-    def coalesce_searches(self, max_batch: int = 16, max_concurrent: int = 2) -> None:
+    def coalesce_searches(self, max_batch: int = 16, max_concurrent: int | None = None) -> None:
         """From now on, single-vector searches from concurrent threads that agree on top-k, filter, parameters
         and consistency go to the server together, as one multi-vector search (see
-        :mod:`embedding_pipeline.runtime.batching`); answers are the same as one search each."""
+        :mod:`embedding_pipeline.runtime.batching`); answers are the same as one search each.
+
+        ``max_concurrent`` calls run at once (default: one on milvus-lite, whose search is Python holding one lock,
+        so a second call in flight only halves the batches; four on a Milvus server, which searches in parallel).
+        """
         from embedding_pipeline.runtime.batching import Coalescer
+
+        if max_concurrent is None:
+            max_concurrent = 1 if self.is_lite() else 4
 
         def run(key: Any, items: list[tuple[np.ndarray, dict[str, Any] | None]]) -> list[list[Hit]]:
             top_k, filter, _, consistency_level = key

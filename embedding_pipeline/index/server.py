@@ -44,7 +44,8 @@ def lite_environment(settings: Settings) -> dict[str, str]:
     """The engine's own knobs, from ``milvus.lite_memtable_mb``: rows wait in memory (and in the write-ahead log)
     until that much has accumulated or the pipeline flushes at the end of a drop. With the engine's default
     (128 MiB, ~25,000 rows of 1280-d) a 100,000-row drop became four segments, each indexed as it was written and
-    indexed again when compaction merged them: twice the index-building work, while the inserts were running."""
+    indexed again when compaction merged them: twice the index-building work, while the inserts were running.
+    The default, 256 MiB, makes it two segments that are never merged (docs/benchmarks.md has the figures)."""
     limit = settings.milvus.lite_memtable_mb * 1024 * 1024
     return {
         "MILVUS_LITE_MEMTABLE_MEMORY_LIMIT_BYTES": str(limit),
