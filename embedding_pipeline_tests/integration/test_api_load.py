@@ -96,7 +96,7 @@ def test_load_through_the_cli_on_a_running_api(api_settings, capsys):
         check_figures(result, 40)
         assert result["dim"] == 1280 and result["started"] == [] and result["collection"] == "load_cli"
         assert main(argv[:-1]) == 0  # the table
-        assert "target: p99 <= 50 ms by vector" in capsys.readouterr().out
+        assert "target: p99 <= 25 ms by vector" in capsys.readouterr().out
     finally:
         services.stop_api(api_settings)
         with ModelCollections(api_settings.milvus.model_copy(update={"collection": "load_cli"})) as c:
