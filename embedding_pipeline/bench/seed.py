@@ -373,9 +373,10 @@ def _render_run(run: dict[str, Any], config: dict[str, Any]) -> list[str]:
     ]
     direct = run.get("faiss_direct")
     if direct:
+        ratio = direct.get("build_ratio")
         lines.append(
             f"  index build, FAISS directly (ref)     {direct['build_seconds']:>8.2f} s"
-            f"   store / FAISS {direct['build_ratio']:.2f} x   (target <= {BUILD_TO_FAISS})"
+            + (f"   store / FAISS {ratio:.2f} x   (target <= {BUILD_TO_FAISS})" if ratio is not None else "")
         )
     if run.get("server_peak_rss_mb") is not None:
         lines.append(f"  server peak RSS                       {run['server_peak_rss_mb']:>8.1f} MiB")
