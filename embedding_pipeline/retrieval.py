@@ -30,9 +30,20 @@ if TYPE_CHECKING:
     from embedding_pipeline.index.collections import ModelCollections
 
 
+def search_reads(index: ImageIndex, ids: list[str]) -> dict[str, dict[str, Any]]:
+    """The stored vectors of ``ids`` for a search: read at Bounded consistency (a Strong read costs a Milvus server
+    ~0.4 s), then any id not seen read again at Strong, so an item written moments ago is still found."""
+    fields = ["id", "embedding"]
+    rows = index.rows(ids, fields, consistency_level="Bounded")
+    missing = [i for i in ids if i not in rows]
+    if missing:
+        rows.update(index.rows(missing, fields))
+    return rows
+
+
 def stored_vector(index: ImageIndex, item_id: str) -> np.ndarray:
-    """The vector stored for ``item_id`` (one Strong read by id); :class:`UnknownItem` if there is none."""
-    row = index.rows([item_id], ["id", "embedding"]).get(item_id)
+    """The vector stored for ``item_id``; :class:`UnknownItem` if there is none (after a Strong read)."""
+    row = search_reads(index, [item_id]).get(item_id)
     if row is None:
         raise UnknownItem(item_id, index.collection)
     return np.asarray(row["embedding"], dtype=np.float32)
@@ -45,7 +56,7 @@ def _collapse(index: ImageIndex, hits: list[Hit], threshold: float, wanted: int)
     if not hits:
         return []
     metric = index.settings.metric_type.upper()
-    rows = index.rows([h.id for h in hits], ["id", "embedding"])
+    rows = search_reads(index, [h.id for h in hits])
     kept: list[Hit] = []
     folded: list[list[str]] = []
     matrix: np.ndarray | None = None  # the kept vectors, one per row (NaN for a hit without a stored vector)

@@ -691,8 +691,14 @@ class ImageIndex:
         fields = ["id", "sha256", "model", "uri", "metadata", "drop", MEMBERSHIP_FIELD]
         return {r["id"]: r for r in self._iterate(drop_filter(drop), fields, strong=True)}
 
-    def rows(self, ids: Iterable[str], fields: Sequence[str]) -> dict[str, dict[str, Any]]:
-        """id -> row (``fields``) of the stored rows among ``ids``, read at Strong consistency."""
+    def rows(
+        self, ids: Iterable[str], fields: Sequence[str], consistency_level: str = "Strong"
+    ) -> dict[str, dict[str, Any]]:
+        """id -> row (``fields``) of the stored rows among ``ids``, read at Strong consistency (what decisions to
+        write or delete need). Searches may read at ``Bounded``: on a Milvus server a Strong read waits for the
+        next time tick (~0.4 s); milvus-lite reads are always strong."""
+        if consistency_level not in CONSISTENCY_LEVELS:
+            raise ValueError(f"consistency_level must be one of {', '.join(CONSISTENCY_LEVELS)}")
         wanted = sorted(set(ids))
         out: dict[str, dict[str, Any]] = {}
         for chunk in expressions.chunks(wanted):
@@ -703,7 +709,7 @@ class ImageIndex:
                         self.collection,
                         filter=expr,
                         output_fields=list(fields),
-                        consistency_level="Strong",
+                        consistency_level=consistency_level,
                     )
                 )
             out.update((r["id"], r) for r in found)

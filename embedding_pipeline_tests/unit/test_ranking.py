@@ -26,6 +26,8 @@ class FakeIndex:
         self.settings = MilvusSettings(metric_type=metric)
         self.collection = "fake"
         self.searches: list[int] = []
+        self.reads: list[tuple[str, list[str]]] = []
+        self.fresh: set[str] = set()
 
     def search(self, vector: Any, top_k: int = 10, **_: Any) -> list[list[Hit]]:
         self.searches.append(top_k)
@@ -40,8 +42,11 @@ class FakeIndex:
         )
         return [[Hit(id=ids[k], score=float(scores[k])) for k in order[:top_k]]]
 
-    def rows(self, ids: Any, fields: Any) -> dict[str, dict[str, Any]]:
-        return {i: {"id": i, "embedding": self.vectors[i].tolist()} for i in ids if i in self.vectors}
+    def rows(self, ids: Any, fields: Any, consistency_level: str = "Strong") -> dict[str, dict[str, Any]]:
+        self.reads.append((consistency_level, sorted(ids)))
+        # Rows written "moments ago" are seen only by a Strong read.
+        seen = {i for i in self.vectors if consistency_level == "Strong" or i not in self.fresh}
+        return {i: {"id": i, "embedding": self.vectors[i].tolist()} for i in ids if i in seen}
 
 
 def _unit(v: np.ndarray) -> np.ndarray:
@@ -148,6 +153,23 @@ def test_the_item_itself_is_left_out_of_a_search_by_its_id_unless_asked():
     assert len(ranked(index, vector, 3, exclude="i007")) == 3
     with pytest.raises(UnknownItem, match="'nope'"):
         stored_vector(index, "nope")
+
+
+def test_search_reads_are_bounded_and_only_ids_not_seen_are_read_again_strong():
+    index = _random_index(10)
+    index.fresh = {"i003"}  # written moments ago: a Bounded read does not see it yet
+    assert stored_vector(index, "i001").shape == (8,)
+    assert index.reads == [("Bounded", ["i001"])]  # found: no Strong read
+    index.reads.clear()
+    assert stored_vector(index, "i003").shape == (8,)
+    assert index.reads == [("Bounded", ["i003"]), ("Strong", ["i003"])]
+    index.reads.clear()
+    with pytest.raises(UnknownItem):
+        stored_vector(index, "nope")
+    assert index.reads == [("Bounded", ["nope"]), ("Strong", ["nope"])]  # unknown only after a Strong read
+    index.reads.clear()
+    hits = ranked(index, index.vectors["i000"], 5, collapse=0.99)
+    assert hits and index.reads[0][0] == "Bounded" and all(r[0] == "Bounded" or r[1] == ["i003"] for r in index.reads)
 
 
 def test_window_and_argument_limits():

@@ -31,7 +31,7 @@ class FakeIndex:
         self.searched: list[int] = []
         self.closed = False
 
-    def rows(self, ids, fields):
+    def rows(self, ids, fields, consistency_level="Strong"):
         return {i: {"id": i, "embedding": [1.0] * self.dim} for i in ids}
 
     def search(self, vector, top_k=10, filter=None, search_params=None):
