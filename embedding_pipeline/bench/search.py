@@ -91,7 +91,10 @@ def run_batched(index: ImageIndex, corpus: Corpus, queries: int, budget_s: float
     """Searches of ``BATCH`` query vectors in one call (how the HTTP API sends concurrent queries): milliseconds
     per call, and per query."""
     calls = max(1, queries // BATCH)
-    batch = lambda c: np.stack([corpus.query(c * BATCH + k) for k in range(BATCH)])  # noqa: E731
+
+    def batch(c: int) -> np.ndarray:
+        return np.stack([corpus.query(c * BATCH + k) for k in range(BATCH)])
+
     index.search(batch(0), top_k=TOP_K)
     ms = []
     started = time.perf_counter()

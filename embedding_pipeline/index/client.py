@@ -54,6 +54,14 @@ MIRROR_PROPERTY = "embedding_pipeline.metadata_mirrors"
 # Collection property naming the model whose vectors the collection holds (set once, when it is created).
 MODEL_PROPERTY = "embedding_pipeline.model"
 CONSISTENCY_LEVELS = ("Strong", "Session", "Bounded", "Eventually")
+
+
+def check_consistency(level: str) -> str:
+    if level not in CONSISTENCY_LEVELS:
+        raise ValueError(f"consistency_level must be one of {', '.join(CONSISTENCY_LEVELS)}, not {level!r}")
+    return level
+
+
 # Milvus refuses messages over 64 MB (proxy.grpc.serverMaxRecvSize); stay far below it whatever the row size.
 MAX_UPSERT_BYTES = 16 * 1024 * 1024
 UPSERT_IN_FLIGHT = 2
@@ -697,8 +705,7 @@ class ImageIndex:
         """id -> row (``fields``) of the stored rows among ``ids``, read at Strong consistency (what decisions to
         write or delete need). Searches may read at ``Bounded``: on a Milvus server a Strong read waits for the
         next time tick (~0.4 s); milvus-lite reads are always strong."""
-        if consistency_level not in CONSISTENCY_LEVELS:
-            raise ValueError(f"consistency_level must be one of {', '.join(CONSISTENCY_LEVELS)}")
+        check_consistency(consistency_level)
         wanted = sorted(set(ids))
         out: dict[str, dict[str, Any]] = {}
         for chunk in expressions.chunks(wanted):
@@ -888,11 +895,7 @@ class ImageIndex:
         server released it (a restarted Milvus), and name the filter when the engine refuses it."""
         extra: dict[str, Any] = {}
         if consistency_level is not None:
-            if consistency_level not in CONSISTENCY_LEVELS:
-                raise ValueError(
-                    f"consistency_level must be one of {', '.join(CONSISTENCY_LEVELS)}, not {consistency_level!r}"
-                )
-            extra["consistency_level"] = consistency_level
+            extra["consistency_level"] = check_consistency(consistency_level)
         elif self._deleted and self.settings.consistency_level == "Session":
             extra["consistency_level"] = "Strong"
         expr = self.rewrite(filter)

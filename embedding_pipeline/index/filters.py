@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 from embedding_pipeline.settings import ConfigError
 
@@ -156,24 +156,6 @@ def mirrored_values(metadata: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-class _Mirrored(Mapping[str, str]):
-    """Every key that has a mirror, as a mapping key -> ``ANY`` (the rewriter's view of undeclared keys)."""
-
-    def __getitem__(self, key: str) -> str:
-        if not MIRROR_KEY.fullmatch(key):
-            raise KeyError(key)
-        return ANY
-
-    def __contains__(self, key: object) -> bool:
-        return isinstance(key, str) and MIRROR_KEY.fullmatch(key) is not None
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(())
-
-    def __len__(self) -> int:
-        return 0
-
-
 # -- the filter rewriter -------------------------------------------------------------------------------------------
 
 
@@ -243,7 +225,11 @@ class _Rewriter:
         if key is None or key.kind != "str" or "\\" in key.text or _is(after, "["):
             return None
         inner = key.text[1:-1]
-        return inner if inner in self.fields else None
+        return inner if self.kind(inner) is not None else None
+
+    def kind(self, key: str) -> str | None:
+        """The declared type of ``key``, or None when comparisons of it are not rewritten."""
+        return self.fields.get(key)
 
     def literal(self, i: int, kind: str) -> int | None:
         """The index after a literal of declared ``kind`` starting at token ``i`` (a sign counts), else None."""
@@ -289,7 +275,8 @@ class _Rewriter:
         key = self.reference(i)
         if key is None:
             return None
-        kind = self.fields[key]
+        kind = self.kind(key)
+        assert kind is not None  # reference() found it
         before, op, after = self.at(i - 1), self.at(i + 4), i + 4
         if before is not None and before.text in _COMPARE | {"!="}:
             # literal OP metadata["k"], or a range: literal OP metadata["k"] OP literal
@@ -386,7 +373,10 @@ class _MirrorRewriter(_Rewriter):
     """Comparisons of undeclared keys moved to their mirrors: the same value, so no presence test is needed."""
 
     def __init__(self, expr: str):
-        super().__init__(expr, _Mirrored())
+        super().__init__(expr, {})
+
+    def kind(self, key: str) -> str | None:
+        return ANY if MIRROR_KEY.fullmatch(key) else None
 
     def column(self, key: str) -> str:
         return mirror_key(key)

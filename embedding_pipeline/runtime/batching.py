@@ -98,8 +98,9 @@ class Coalescer(Generic[Item, Result]):
                     raise RuntimeError(f"a batched call returned {len(results)} results for {len(batch)} items")
                 for waiting, result in zip(batch, results):
                     waiting.result, waiting.answered = result, True
-                self.calls += 1
-                self.items += len(batch)
+                with self._cond:
+                    self.calls += 1
+                    self.items += len(batch)
             except Exception as exc:  # noqa: BLE001 - handed to the caller(s) below
                 if len(batch) == 1:
                     batch[0].error, batch[0].answered = exc, True
