@@ -136,9 +136,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     listener: Any = _ProgressBars() if bars else progress.Throttled(_print_progress, every_s=PROGRESS_EVERY_S)
     try:
         with progress.listening(listener):
-            summary = runs.ingest(
-                settings, Path(args.path), args.drop, console_log_level=None if args.verbose else "WARNING"
-            )
+            summary = runs.ingest(settings, args.path, args.drop, console_log_level=None if args.verbose else "WARNING")
     finally:
         if bars:
             listener.close()
@@ -483,7 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
     api.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     api.set_defaults(func=cmd_serve_api)
     ing = sub.add_parser("ingest", help="ingest a folder or manifest as a drop, in the Dagster instance")
-    ing.add_argument("path")
+    ing.add_argument("path", help="a folder or manifest file, or an s3://bucket/prefix or manifest object")
     ing.add_argument("--drop", help="drop (partition) name; default: the file or folder name")
     ing.add_argument("--json", action="store_true", help="print the summary as JSON; progress as plain lines")
     ing.add_argument("--verbose", action="store_true", help="also print every Dagster event of the run")

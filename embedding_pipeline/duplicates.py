@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
@@ -372,7 +371,7 @@ def find_duplicates(
     return DuplicateReport(table, threshold, metric, drop, queries, len(pairs), time.perf_counter() - started)
 
 
-def write_report(path: Path, report: DuplicateReport) -> None:
+def write_report(path: arrow.Location, report: DuplicateReport) -> None:
     """The groups as Parquet at ``path`` (atomically), with the threshold, metric and scope in its metadata."""
     meta = {"threshold": str(report.threshold), "metric": report.metric, "drop": report.drop or ""}
     arrow.write_parquet(path, report.table.replace_schema_metadata(meta))

@@ -23,10 +23,20 @@ from embedding_pipeline.index.client import MAX_DROPS_PER_ROW
 from embedding_pipeline.preprocess.preprocessor import SourceError, for_model
 from embedding_pipeline.runtime import progress
 from embedding_pipeline.runtime.locks import drop_lock, membership_lock
-from embedding_pipeline.settings import QualitySettings, Settings
+from embedding_pipeline.runtime.objects import ObjectPath, ObjectStore, is_object_uri
+from embedding_pipeline.settings import QualitySettings, Settings, object_store
 from embedding_pipeline.sources.drops import find_drop
 from embedding_pipeline.sources.fetch import FetchError, read_local
-from embedding_pipeline.sources.items import FAILED, OK, SKIPPED, Item, collect_items, is_transient
+from embedding_pipeline.sources.items import (
+    FAILED,
+    OK,
+    SKIPPED,
+    Item,
+    collect_items,
+    is_transient,
+    object_prefixes,
+    read_object,
+)
 from embedding_pipeline.sources.statuses import ErrorKind
 from embedding_pipeline.storage import arrow
 from embedding_pipeline.storage.layout import MANIFEST_SCHEMA, drop_files
@@ -61,7 +71,7 @@ def _under_drop_lock(stage: Callable[..., _S]) -> Callable[..., _S]:
 
     @functools.wraps(stage)
     def run(settings: Settings, drop_name: str, *args: Any, **kwargs: Any) -> _S:
-        with drop_lock(settings.paths.data, drop_name):
+        with drop_lock(settings.paths.locks, drop_name):
             return stage(settings, drop_name, *args, **kwargs)
 
     return run
@@ -106,9 +116,9 @@ class ManifestSummary(StageSummary):
 def build_manifest(settings: Settings, drop_name: str) -> ManifestSummary:
     """List the drop's items, read each once, hash it, check it is an image, and record a status per item."""
     started = time.perf_counter()
-    drop = find_drop(settings.drops, drop_name)
+    drop = find_drop(settings.drops_location, drop_name)
     files = drop_files(settings, drop_name)
-    items = collect_items(drop, settings.sources, files.blobs)
+    items = collect_items(drop, settings.sources, files.blobs, object_store(settings.s3))
     progress.Stage("manifest", len(items), "items").advance(len(items))
     columns: dict[str, list] = {name: [] for name in MANIFEST_SCHEMA.names}
     for item in items:
@@ -143,7 +153,7 @@ def read_manifest(settings: Settings, drop_name: str) -> list[Item]:
     return items
 
 
-def _embedded_before(folder: Path, model: str, checks: QualitySettings) -> dict[str, tuple[str, str]]:
+def _embedded_before(folder: Path | ObjectPath, model: str, checks: QualitySettings) -> dict[str, tuple[str, str]]:
     """id -> (sha256, uri) of the rows the drop's current embeddings hold for ``model`` whose vector passes the
     embedding checks (finite, unit norm): a damaged stored vector is computed again, not carried into every later
     run."""
@@ -181,28 +191,52 @@ def _kept_previous(
     return kept
 
 
-def _drop_roots(settings: Settings, drop_name: str) -> list[Path]:
-    """Where the drop's local sources may be read from now. A drop gone (or turned into a link) since it was
+@dataclass(frozen=True)
+class _Roots:
+    """Where a drop's items may be read from now: local folders, and ``s3://`` prefixes through ``store``."""
+
+    local: list[Path]
+    prefixes: list[str]
+    store: ObjectStore
+
+
+def _drop_roots(settings: Settings, drop_name: str) -> _Roots:
+    """Where the drop's sources may be read from now. A drop gone (or turned into a link) since it was
     listed has no root of its own: each of its local items then fails on its own (``source_changed``), and its
     downloads, which live in the blob store, still go through."""
+    store = object_store(settings.s3)
     try:
-        drop = find_drop(settings.drops, drop_name)
+        drop = find_drop(settings.drops_location, drop_name)
     except (FileNotFoundError, PermissionError):
-        return list(settings.sources.allowed_roots)
-    return [drop.path if drop.path.is_dir() else drop.path.parent, *settings.sources.allowed_roots]
+        return _Roots(list(settings.sources.allowed_roots), object_prefixes(None, settings.sources), store)
+    root = drop.root
+    local = [root] if isinstance(root, Path) else []
+    return _Roots([*local, *settings.sources.allowed_roots], object_prefixes(root, settings.sources), store)
 
 
-def _reader(item: Item, roots: list[Path], blobs: Path, max_bytes: int) -> Callable[[], bytes]:
+def _reader(item: Item, roots: _Roots, blobs: Path, max_bytes: int) -> Callable[[], bytes]:
     """Reads an item's bytes on a decode thread through the guarded reader (roots, regular file, no link followed,
-    size cap, the same file as when listed) and refuses bytes that no longer match its recorded hash."""
+    size cap, the same file as when listed; for an object, its prefix, the cap and the ETag listed) and refuses
+    bytes that no longer match its recorded hash."""
 
     def read() -> bytes:
+        if is_object_uri(item.source):
+            try:
+                data, _ = read_object(roots.store, item.source, roots.prefixes, max_bytes, etag=item.file_id)
+            except FetchError as exc:
+                message = f"object changed since the drop was listed ({exc.kind}): {exc}"
+                raise SourceError(ErrorKind.SOURCE_CHANGED, message) from None
+            if hashlib.sha256(data).hexdigest() != item.sha256:
+                raise SourceError(
+                    ErrorKind.SOURCE_CHANGED, "source changed since the manifest was built (re-run the drop)"
+                )
+            return data
         downloaded = Path(item.source).parent.parent == blobs
         try:
             if downloaded:
                 data = read_local(item.source, [blobs], max_bytes)
             else:
-                data = read_local(item.source, roots, max_bytes, identity=item.file_id or None)
+                data = read_local(item.source, roots.local, max_bytes, identity=item.file_id or None)
         except FetchError as exc:
             if exc.kind == ErrorKind.SOURCE_CHANGED:
                 raise SourceError(ErrorKind.SOURCE_CHANGED, str(exc)) from None
@@ -266,7 +300,7 @@ def preprocess_drop(
     roots = _drop_roots(settings, drop_name)
     max_bytes = settings.sources.max_image_bytes
     stage = progress.Stage("preprocess", len(items))
-    with arrow.DropWriter(files.preprocessed) as writer:
+    with arrow.open_writer(files.preprocessed) as writer:
         batches = prep.stream([_reader(item, roots, files.blobs, max_bytes) for item in chunk] for chunk in chunks)
         for chunk, prepared in zip(chunks, batches):
             stage.advance(len(chunk))
@@ -348,7 +382,7 @@ def embed_drop(settings: Settings, drop_name: str, embedder: Embedder) -> EmbedS
     stage = progress.Stage("embed", sum(t.num_rows for t in arrow.read_batches(files.preprocessed, columns=["id"])))
     stream = getattr(embedder, "embed_stream", None)  # an embedder without one is called batch by batch
     results = stream(tensor_batches()) if stream else map(embedder.embed, tensor_batches())
-    with arrow.DropWriter(files.embeddings) as writer:
+    with arrow.open_writer(files.embeddings) as writer:
         try:
             while True:
                 t0 = time.perf_counter()
@@ -465,7 +499,7 @@ def index_drop(settings: Settings, drop_name: str, target) -> IndexSummary:
     tables = arrow.read_batches(files.embeddings)
     first = next(tables, None)
     placement = None
-    with membership_lock(settings.paths.data):
+    with membership_lock(settings.paths.locks):
         protected = _protected(settings, drop_name)
         if first is None:
             if hasattr(target, "index_for_model"):
@@ -689,7 +723,9 @@ def item_report(settings: Settings, drop_name: str) -> list[dict[str, Any]]:
     return report
 
 
-def _read_json_file(path: Path) -> Any:
+def _read_json_file(path: Path | ObjectPath) -> Any:
+    if isinstance(path, ObjectPath):
+        return arrow.read_json_file(path)  # none yet: None; a store that does not answer raises
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterable, Mapping, Protocol, Sequence
 
 import numpy as np
@@ -95,12 +94,12 @@ def stats_of_tables(tables: Iterable[pa.Table], tolerance: float = NORM_TOLERANC
     return stats
 
 
-def embedding_stats(folder: Path, tolerance: float = NORM_TOLERANCE) -> EmbeddingStats:
+def embedding_stats(folder: arrow.Location, tolerance: float = NORM_TOLERANCE) -> EmbeddingStats:
     """Statistics over a drop's embeddings folder (one Arrow file per batch; an absent folder holds none)."""
     return stats_of_tables(arrow.read_batches(folder), tolerance)
 
 
-def embedding_ids(folder: Path) -> list[str]:
+def embedding_ids(folder: arrow.Location) -> list[str]:
     """The ids of a drop's embeddings (only the id column is read)."""
     return [i for table in arrow.read_batches(folder, columns=["id"]) for i in table.column("id").to_pylist()]
 

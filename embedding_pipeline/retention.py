@@ -41,6 +41,7 @@ from embedding_pipeline.index.client import ImageIndex
 from embedding_pipeline.index.collections import ModelCollections
 from embedding_pipeline.orchestration.names import DROPS_PARTITION as PARTITIONS
 from embedding_pipeline.runtime.locks import drop_lock, membership_lock
+from embedding_pipeline.runtime.objects import ObjectPath
 from embedding_pipeline.settings import MilvusSettings, Settings
 from embedding_pipeline.sources.drops import DROP_NAME
 from embedding_pipeline.sources.items import blob_path
@@ -62,7 +63,7 @@ class PlannedPath:
     """A file or folder that belongs to the drop: what it is, how many files it holds and their size."""
 
     kind: str  # source, manifest, preprocessed, embeddings, index, duplicates, blob, leftover
-    path: Path
+    path: Path | ObjectPath  # in a bucket: an object, or a prefix (every object under it)
     files: int
     bytes: int
 
@@ -203,8 +204,14 @@ def check_name(drop: str) -> str:
     return drop
 
 
-def _size(path: Path) -> tuple[int, int]:
+def _size(path: Path | ObjectPath) -> tuple[int, int]:
     """(files, bytes) under ``path``, links counted as themselves and never followed."""
+    if isinstance(path, ObjectPath):
+        info = path.stat() if path.key else None
+        if info is not None:
+            return 1, info.size
+        listed = list(path.files())
+        return len(listed), sum(o.size for o in listed)
     if path.is_symlink() or path.is_file():
         return 1, path.lstat().st_size
     files = size = 0
@@ -218,12 +225,14 @@ def _size(path: Path) -> tuple[int, int]:
     return files, size
 
 
-def _planned(kind: str, path: Path) -> PlannedPath:
+def _planned(kind: str, path: Path | ObjectPath) -> PlannedPath:
     files, size = _size(path)
     return PlannedPath(kind, path, files, size)
 
 
-def _exists(path: Path) -> bool:
+def _exists(path: Path | ObjectPath) -> bool:
+    if isinstance(path, ObjectPath):
+        return path.exists()
     return path.exists() or path.is_symlink()
 
 
@@ -231,22 +240,26 @@ def _leftovers(settings: Settings, drop: str) -> list[Path]:
     """Staging and swapped-out folders and temporary manifests that interrupted writes of this drop left behind.
     Matched exactly (``<drop>.<8 hex>``), so drop ``a`` never claims drop ``a.b``'s files."""
     files = drop_files(settings, drop)
+    if isinstance(files.data, ObjectPath):
+        # In a bucket a write is one PUT or an attempt under the drop's own prefix (removed with it): no leftovers.
+        return []
     folder_pattern = re.compile(rf"^\.{re.escape(drop)}\.[0-9a-f]{{8}}\.(staging|old)$")
     manifest_pattern = re.compile(rf"^{re.escape(drop)}\.[0-9a-f]{{8}}\.tmp$")
     found: list[Path] = []
-    for parent, pattern in (
-        (files.preprocessed.parent, folder_pattern),
-        (files.embeddings.parent, folder_pattern),
-        (files.manifest.parent, manifest_pattern),
-        (files.index_report.parent, manifest_pattern),
-        (files.duplicates.parent, manifest_pattern),
+    for location, pattern in (
+        (files.preprocessed, folder_pattern),
+        (files.embeddings, folder_pattern),
+        (files.manifest, manifest_pattern),
+        (files.index_report, manifest_pattern),
+        (files.duplicates, manifest_pattern),
     ):
-        if parent.is_dir():
+        parent = location.parent
+        if isinstance(parent, Path) and parent.is_dir():
             found.extend(sorted(p for p in parent.iterdir() if pattern.match(p.name)))
     return found
 
 
-def _downloaded(manifest: Path) -> set[str]:
+def _downloaded(manifest: Path | ObjectPath) -> set[str]:
     """sha256 of every URL item a manifest lists (their bytes live in the blob store)."""
     table = arrow.read_table(manifest).select(["uri", "sha256"])
     return {sha for uri, sha in zip(*(table.column(c).to_pylist() for c in ("uri", "sha256"))) if sha and is_url(uri)}
@@ -261,8 +274,9 @@ def _blobs(settings: Settings, drop: str) -> tuple[list[Path], int]:
     if not own:
         return [], 0
     others: set[str] = set()
-    for manifest in sorted(files.manifest.parent.glob("*.arrow")):
-        if manifest != files.manifest:
+    manifests: list[Path | ObjectPath] = list(files.manifest.parent.glob("*.arrow"))
+    for manifest in sorted(manifests, key=str):
+        if str(manifest) != str(files.manifest):
             others |= _downloaded(manifest)
     existing = [sha for sha in sorted(own) if blob_path(files.blobs, sha).is_file()]
     mine = [blob_path(files.blobs, sha) for sha in existing if sha not in others]
@@ -285,7 +299,7 @@ def plan_drop_deletion(
     check_name(drop)
     files = drop_files(settings, drop)
     plan = DeletionPlan(drop)
-    source = settings.drops / drop
+    source = settings.drops_location / drop
     if _exists(source):
         plan.paths.append(_planned("source", source))
     for kind, path in (
@@ -314,13 +328,21 @@ def plan_drop_deletion(
     if plan.empty:
         raise UnknownDropError(
             f"no drop named {drop!r}: it is not a partition of {PARTITIONS!r} and has no source in "
-            f"{settings.drops}, no files under {settings.paths.data} and no rows in Milvus "
+            f"{settings.drops_location}, no files under {settings.outputs} and no rows in Milvus "
             f"(collections {settings.milvus.collection!r} and {settings.milvus.collection + '__*'!r})"
         )
     return plan
 
 
-def _remove(path: Path) -> None:
+def _remove(path: Path | ObjectPath) -> None:
+    if isinstance(path, ObjectPath):
+        # No rename in a bucket. The drop stays a partition until the very end of the deletion, so neither the
+        # sensor nor the schedule starts a run for what is left while objects go.
+        if path.is_file():
+            path.unlink()
+        else:
+            path.store.delete_prefix(path.bucket, path.prefix)
+        return
     if path.is_dir() and not path.is_symlink():
         # Renamed to a hidden name first: scans (the sensor, the schedule) ignore it from this moment on, even if
         # removing a large folder takes a while or is interrupted.
@@ -351,7 +373,7 @@ def delete_drop(
     with ExitStack() as stack:
         # No stage of this drop runs while it is deleted (the stages take the same lock), and the check for runs
         # in progress happens under it, so none can start between the check and the deletion's first step.
-        stack.enter_context(drop_lock(settings.paths.data, drop))
+        stack.enter_context(drop_lock(settings.paths.locks, drop))
         if rows is None:
             rows = MilvusDropRows(settings.milvus)
             stack.callback(rows.close)
@@ -367,7 +389,7 @@ def delete_drop(
         for planned in sources + [p for p in plan.paths if p.kind != "source"]:
             _remove(planned.path)
         for collection in rows.collections():
-            with membership_lock(settings.paths.data):
+            with membership_lock(settings.paths.locks):
                 deleted = rows.delete(collection, drop)
             remaining = rows.count(collection, drop)
             if remaining:

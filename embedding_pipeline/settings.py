@@ -16,6 +16,14 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
+from embedding_pipeline.runtime.objects import (
+    ObjectError,
+    ObjectPath,
+    ObjectStore,
+    StoreConfig,
+    is_object_uri,
+    split_uri,
+)
 from embedding_pipeline.runtime.state import StatePaths, state_home
 
 CONFIG_ENV = "EMBEDDING_PIPELINE_CONFIG"
@@ -116,6 +124,10 @@ class SourceSettings(_Section):
     allowed_roots: list[Path] = Field(
         default_factory=list, description="Folders manifests may point into, besides the drop itself."
     )
+    allowed_prefixes: list[str] = Field(
+        default_factory=list,
+        description="s3://bucket/prefix locations manifests may point into, besides the drop's own prefix.",
+    )
     max_image_bytes: int = Field(50 * 1024 * 1024, ge=1024, description="Larger files and downloads are refused.")
     fetch_timeout_s: float = Field(20.0, gt=0, description="Connect/read timeout for URL downloads.")
     fetch_deadline_s: float = Field(
@@ -149,6 +161,16 @@ class SourceSettings(_Section):
                 raise ValueError(f"sources.allowed_roots: {root} is too broad; name a folder at least two levels deep")
             checked.append(real)
         return checked
+
+    @field_validator("allowed_prefixes")
+    @classmethod
+    def _prefixes(cls, value: list[str]) -> list[str]:
+        for prefix in value:
+            try:
+                bucket, key = split_uri(prefix)
+            except ObjectError as exc:
+                raise ValueError(f"sources.allowed_prefixes: {exc}") from None
+        return [p.rstrip("/") for p in value]
 
     @field_validator("private_allowlist")
     @classmethod
@@ -231,6 +253,51 @@ class PreprocessSettings(_Section):
         if self.size is not None and self.resize_size is not None and self.resize_size < min(self.size):
             raise ValueError("resize_size must be >= the short side of image_size")
         return self
+
+
+class ObjectStoreSettings(_Section):
+    """How to reach an S3-compatible store (AWS S3, MinIO, SeaweedFS, Ceph). Every field left empty falls back to
+    the standard AWS variables and files (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION,
+    AWS_PROFILE, ~/.aws/config), so those variables alone are enough. Credentials are never a setting here."""
+
+    endpoint_url: str = Field("", description="S3 endpoint, e.g. http://127.0.0.1:8333 (default: AWS_ENDPOINT_URL).")
+    region: str = Field("", description="Region (default: AWS_REGION / the profile's, else us-east-1).")
+    profile: str = Field("", description="Named profile of ~/.aws/config (default: AWS_PROFILE or none).")
+    addressing_style: Literal["auto", "path", "virtual"] = Field(
+        "auto", description="Bucket addressing; auto means path-style when an endpoint URL is set."
+    )
+    max_attempts: int = Field(5, ge=1, le=20, description="Attempts per request (botocore's standard retry mode).")
+    timeout_s: float = Field(60.0, gt=0, description="Read timeout of one request.")
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if value and (parts.scheme not in ("http", "https") or not parts.hostname):
+            raise ValueError(f"s3.endpoint_url must be an http:// or https:// URL with a host, not {value!r}")
+        return value
+
+    def config(self) -> StoreConfig:
+        return StoreConfig(
+            endpoint_url=self.endpoint_url or None,
+            region=self.region or None,
+            profile=self.profile or None,
+            addressing_style=self.addressing_style,
+            max_attempts=self.max_attempts,
+            read_timeout_s=self.timeout_s,
+        )
+
+
+_STORES: dict[StoreConfig, ObjectStore] = {}
+
+
+def object_store(settings: "ObjectStoreSettings") -> ObjectStore:
+    """One client per store configuration in this process (boto3 clients are thread-safe and pool connections)."""
+    config = settings.config()
+    store = _STORES.get(config)
+    if store is None:
+        store = _STORES.setdefault(config, ObjectStore(config))
+    return store
 
 
 class DagsterSettings(_Section):
@@ -318,7 +385,17 @@ class ApiSettings(_Section):
 
 class Settings(_Section):
     home: Path = Field(default_factory=state_home, description="State directory (EMBEDDING_PIPELINE_HOME).")
-    drops_dir: Path | None = Field(None, description="Drop folder; default <home>/drops (EMBEDDING_PIPELINE_DROPS).")
+    drops_dir: str | None = Field(
+        None,
+        description="Drop folder, or an s3://bucket/prefix whose sub-prefixes and manifest objects are drops; "
+        "default <home>/drops (EMBEDDING_PIPELINE_DROPS).",
+    )
+    outputs_uri: str | None = Field(
+        None,
+        description="Where the stages write their outputs (manifests, tensor batches, embeddings, reports): an "
+        "s3://bucket/prefix; default <home>/data (EMBEDDING_PIPELINE_OUTPUTS).",
+    )
+    s3: ObjectStoreSettings = Field(default_factory=ObjectStoreSettings)
     triton: TritonSettings = Field(default_factory=TritonSettings)
     milvus: MilvusSettings = Field(default_factory=MilvusSettings)
     sources: SourceSettings = Field(default_factory=SourceSettings)
@@ -346,9 +423,45 @@ class Settings(_Section):
     def paths(self) -> StatePaths:
         return StatePaths(self.home.expanduser().resolve())
 
+    @field_validator("drops_dir", "outputs_uri")
+    @classmethod
+    def _location(cls, value: str | None, info: Any) -> str | None:
+        if value is None or value == "":
+            return None
+        value = str(value)
+        if is_object_uri(value):
+            try:
+                split_uri(value)
+            except ObjectError as exc:
+                raise ValueError(f"{info.field_name}: {exc}") from None
+            return value.rstrip("/")
+        if info.field_name == "outputs_uri":
+            raise ValueError(
+                f"outputs_uri must be an s3://bucket/prefix (local outputs live under <home>/data): {value!r}"
+            )
+        return value
+
     @property
     def drops(self) -> Path:
-        return (self.drops_dir or self.paths.drops).expanduser().resolve()
+        """The local drop folder. Raises ConfigError when drops live in a bucket (see :attr:`drops_location`)."""
+        location = self.drops_location
+        if isinstance(location, ObjectPath):
+            raise ConfigError(f"the drop folder is {location}, in object storage, not a local folder")
+        return location
+
+    @property
+    def drops_location(self) -> Path | ObjectPath:
+        """Where drops land: a local folder or a prefix in a bucket."""
+        if self.drops_dir and is_object_uri(self.drops_dir):
+            return object_store(self.s3).path(self.drops_dir)
+        return Path(self.drops_dir or self.paths.drops).expanduser().resolve()
+
+    @property
+    def outputs(self) -> Path | ObjectPath:
+        """Where the stages' outputs live: ``<home>/data`` or the ``outputs_uri`` prefix."""
+        if self.outputs_uri:
+            return object_store(self.s3).path(self.outputs_uri)
+        return self.paths.data
 
 
 # The original specification's configuration names, accepted beside ours.
@@ -360,6 +473,7 @@ _LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 ENV_VARS: dict[str, tuple[str | None, str]] = {
     "EMBEDDING_PIPELINE_HOME": (None, "home"),
     "EMBEDDING_PIPELINE_DROPS": (None, "drops_dir"),
+    "EMBEDDING_PIPELINE_OUTPUTS": (None, "outputs_uri"),
     "TRITON_URL": ("triton", "url"),
     "TRITON_MODEL_NAME": ("triton", "model_name"),
     "TRITON_MODEL_VERSION": ("triton", "model_version"),

@@ -80,7 +80,7 @@ def raw_image_manifest(context: AssetExecutionContext) -> MaterializeResult:
     """
     settings = load_settings()
     # Taken before the items are read: a file changing meanwhile makes the next rescan see a change.
-    signature = drop_signature(find_drop(settings.drops, context.partition_key))
+    signature = drop_signature(find_drop(settings.drops_location, context.partition_key))
     with _logged_progress(context):
         summary = ingest.build_manifest(settings, context.partition_key)
     items_per_s = round(summary.items / summary.seconds, 1) if summary.seconds else 0.0

@@ -90,7 +90,7 @@ def near_duplicates(
     settings = step_settings(milvus=milvus)
     drop = context.partition_key
     # Under the drop's lock, like the ingest stages: a deletion of the drop never interleaves with its report.
-    with drop_lock(settings.paths.data, drop):
+    with drop_lock(settings.paths.locks, drop):
         if not layout.drop_files(settings, drop).manifest.is_file():
             raise ValueError(f"drop {drop!r} has not been ingested (or was deleted): nothing to group")
         report = duplicates.find_for(settings, drop, config.threshold)

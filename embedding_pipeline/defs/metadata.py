@@ -23,6 +23,7 @@ from dagster import (
 )
 
 from embedding_pipeline import thumbnails
+from embedding_pipeline.runtime.objects import ObjectPath
 from embedding_pipeline.settings import Settings
 from embedding_pipeline.sources.items import OK, blob_path
 from embedding_pipeline.storage import arrow, layout
@@ -197,15 +198,17 @@ def _is_json(value: bytes) -> bool:
     return True
 
 
-def arrow_file_schema(path: Path) -> pa.Schema | None:
+def arrow_file_schema(path: Path | ObjectPath) -> pa.Schema | None:
     """The schema of an Arrow IPC file (read from its footer, no data), or ``None`` if there is no such file."""
     if not path.is_file():
         return None
+    if isinstance(path, ObjectPath):
+        return arrow.read_table(path).schema
     with pa.memory_map(str(path)) as source:
         return pa.ipc.open_file(source).schema
 
 
-def output_schema_metadata(path: Path) -> dict[str, Any]:
+def output_schema_metadata(path: Path | ObjectPath) -> dict[str, Any]:
     """``dagster/column_schema`` of the Arrow file at ``path`` or, for a folder of batches, of its first batch."""
     first = path if path.suffix == ".arrow" else next(iter(arrow.batch_files(path)), None)
     schema = arrow_file_schema(first) if first is not None else None
@@ -255,7 +258,9 @@ def _manifest_rows(settings: Settings, drop: str, columns: list[str]) -> list[di
 
 def _thumbnail(settings: Settings, source: str | Path) -> str | None:
     # Sources come from manifests and stored rows: read only inside the drops, the allowed roots and the blob store.
-    roots = [settings.drops, *settings.sources.allowed_roots, layout.drop_files(settings, "_").blobs]
+    drops = settings.drops_location
+    local = [drops] if isinstance(drops, Path) else []  # objects in a bucket get no thumbnail in the UI
+    roots = [*local, *settings.sources.allowed_roots, layout.drop_files(settings, "_").blobs]
     return thumbnails.file_thumbnail_uri(
         source, roots, max_pixels=settings.preprocess.max_pixels, max_bytes=settings.sources.max_image_bytes
     )

@@ -78,7 +78,7 @@ def switch_collection(
                 label = embedder.model_version_label()
             collection = model_collection_name(collections.alias, label)
         label = collections.model_of(collection) if collection in collections.names() else label
-        result = collections.switch(collection, embedded_counts(settings.paths.data, drops, label), config.force)
+        result = collections.switch(collection, embedded_counts(settings.outputs, drops, label), config.force)
     context.log.info(f"search alias {result['alias']!r}: {result['from']} -> {result['to']} (model {label})")
     context.add_output_metadata({key: _value(value) for key, value in result.items()})
 

@@ -97,7 +97,7 @@ def rescan_requests(instance: DagsterInstance) -> tuple[list[RunRequest], list[s
     settings = load_settings()
     known = set(instance.get_dynamic_partitions(DROPS_PARTITION))
     requests, new, current = [], [], []
-    for drop in complete_drops(settings.drops, settings.dagster.drop_settle_s):
+    for drop in complete_drops(settings.drops_location, settings.dagster.drop_settle_s):
         decision = decide(instance, drop, known)
         if not decision.wanted:
             current.append(drop.name)

@@ -30,11 +30,13 @@ _interval = load_settings().dagster.sensor_interval_s
 def drop_sensor(context: SensorEvaluationContext):
     settings = load_settings()
     known = set(context.instance.get_dynamic_partitions(DROPS_PARTITION))
-    new = [d for d in complete_drops(settings.drops, settings.dagster.drop_settle_s) if d.name not in known]
+    location = settings.drops_location
+    # Known drops are not looked into: in a bucket, one delimited listing of the top level per tick.
+    new = complete_drops(location, settings.dagster.drop_settle_s, known)
     if not new:
-        invalid = scan(settings.drops)[1]
+        invalid = scan(location)[1]
         note = f"; ignored names: {invalid[:5]}" if invalid else ""
-        return SkipReason(f"no new complete drop in {settings.drops}{note}")
+        return SkipReason(f"no new complete drop in {location}{note}")
     return SensorResult(
         # run_key = drop name + signature: Dagster never launches two runs for one drop from this sensor, yet a drop
         # deleted (partition removed) and dropped again under the same name is a new run.

@@ -22,6 +22,7 @@ from typing import Callable, Iterable, Mapping
 
 from embedding_pipeline.index import expressions
 from embedding_pipeline.index.client import CollectionError, ImageIndex
+from embedding_pipeline.runtime.objects import ObjectPath
 from embedding_pipeline.settings import MilvusSettings, Settings
 
 SEPARATOR = "__"
@@ -57,7 +58,7 @@ def model_collection_name(base: str, label: str) -> str:
     return f"{name[: NAME_MAX - len(digest) - 1]}_{digest}"
 
 
-def embedded_counts(data_dir: Path, drops: Iterable[str], label: str) -> dict[str, int | None]:
+def embedded_counts(data_dir: Path | ObjectPath, drops: Iterable[str], label: str) -> dict[str, int | None]:
     """Per drop, how many embeddings of model ``label`` its current embeddings hold: None when the drop has no
     embeddings yet, or holds another model's (it has not been embedded with ``label``)."""
     from embedding_pipeline.storage import arrow
@@ -65,7 +66,7 @@ def embedded_counts(data_dir: Path, drops: Iterable[str], label: str) -> dict[st
     counts: dict[str, int | None] = {}
     for drop in drops:
         folder = data_dir / "embeddings" / drop
-        if not folder.is_dir():
+        if not arrow.folder_exists(folder):
             counts[drop] = None
             continue
         total = ours = 0
@@ -77,7 +78,7 @@ def embedded_counts(data_dir: Path, drops: Iterable[str], label: str) -> dict[st
     return counts
 
 
-def drop_model(data_dir: Path, drop: str) -> str | None:
+def drop_model(data_dir: Path | ObjectPath, drop: str) -> str | None:
     """The model label of the drop's current embeddings (None when it has none: no good image, or not embedded)."""
     from embedding_pipeline.storage import arrow
 
@@ -388,7 +389,7 @@ def index_for_drop(settings: Settings, milvus: MilvusSettings, drop: str) -> Ima
     """A client for the collection that holds ``drop``'s rows: its model's collection (from the model of the
     drop's embeddings), or the legacy collection. For a drop without embeddings it is the search collection's
     (the alias), which holds none of its rows. The caller closes it."""
-    label = drop_model(settings.paths.data, drop)
+    label = drop_model(settings.outputs, drop)
     with ModelCollections(milvus) as collections:
         if label is None or collections.is_legacy():
             return ImageIndex(milvus)

@@ -28,14 +28,15 @@ from embedding_pipeline.orchestration.names import (
 )
 from embedding_pipeline.retention import DropBusyError
 from embedding_pipeline.runtime.locks import drop_lock
-from embedding_pipeline.settings import Settings
+from embedding_pipeline.runtime.objects import ObjectPath, is_object_uri
+from embedding_pipeline.settings import Settings, object_store
 from embedding_pipeline.sources.drops import checked_name, place_drop
 from embedding_pipeline.sources.statuses import ItemStatus
 
 
 def ingest(
     settings: Settings,
-    path: Path,
+    path: Path | str,
     name: str | None = None,
     run_config: dict[str, Any] | None = None,
     console_log_level: str | None = None,
@@ -48,8 +49,10 @@ def ingest(
     it)."""
     instance = pipeline_instance(settings)
     drops = DagsterDrops(instance)
-    drop = checked_name(name or Path(path).resolve().name)
-    with drop_lock(settings.paths.data, drop):  # no deletion of this drop interleaves with placing it
+    # A folder, a manifest file, or an s3:// prefix or manifest object (copied into the drop directory).
+    source: Path | ObjectPath = object_store(settings.s3).path(str(path)) if is_object_uri(str(path)) else Path(path)
+    drop = checked_name(name or (source.name if isinstance(source, ObjectPath) else source.resolve().name))
+    with drop_lock(settings.paths.locks, drop):  # no deletion of this drop interleaves with placing it
         busy = drops.runs_in_progress(drop)
         if busy:
             # The run queue keeps one run per drop; a run in this process would bypass it.
@@ -61,7 +64,7 @@ def ingest(
         if added:
             drops.add_partition(drop)
         try:
-            place_drop(settings.drops, Path(path), drop)
+            place_drop(settings.drops_location, source, drop)
         except Exception:
             if added:
                 drops.delete_partition(drop)

@@ -82,7 +82,7 @@ class WebserverRuns:
             with tempfile.TemporaryDirectory(prefix="api-insert-") as tmp:
                 manifest = Path(tmp) / drop
                 manifest.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-                place_drop(self.settings.drops, manifest, drop)
+                place_drop(self.settings.drops_location, manifest, drop)
         except Exception:
             drops.delete_partition(drop)
             raise
@@ -91,7 +91,7 @@ class WebserverRuns:
                 INGEST_JOB, run_config=run_config, tags={PARTITION_TAG: drop, DROP_TAG: drop, TRIGGER_TAG: trigger}
             )
         except DagsterGraphQLClientError as exc:
-            (self.settings.drops / drop).unlink(missing_ok=True)
+            (self.settings.drops_location / drop).unlink(missing_ok=True)
             drops.delete_partition(drop)
             raise LaunchError(
                 f"the Dagster webserver at {self.settings.dagster.webserver_host}:"

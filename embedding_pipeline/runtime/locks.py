@@ -27,13 +27,13 @@ def file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def membership_lock(data_dir: Path):  # noqa: ANN201 - a context manager
+def membership_lock(locks_dir: Path):  # noqa: ANN201 - a context manager
     """Held while rows' drop membership is read and rewritten (the index stage, deleting a drop): two drops listing
     the same image must not each read the row, add or remove themselves, and write back over the other."""
-    return file_lock(data_dir / "locks" / "membership.lock")
+    return file_lock(locks_dir / "membership.lock")
 
 
-def drop_lock(data_dir: Path, drop: str):  # noqa: ANN201 - a context manager
+def drop_lock(locks_dir: Path, drop: str):  # noqa: ANN201 - a context manager
     """Held by every ingest stage of ``drop`` while it reads and writes the drop's files and rows, and by retention
     while it deletes the drop: a deletion never interleaves with a stage of the same drop, whether the stage runs
     in a Dagster run, the CLI or a test.
@@ -41,4 +41,4 @@ def drop_lock(data_dir: Path, drop: str):  # noqa: ANN201 - a context manager
     The lock file is named by a hash of the drop's name: it holds nothing of the drop and outlives its deletion
     (removing a lock file that others may be waiting on would let two holders in)."""
     digest = hashlib.sha256(drop.encode()).hexdigest()[:24]
-    return file_lock(data_dir / "locks" / "drops" / f"{digest}.lock")
+    return file_lock(locks_dir / "drops" / f"{digest}.lock")

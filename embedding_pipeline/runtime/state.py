@@ -82,6 +82,11 @@ class StatePaths:
         return self.root / "drops"
 
     @property
+    def locks(self) -> Path:
+        """Cross-process lock files (kept apart from data, which may live in a bucket)."""
+        return self.root / "locks"
+
+    @property
     def data(self) -> Path:
         """Asset outputs (manifests, tensor batches, embeddings), partitioned by drop."""
         return self.root / "data"

@@ -11,6 +11,12 @@ A drop counts as complete when
 
 Hidden names (``.*``) and in-flight names (``*.tmp``, ``*.part``) are ignored, so copying with a temporary name
 and renaming at the end is always safe.
+
+The drop directory may also be a prefix in an S3-compatible bucket (``s3://bucket/drops``): each sub-prefix is a
+folder drop and each ``.jsonl``/``.csv`` object directly under it a manifest drop; ``_READY`` objects and the settle
+time (on the objects' LastModified) work as for folders. Listing the drops is one delimited listing of the top level
+(one request per 1,000 drops, however many objects they hold); a drop's own objects are listed only while it is new
+and its marker is missing, and for its signature.
 """
 
 from __future__ import annotations
@@ -23,6 +29,9 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import AbstractSet
+
+from embedding_pipeline.runtime.objects import ObjectError, ObjectPath
 
 READY_MARKER = "_READY"
 # Metadata key of the raw_image_manifest materialization that records what the drop held when it was read.
@@ -37,15 +46,30 @@ DROP_NAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
 @dataclass(frozen=True)
 class Drop:
     name: str
-    path: Path
+    path: Path | ObjectPath
 
     @property
     def is_manifest(self) -> bool:
+        if isinstance(self.path, ObjectPath):
+            # In a bucket, a manifest drop is an object directly under the drops prefix; a folder drop is a prefix.
+            return self.name.lower().endswith(MANIFEST_SUFFIXES) and self.path.is_file()
         return self.path.is_file()
 
+    @property
+    def root(self) -> Path | ObjectPath:
+        """Where the drop's own relative paths point: its folder, or the folder holding its manifest."""
+        return self.path.parent if self.is_manifest else self.path
 
-def ignored(path: Path) -> bool:
-    return path.name.startswith(".") or path.name.lower().endswith(_IN_FLIGHT_SUFFIXES)
+
+def ignored(path: Path | ObjectPath | str) -> bool:
+    name = path if isinstance(path, str) else path.name
+    return name.startswith(".") or name.lower().endswith(_IN_FLIGHT_SUFFIXES)
+
+
+def ignored_key(relative: str) -> bool:
+    """A key below a drop prefix is left out when any of its segments is hidden or in flight, or it is the marker."""
+    parts = relative.split("/")
+    return relative == READY_MARKER or any(not part or ignored(part) for part in parts)
 
 
 def _newest_mtime(path: Path) -> float:
@@ -63,14 +87,33 @@ def _newest_mtime(path: Path) -> float:
 
 
 def is_complete(drop: Drop, settle_s: float, now: float | None = None) -> bool:
+    now = time.time() if now is None else now
+    if isinstance(drop.path, ObjectPath):
+        return _object_complete(drop, settle_s, now)
     if drop.path.is_dir() and (drop.path / READY_MARKER).exists():
         return True
-    now = time.time() if now is None else now
     return now - _newest_mtime(drop.path) >= settle_s
 
 
-def scan(drops_dir: Path) -> tuple[list[Drop], list[str]]:
+def _object_complete(drop: Drop, settle_s: float, now: float) -> bool:
+    path = drop.path
+    assert isinstance(path, ObjectPath)
+    try:
+        if drop.is_manifest:
+            info = path.stat()
+            return info is not None and now - info.modified >= settle_s
+        if (path / READY_MARKER).is_file():
+            return True
+        newest = max((o.modified for o in path.files()), default=None)
+    except ObjectError:  # the store did not answer: not complete yet, the next tick looks again
+        return False
+    return newest is not None and now - newest >= settle_s
+
+
+def scan(drops_dir: Path | ObjectPath) -> tuple[list[Drop], list[str]]:
     """All drops in ``drops_dir`` (complete or not), and the names skipped as invalid."""
+    if isinstance(drops_dir, ObjectPath):
+        return _scan_objects(drops_dir)
     drops: list[Drop] = []
     invalid: list[str] = []
     if not drops_dir.is_dir():
@@ -89,12 +132,37 @@ def scan(drops_dir: Path) -> tuple[list[Drop], list[str]]:
     return drops, invalid
 
 
-def complete_drops(drops_dir: Path, settle_s: float) -> list[Drop]:
+def _scan_objects(location: ObjectPath) -> tuple[list[Drop], list[str]]:
+    objects, prefixes = location.store.list_level(location.bucket, location.prefix)
+    drops: list[Drop] = []
+    invalid: list[str] = []
+    names = [(p[len(location.prefix) :].rstrip("/"), False) for p in prefixes]
+    names += [(o.key[len(location.prefix) :], True) for o in objects]
+    for name, is_object in sorted(names):
+        if ignored(name):
+            continue
+        if is_object and not name.lower().endswith(MANIFEST_SUFFIXES):
+            invalid.append(name)
+            continue
+        if not DROP_NAME.match(name):
+            invalid.append(name)
+            continue
+        drops.append(Drop(name, location / name))
+    return drops, invalid
+
+
+def complete_drops(drops_dir: Path | ObjectPath, settle_s: float, known: AbstractSet[str] = frozenset()) -> list[Drop]:
+    """The complete drops whose names are not in ``known`` (drops already known are not looked into)."""
     now = time.time()
-    return [d for d in scan(drops_dir)[0] if is_complete(d, settle_s, now)]
+    return [d for d in scan(drops_dir)[0] if d.name not in known and is_complete(d, settle_s, now)]
 
 
-def find_drop(drops_dir: Path, name: str) -> Drop:
+def find_drop(drops_dir: Path | ObjectPath, name: str) -> Drop:
+    if isinstance(drops_dir, ObjectPath):
+        found = drops_dir / name if DROP_NAME.match(name) else None
+        if found is None or not (found.is_dir() or (name.lower().endswith(MANIFEST_SUFFIXES) and found.is_file())):
+            raise FileNotFoundError(f"no drop named {name!r} in {drops_dir}")
+        return Drop(name, found)
     path = drops_dir / name
     if not DROP_NAME.match(name) or not path.exists():
         raise FileNotFoundError(f"no drop named {name!r} in {drops_dir}")
@@ -115,6 +183,18 @@ def drop_signature(drop: Drop) -> str:
     are not read: a scan stays cheap on large drops. URLs a manifest lists are not fetched either.
     """
     digest = hashlib.sha256()
+    if isinstance(drop.path, ObjectPath):
+        # In a bucket: every object's key, size and ETag (a rewrite changes the ETag even at the same size).
+        if drop.is_manifest:
+            info = drop.path.stat()
+            listed = [(drop.path.name, info.size, info.etag)] if info else []
+        else:
+            prefix = drop.path.prefix
+            listed = [(o.key[len(prefix) :], o.size, o.etag) for o in drop.path.files()]
+            listed = [entry for entry in listed if not ignored_key(entry[0])]
+        for relative, size, etag in sorted(listed):
+            digest.update(f"{relative}\0{size}\0{etag}\n".encode())
+        return digest.hexdigest()[:16]
     if drop.path.is_file():
         entries = [(drop.path.name, drop.path)]
     else:
@@ -143,13 +223,16 @@ def checked_name(name: str) -> str:
     return name
 
 
-def place_drop(drops: Path, path: Path, name: str | None = None) -> str:
-    """Copy ``path`` (a folder or manifest file) into the drop directory ``drops`` as drop ``name``; returns the
-    name.
+def place_drop(drops: Path | ObjectPath, path: Path | ObjectPath, name: str | None = None) -> str:
+    """Copy ``path`` (a folder or manifest file, or a prefix or manifest object in a bucket) into the drop
+    directory ``drops`` (a folder or a prefix in a bucket) as drop ``name``; returns the name.
 
-    A path already in the drop directory is used where it is. The copy lands under a hidden name and is renamed
-    at the end, so the sensor never sees half a drop.
+    A path already in the drop directory is used where it is. On disk the copy lands under a hidden name and is
+    renamed at the end, so the sensor never sees half a drop; in a bucket (no renames there) the objects are
+    copied first and the ``_READY`` marker last.
     """
+    if isinstance(drops, ObjectPath) or isinstance(path, ObjectPath):
+        return _place_objects(drops, path, name)
     source = path.resolve()
     if not source.exists():
         raise FileNotFoundError(f"no such file or folder: {path}")
@@ -169,3 +252,70 @@ def place_drop(drops: Path, path: Path, name: str | None = None) -> str:
         shutil.copy2(source, staging)
     staging.rename(target)
     return name
+
+
+def _place_objects(drops: Path | ObjectPath, source: Path | ObjectPath, name: str | None) -> str:
+    """place_drop where the source or the drop directory is in a bucket: upload, server-side copy or download."""
+    if isinstance(source, Path):
+        source = source.resolve()
+        if not source.exists():
+            raise FileNotFoundError(f"no such file or folder: {source}")
+    name = checked_name(name or source.name)
+    if isinstance(source, ObjectPath):
+        is_file = source.is_file()
+        if not is_file and not source.is_dir():
+            raise FileNotFoundError(f"no such object or prefix: {source}")
+    else:
+        is_file = source.is_file()
+    target = drops / name
+    if isinstance(source, ObjectPath) and isinstance(target, ObjectPath) and str(source) == str(target):
+        return name
+    if target.exists():
+        raise FileExistsError(f"a drop named {name!r} already exists in {drops}; pick another name with --drop")
+    if is_file:
+        if not name.lower().endswith(MANIFEST_SUFFIXES):
+            raise ValueError(f"a manifest drop needs a .jsonl or .csv name, not {name!r}")
+        _copy_one(source, target)
+        return name
+    pairs: list[tuple[Path | ObjectPath, str]]
+    if isinstance(source, Path):
+        pairs = [
+            (p, p.relative_to(source).as_posix())
+            for p in sorted(source.rglob("*"))
+            if p.is_file() and not p.is_symlink() and not ignored_key(p.relative_to(source).as_posix())
+        ]
+    else:
+        prefix = source.prefix
+        pairs = [
+            (ObjectPath(source.store, source.bucket, o.key), o.key[len(prefix) :])
+            for o in source.files()
+            if not ignored_key(o.key[len(prefix) :])
+        ]
+    if isinstance(target, Path):
+        # A download into the local drop folder: staged under a hidden name, renamed at the end.
+        staging = target.parent / f".{name}.{uuid.uuid4().hex[:8]}.tmp"
+        try:
+            for item, relative in pairs:
+                _copy_one(item, staging / relative)
+            staging.mkdir(parents=True, exist_ok=True)
+            staging.rename(target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return name
+    for item, relative in pairs:
+        _copy_one(item, target / relative)
+    (target / READY_MARKER).write_bytes(b"")
+    return name
+
+
+def _copy_one(source: Path | ObjectPath, target: Path | ObjectPath) -> None:
+    if isinstance(source, ObjectPath) and isinstance(target, ObjectPath) and source.store is target.store:
+        target.store.copy(source.bucket, source.key, target.bucket, target.key)
+        return
+    data = source.read_bytes()
+    if isinstance(target, Path):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+    else:
+        target.write_bytes(data)

@@ -36,7 +36,9 @@ def drop_name(now: datetime | None = None, prefix: str = "api") -> str:
 
 def allowed_roots(settings: Settings) -> list[Path]:
     """Where local inputs may lie: the drop folder (a manifest drop's own root) and ``sources.allowed_roots``."""
-    return [settings.drops, *(Path(r).expanduser() for r in settings.sources.allowed_roots)]
+    drops = settings.drops_location
+    local = [drops] if isinstance(drops, Path) else []
+    return [*local, *(Path(r).expanduser() for r in settings.sources.allowed_roots)]
 
 
 def check_input(settings: Settings, uri: str, where: str) -> None:

@@ -20,6 +20,9 @@ kind                     status   meaning
 ``not_a_file``           failed   a directory, FIFO, device or socket
 ``too_large``            failed   bigger than ``max_image_bytes`` (also for downloads)
 ``unreadable``           failed†  permission denied or another I/O error
+*objects (s3://)*
+``access_denied``        failed†  the store's credentials may not read the object
+(``not_found``, ``too_large``, ``outside_roots`` and ``bad_url`` as above; store errors as for URLs)
 *URLs*
 ``bad_url``              failed   no host, or a scheme other than http/https (``ftp://``, ``file://`` ...)
 ``refused_address``      failed   the host resolves only to non-public addresses that are not allow-listed
@@ -60,6 +63,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from embedding_pipeline.runtime.objects import ObjectError, ObjectPath, ObjectStore, is_object_uri, split_uri
 from embedding_pipeline.settings import SourceSettings
 from embedding_pipeline.sources.drops import Drop
 from embedding_pipeline.sources.fetch import FetchError, UrlFetcher, read_local_file
@@ -76,6 +80,7 @@ TRANSIENT_KINDS = frozenset(
         ErrorKind.TIMEOUT,
         ErrorKind.CONNECTION_ERROR,
         ErrorKind.UNREADABLE,
+        ErrorKind.ACCESS_DENIED,
         ErrorKind.SOURCE_CHANGED,
     }
 )
@@ -94,7 +99,9 @@ class Item:
     sha256: str = ""
     size: int = 0
     source: str = ""  # where the bytes are now: the local file, or the blob of a download
-    file_id: str = ""  # "<device>:<inode>:<mtime ns>" of a local file when listed: later stages refuse a replaced one
+    # "<device>:<inode>:<mtime ns>" of a local file, or the ETag of an object, when listed: later stages refuse a
+    # replaced one.
+    file_id: str = ""
     status: str = OK  # an ItemStatus (a plain str once read back from the manifest)
     error: str = ""
     error_kind: str = ""  # an ErrorKind, or "" when ok
@@ -145,13 +152,49 @@ def check_image_header(data: bytes) -> str | None:
     return None
 
 
-def collect_items(drop: Drop, settings: SourceSettings, blob_dir: Path) -> list[Item]:
+def object_prefixes(drop_root: Path | ObjectPath | None, settings: SourceSettings) -> list[str]:
+    """The ``s3://`` prefixes a drop's items may be read from: the drop's own (when it lies in a bucket) and
+    ``sources.allowed_prefixes``; each ends in "/" so that ``s3://b/cats`` never admits ``s3://b/cats.b/x``."""
+    own = [f"s3://{drop_root.bucket}/{drop_root.prefix}"] if isinstance(drop_root, ObjectPath) else []
+    return own + [p.rstrip("/") + "/" for p in settings.allowed_prefixes]
+
+
+def object_allowed(uri: str, prefixes: list[str]) -> bool:
+    bucket, key = split_uri(uri)  # raises ObjectError(bad_url) for '..' segments and bad buckets
+    return any(f"s3://{bucket}/{key}".startswith(p) for p in prefixes)
+
+
+def read_object(store: ObjectStore, uri: str, prefixes: list[str], max_bytes: int, etag: str | None = None):
+    """(bytes, etag) of the object ``uri`` after the prefix check; raises FetchError with the item's kind."""
+    try:
+        if not object_allowed(uri, prefixes):
+            raise FetchError(
+                ErrorKind.OUTSIDE_ROOTS,
+                f"{uri} is outside the drop's prefix and sources.allowed_prefixes",
+            )
+        bucket, key = split_uri(uri)
+        if etag is None:
+            info = store.head(bucket, key)
+            if info is None:
+                raise FetchError(ErrorKind.NOT_FOUND, f"no such object: {uri}")
+            etag = info.etag
+        return store.get(bucket, key, max_bytes, etag=etag or None), etag
+    except ObjectError as exc:
+        raise FetchError(exc.kind, str(exc)) from None
+
+
+def collect_items(drop: Drop, settings: SourceSettings, blob_dir: Path, store: ObjectStore | None = None) -> list[Item]:
+    """The drop's items, each read once. ``store`` reads ``s3://`` items (a drop in a bucket brings its own)."""
     entries = list_entries(drop)
-    root = drop.path if drop.path.is_dir() else drop.path.parent
-    roots = [root, *settings.allowed_roots]
+    root = drop.root
+    roots = [root, *settings.allowed_roots] if isinstance(root, Path) else list(settings.allowed_roots)
     # Each distinct URL is downloaded once per run, however often it is listed.
     urls = sorted({e.uri for e in entries if e.error is None and is_url(e.uri)})
     downloaded = _download_all(urls, settings, blob_dir)
+    objects = sorted({e.uri for e in entries if e.error is None and is_object_uri(e.uri)})
+    if isinstance(drop.path, ObjectPath):
+        store = drop.path.store
+    downloaded.update(_read_objects(objects, settings, store, object_prefixes(root, settings)))
 
     items: list[Item] = []
     seen_ids: dict[str, str] = {}
@@ -177,11 +220,13 @@ def _resolve(entry: Entry, roots: list[Path], settings: SourceSettings, download
     try:
         if entry.error is not None:
             raise FetchError(entry.error_kind or ErrorKind.BAD_ROW, entry.error)
-        if is_url(entry.uri):
+        if is_url(entry.uri) or is_object_uri(entry.uri):
             result = downloaded[entry.uri]
             if isinstance(result, FetchError):
                 raise result
-            sha, size, source = result
+            sha, size, source = result[:3]
+            if len(result) > 3:
+                item.file_id = result[3]  # the object's ETag: preprocessing reads this version or none
         elif looks_like_url(entry.uri):
             scheme = entry.uri.split("://", 1)[0]
             raise FetchError(ErrorKind.BAD_URL, f"unsupported URL scheme {scheme!r} (only http/https): {entry.uri}")
@@ -211,6 +256,30 @@ def _blob_intact(path: Path, sha256: str, size: int) -> bool:
         return hashlib.sha256(path.read_bytes()).hexdigest() == sha256
     except OSError:
         return False
+
+
+def _read_objects(
+    uris: list[str], settings: SourceSettings, store: ObjectStore | None, prefixes: list[str]
+) -> dict[str, Any]:
+    """uri -> (sha256, size, uri, etag) or FetchError for each ``s3://`` item, read in parallel; the bytes are
+    not kept (preprocessing reads the same version again, by ETag)."""
+    if not uris:
+        return {}
+
+    def one(uri: str) -> Any:
+        if store is None:
+            return FetchError(ErrorKind.BAD_URL, f"{uri}: no object store is configured")
+        try:
+            data, etag = read_object(store, uri, prefixes, settings.max_image_bytes)
+            check_image(data)
+        except FetchError as exc:
+            return exc
+        except Exception as exc:  # noqa: BLE001 - one odd object must fail its item, not the drop
+            return FetchError(ErrorKind.CONNECTION_ERROR, f"reading {uri} failed: {type(exc).__name__}: {exc}")
+        return hashlib.sha256(data).hexdigest(), len(data), uri, etag
+
+    with ThreadPoolExecutor(max_workers=min(settings.fetch_workers * 2, len(uris))) as pool:
+        return dict(zip(uris, pool.map(one, uris)))
 
 
 def _download_all(urls: list[str], settings: SourceSettings, blob_dir: Path) -> dict[str, Any]:

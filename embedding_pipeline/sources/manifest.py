@@ -5,7 +5,8 @@ item of that manifest only (with the manifest's id and metadata).
 
 Manifest formats (columns / keys):
 
-* ``uri`` — required: a local path (relative paths are relative to the manifest file) or an http(s) URL;
+* ``uri`` — required: a local path (relative paths are relative to the manifest file), an http(s) URL or an
+  ``s3://bucket/key`` object (relative paths in a manifest that lives in a bucket name objects beside it);
 * ``id`` — optional: the row's primary key in Milvus; without one, the id is derived from the content hash, so the
   same image dropped twice is one row;
 * ``metadata`` — optional: a JSON object (in CSV, a JSON string);
@@ -32,7 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from embedding_pipeline.sources.drops import MANIFEST_SUFFIXES, READY_MARKER, Drop, ignored
+from embedding_pipeline.runtime.objects import ObjectError, ObjectPath, is_object_uri
+from embedding_pipeline.sources.drops import MANIFEST_SUFFIXES, READY_MARKER, Drop, ignored, ignored_key
 from embedding_pipeline.sources.fetch import FetchError, open_regular
 from embedding_pipeline.sources.statuses import ErrorKind
 
@@ -60,6 +62,8 @@ _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 # Milvus 2.x measures VARCHAR lengths in UTF-8 bytes: 512 bytes (512 ASCII characters, fewer beyond ASCII).
 MAX_ID_CHARS = 512
 MAX_METADATA_BYTES = 64 * 1024
+# A manifest object in a bucket is read whole: larger ones fail the listing rather than fill memory.
+MAX_MANIFEST_OBJECT_BYTES = 512 * 1024 * 1024
 
 
 def is_url(uri: str) -> bool:
@@ -74,6 +78,8 @@ def looks_like_url(uri: str) -> bool:
 def list_entries(drop: Drop) -> list[Entry]:
     """Every item the drop lists. A manifest that cannot be read fails the listing (raises): its items are not
     known to have left the drop, so no stage may act as if they had."""
+    if isinstance(drop.path, ObjectPath):
+        return _object_entries(drop, drop.path)
     if not drop.path.is_dir() and not drop.is_manifest:
         raise FetchError(ErrorKind.NOT_A_FILE, f"drop {drop.name!r} is neither a folder nor a regular manifest file")
     if drop.is_manifest:
@@ -98,6 +104,41 @@ def list_entries(drop: Drop) -> list[Entry]:
             entry.error, entry.error_kind = f"not an image file, ignored: {origin}", ErrorKind.IGNORED
         entries.append(entry)
     return entries
+
+
+def _object_entries(drop: Drop, path: ObjectPath) -> list[Entry]:
+    """The entries of a drop in a bucket: like a folder's, with objects for files (no links, no FIFOs there)."""
+    if drop.is_manifest:
+        return list(_read_manifest(path))
+    prefix = path.prefix
+    try:
+        objects = [o for o in path.files() if not ignored_key(o.key[len(prefix) :])]
+    except ObjectError as exc:
+        raise FetchError(exc.kind, f"could not list drop {drop.name!r}: {exc}") from None
+    entries: list[Entry] = []
+    loose: list[ObjectPath] = []
+    for info in objects:
+        obj = ObjectPath(path.store, path.bucket, info.key)
+        if obj.suffix.lower() in MANIFEST_SUFFIXES and (obj.suffix.lower() != ".csv" or _csv_has_uri(obj)):
+            entries += _read_manifest(obj)
+        else:
+            loose.append(obj)
+    listed = {e.uri for e in entries if is_object_uri(e.uri)}
+    for obj in loose:
+        if str(obj) in listed:
+            continue
+        origin = obj.relative_to(path)
+        entry = Entry(uri=str(obj), origin=origin)
+        if obj.suffix.lower() in IGNORED_SUFFIXES or obj.suffix.lower() == ".csv":
+            entry.error, entry.error_kind = f"not an image file, ignored: {origin}", ErrorKind.IGNORED
+        entries.append(entry)
+    return entries
+
+
+def _csv_has_uri(obj: ObjectPath) -> bool:
+    with _open_text(obj, newline="") as f:
+        header = next(csv.reader(f), [])
+    return "uri" in (h.strip() for h in header)
 
 
 def _walk(folder: Path) -> list[Path]:
@@ -127,7 +168,7 @@ def _readable_manifest(path: Path, folder: Path) -> bool:
     return "uri" in (h.strip() for h in header)
 
 
-def _read_manifest(path: Path) -> Iterator[Entry]:
+def _read_manifest(path: Path | ObjectPath) -> Iterator[Entry]:
     if path.suffix.lower() == ".csv":
         rows = _csv_rows(path)
     else:
@@ -141,14 +182,22 @@ def _read_manifest(path: Path) -> Iterator[Entry]:
 
 
 @contextmanager
-def _open_text(path: Path, newline: str | None = None) -> Iterator[io.TextIOWrapper]:
+def _open_text(path: Path | ObjectPath, newline: str | None = None) -> Iterator[io.TextIOWrapper]:
     """A manifest opened through the guarded opener: a regular file only (a FIFO never blocks the sensor or a
-    run), no final symlink followed."""
+    run), no final symlink followed. A manifest object is read whole, up to a cap; a manifest that cannot be read
+    fails the listing (its items are not known to have left the drop)."""
+    if isinstance(path, ObjectPath):
+        try:
+            data = path.read_bytes(MAX_MANIFEST_OBJECT_BYTES)
+        except ObjectError as exc:
+            raise FetchError(exc.kind, f"could not read manifest {path}: {exc}") from None
+        yield io.TextIOWrapper(io.BytesIO(data), encoding="utf-8", errors="replace", newline=newline)
+        return
     with open_regular(path) as (raw, _):
         yield io.TextIOWrapper(raw, encoding="utf-8", errors="replace", newline=newline)
 
 
-def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | str]]:
+def _jsonl_rows(path: Path | ObjectPath) -> Iterator[tuple[int, dict[str, Any] | str]]:
     with _open_text(path) as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -161,13 +210,13 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | str]]:
             yield n, row if isinstance(row, dict) else f"line {n} is not a JSON object"
 
 
-def _csv_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | str]]:
+def _csv_rows(path: Path | ObjectPath) -> Iterator[tuple[int, dict[str, Any] | str]]:
     with _open_text(path, newline="") as f:
         for n, row in enumerate(csv.DictReader(f), 2):
             yield n, {k: v for k, v in row.items() if k is not None and v not in (None, "")}
 
 
-def _entry_from_row(row: dict[str, Any], base: Path, origin: str) -> Entry:
+def _entry_from_row(row: dict[str, Any], base: Path | ObjectPath, origin: str) -> Entry:
     raw_id = row.get("id")
     item_id = str(raw_id).strip() if raw_id not in (None, "") else None
     uri = row.get("uri")
@@ -175,6 +224,7 @@ def _entry_from_row(row: dict[str, Any], base: Path, origin: str) -> Entry:
         return Entry(uri="", id=item_id, origin=origin, error="missing 'uri'", error_kind=ErrorKind.BAD_ROW)
     uri = uri.strip()
     if not looks_like_url(uri) and not Path(uri).is_absolute():
+        # Relative to the manifest: a file beside it on disk, an object beside it in its bucket.
         uri = str(base / uri)
     metadata = row.get("metadata", {})
     if isinstance(metadata, str):

@@ -40,6 +40,7 @@ class ErrorKind(StrEnum):
     NOT_A_FILE = "not_a_file"  # a directory, FIFO, device or socket
     TOO_LARGE = "too_large"  # bigger than max_image_bytes (also for downloads)
     UNREADABLE = "unreadable"  # † permission denied or another I/O error
+    ACCESS_DENIED = "access_denied"  # † an s3:// object the credentials may not read
     # URLs
     BAD_URL = "bad_url"  # no host, or a scheme other than http/https (ftp://, file:// ...)
     REFUSED_ADDRESS = "refused_address"  # the host resolves only to non-public addresses that are not allow-listed

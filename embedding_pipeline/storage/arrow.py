@@ -7,6 +7,14 @@ own shape and dtype; every row carries its lineage (drop, sha256, uri).
 
 A drop's folder is written under a temporary name and renamed into place, so a half-written drop is never read
 as done.
+
+The same functions take an :class:`ObjectPath` (stage outputs in an S3-compatible bucket). A bucket has no rename,
+so a drop's "folder" there is committed with a small object: each write attempt puts its files under
+``<folder>/<attempt>/`` and then one PUT of ``<folder>/_COMMIT.json`` names the attempt and its files. Readers
+trust the commit object only: the files of an interrupted attempt are never listed by it, so never read. S3 shows
+a PUT whole or not at all, and reads after a write see it, so a reader sees the old commit or the new one. After a
+commit, attempts other than the new one and the one it replaced are deleted (a reader that read the previous
+commit just before can still finish).
 """
 
 from __future__ import annotations
@@ -14,12 +22,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
+
+from embedding_pipeline.runtime.objects import ObjectPath
+
+Location = Path | ObjectPath
+COMMIT = "_COMMIT.json"
 
 LINEAGE = [("id", pa.string()), ("drop", pa.string()), ("sha256", pa.string()), ("uri", pa.string())]
 
@@ -129,25 +143,125 @@ class DropWriter:
             self.abort()
 
 
-def batch_files(folder: Path) -> list[Path]:
+def _ipc_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def _read_commit(folder: ObjectPath) -> dict[str, Any] | None:
+    marker = folder / COMMIT
+    if not marker.is_file():
+        return None
+    return json.loads(marker.read_bytes())
+
+
+class ObjectDropWriter:
+    """:class:`DropWriter` for a folder in a bucket: files under ``<folder>/<attempt>/``, then the commit object
+    (see the module's docstring)."""
+
+    def __init__(self, folder: ObjectPath):
+        self.folder = folder
+        # Time-ordered, so a listing shows attempts oldest first; the random part keeps two writers apart.
+        self.attempt = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
+        self.staging = folder / self.attempt
+        self.files: list[ObjectPath] = []
+        self.side: list[str] = []
+        self.bytes = 0
+
+    def write(self, table: pa.Table) -> ObjectPath:
+        data = _ipc_bytes(table)
+        path = self.staging / f"batch-{len(self.files):05d}.arrow"
+        path.write_bytes(data)
+        self.files.append(path)
+        self.bytes += len(data)
+        return path
+
+    def add_json(self, name: str, value: Any) -> None:
+        (self.staging / name).write_bytes(json.dumps(value).encode())
+        self.side.append(name)
+
+    def commit(self) -> list[ObjectPath]:
+        previous = _read_commit(self.folder)
+        record = {
+            "attempt": self.attempt,
+            "files": [p.name for p in self.files],
+            "side": self.side,
+            "bytes": self.bytes,
+            "previous": previous["attempt"] if previous else None,
+        }
+        (self.folder / COMMIT).write_bytes(json.dumps(record).encode())
+        keep = {self.attempt, record["previous"]}
+        store = self.folder.store
+        _, attempts = store.list_level(self.folder.bucket, self.folder.prefix)
+        for prefix in attempts:
+            if prefix[len(self.folder.prefix) :].rstrip("/") not in keep:
+                store.delete_prefix(self.folder.bucket, prefix)
+        return self.files
+
+    def abort(self) -> None:
+        try:
+            self.folder.store.delete_prefix(self.folder.bucket, self.staging.prefix)
+        except Exception:  # noqa: BLE001 - best effort: an uncommitted attempt is never read and goes at the next commit
+            pass
+
+    def __enter__(self) -> "ObjectDropWriter":
+        return self
+
+    def __exit__(self, exc_type, *rest: object) -> None:
+        if exc_type is not None:
+            self.abort()
+
+
+def open_writer(folder: Location, durable: bool = True) -> DropWriter | ObjectDropWriter:
+    """The writer of a drop's batch folder, on disk or in a bucket."""
+    if isinstance(folder, ObjectPath):
+        return ObjectDropWriter(folder)
+    return DropWriter(folder, durable)
+
+
+def batch_files(folder: Location) -> list[Any]:
+    if isinstance(folder, ObjectPath):
+        commit = _read_commit(folder)
+        return [folder / commit["attempt"] / name for name in commit["files"]] if commit else []
     return sorted(folder.glob("batch-*.arrow")) if folder.is_dir() else []
 
 
-def read_batches(folder: Path, columns: Sequence[str] | None = None) -> Iterator[pa.Table]:
-    """One table per batch file, memory-mapped: a drop is never held whole. ``columns`` reads only those."""
+def read_batches(folder: Location, columns: Sequence[str] | None = None) -> Iterator[pa.Table]:
+    """One table per batch file, memory-mapped: a drop is never held whole. ``columns`` reads only those.
+    In a bucket, one object at a time is fetched."""
     for path in batch_files(folder):
-        with pa.memory_map(str(path)) as source:
-            table = pa.ipc.open_file(source).read_all()
+        if isinstance(path, ObjectPath):
+            table = pa.ipc.open_file(pa.py_buffer(path.read_bytes())).read_all()
+        else:
+            with pa.memory_map(str(path)) as source:
+                table = pa.ipc.open_file(source).read_all()
         yield table.select(list(columns)) if columns else table
 
 
-def read_json(folder: Path, name: str, default: Any = None) -> Any:
+def read_json(folder: Location, name: str, default: Any = None) -> Any:
+    if isinstance(folder, ObjectPath):
+        commit = _read_commit(folder)
+        if not commit or name not in commit.get("side", []):
+            return default
+        return json.loads((folder / commit["attempt"] / name).read_bytes())
     path = folder / name
     return json.loads(path.read_text()) if path.is_file() else default
 
 
-def write_table(path: Path, table: pa.Table) -> None:
+def folder_exists(folder: Location) -> bool:
+    """Whether a batch folder holds committed outputs."""
+    if isinstance(folder, ObjectPath):
+        return (folder / COMMIT).is_file()
+    return folder.is_dir()
+
+
+def write_table(path: Location, table: pa.Table) -> None:
     """A single-file table (the drop's manifest), written atomically."""
+    if isinstance(path, ObjectPath):
+        path.write_bytes(_ipc_bytes(table))  # one PUT: whole or not at all
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{uuid.uuid4().hex[:8]}.tmp")
     with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
@@ -157,10 +271,16 @@ def write_table(path: Path, table: pa.Table) -> None:
     _fsync(path.parent)
 
 
-def write_parquet(path: Path, table: pa.Table) -> None:
+def write_parquet(path: Location, table: pa.Table) -> None:
     """A table meant to be read by other tools (near-duplicate groups) as Parquet, written atomically and durably
     like the IPC files: a temporary name in the same folder, fsynced, then renamed over ``path``."""
     import pyarrow.parquet as pq
+
+    if isinstance(path, ObjectPath):
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        path.write_bytes(sink.getvalue().to_pybytes())
+        return
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{uuid.uuid4().hex[:8]}.tmp")
@@ -174,14 +294,20 @@ def write_parquet(path: Path, table: pa.Table) -> None:
     _fsync(path.parent)
 
 
-def read_parquet(path: Path) -> pa.Table:
+def read_parquet(path: Location) -> pa.Table:
     import pyarrow.parquet as pq
+
+    if isinstance(path, ObjectPath):
+        return pq.read_table(pa.BufferReader(path.read_bytes()))
 
     return pq.read_table(str(path))
 
 
-def write_json(path: Path, value: Any) -> None:
+def write_json(path: Location, value: Any) -> None:
     """A small JSON file (a stage's report), written atomically and durably like the tables."""
+    if isinstance(path, ObjectPath):
+        path.write_bytes(json.dumps(value).encode())
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{uuid.uuid4().hex[:8]}.tmp")
     tmp.write_text(json.dumps(value))
@@ -190,6 +316,15 @@ def write_json(path: Path, value: Any) -> None:
     _fsync(path.parent)
 
 
-def read_table(path: Path) -> pa.Table:
+def read_json_file(path: Location) -> Any:
+    """A JSON file written by :func:`write_json`, or None when there is none."""
+    if isinstance(path, ObjectPath):
+        return json.loads(path.read_bytes()) if path.is_file() else None
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def read_table(path: Location) -> pa.Table:
+    if isinstance(path, ObjectPath):
+        return pa.ipc.open_file(pa.py_buffer(path.read_bytes())).read_all()
     with pa.memory_map(str(path)) as source:
         return pa.ipc.open_file(source).read_all()
