@@ -153,7 +153,7 @@ def test_a_stage_waits_for_the_drops_lock_held_by_a_deletion(settings):
     from embedding_pipeline.runtime.locks import drop_lock
 
     done = threading.Event()
-    with drop_lock(settings.paths.data, "d1"):  # what retention holds while it deletes the drop
+    with drop_lock(settings.paths.locks, "d1"):  # what retention holds while it deletes the drop
         worker = threading.Thread(target=lambda: (ingest.build_manifest(settings, "d1"), done.set()))
         worker.start()
         time.sleep(0.5)
