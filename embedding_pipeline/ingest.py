@@ -63,6 +63,7 @@ def _failure_summary(failures: list[dict[str, str]]) -> dict[str, Any]:
 
 
 _S = TypeVar("_S")
+_V = TypeVar("_V")
 
 
 def _under_drop_lock(stage: Callable[..., _S]) -> Callable[..., _S]:
@@ -264,79 +265,188 @@ class PreprocessSummary(StageSummary):
     tensor: str
     seconds: float
     images_per_s: float
+    shards: int
     failures_by_kind: dict[str, int]
     failure_examples: list[dict[str, str]]
 
 
-@_under_drop_lock
-def preprocess_drop(
-    settings: Settings, drop_name: str, model_input: tuple[str, Sequence[int]], model: str = ""
-) -> PreprocessSummary:
-    """Decode the drop's good items into exactly the model's input, one Arrow file per batch.
+def shard_count(items: int, shard_items: int) -> int:
+    """How many shards a stage of ``items`` items is split into: one per ``shard_items`` (at least one)."""
+    return max(1, -(-items // max(1, shard_items)))
 
-    ``model_input`` is the model's (datatype, shape) from Triton. Items whose id and sha256 already have an
-    embedding from ``model`` in the drop's current embeddings are not recomputed: they are listed in
-    ``reused.json`` and carried over by :func:`embed_drop`.
-    """
-    started = time.perf_counter()
+
+def _split(values: Sequence[_V], shards: int) -> list[list[_V]]:
+    """``values`` in ``shards`` contiguous parts of near-equal size (order kept)."""
+    size, extra = divmod(len(values), shards)
+    parts, start = [], 0
+    for k in range(shards):
+        end = start + size + (1 if k < extra else 0)
+        parts.append(list(values[start:end]))
+        start = end
+    return parts
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """A planned stage run: its write attempt and how many shards it has. The plan's details are stored with the
+    attempt (see storage/arrow.write_plan), so shards in other processes read the same plan."""
+
+    attempt: str
+    shards: int
+
+
+@_under_drop_lock
+def plan_preprocess(settings: Settings, drop_name: str, model: str = "", shard_items: int | None = None) -> StagePlan:
+    """Decide what the preprocess stage decodes: the drop's good items that have no sound embedding of ``model``
+    with the same sha256 yet, split into shards of ``shard_items`` (``dagster.shard_items`` by default)."""
     files = drop_files(settings, drop_name)
-    prep = for_model(settings, model_input[0], model_input[1])
-    spec = prep.spec
+    arrow.discard_attempts(files.preprocessed)
     previous = _embedded_before(files.embeddings, model, settings.quality) if model else {}
-    items: list[Item] = []
-    reused: list[Item] = []
+    todo: list[dict[str, Any]] = []
+    reused: list[str] = []
     manifest_failures: list[tuple[str, str, str]] = []
     for item in read_manifest(settings, drop_name):
         if item.status == FAILED:
             manifest_failures.append((item.id, item.uri, item.error_kind))
         if item.status != OK:
             continue
-        (reused if previous.get(item.id, ("", ""))[0] == item.sha256 else items).append(item)
-    schema = arrow.tensor_schema(spec.shape, spec.dtype, {"drop": drop_name, "layout": spec.layout})
-    failures: list[dict[str, str]] = []
-    written = 0
-    embedded: set[str] = {i.id for i in reused}
-    chunks = [items[i : i + prep.batch_size] for i in range(0, len(items), prep.batch_size)]
-    roots = _drop_roots(settings, drop_name)
-    max_bytes = settings.sources.max_image_bytes
-    stage = progress.Stage("preprocess", len(items))
-    with arrow.open_writer(files.preprocessed) as writer:
-        batches = prep.stream([_reader(item, roots, files.blobs, max_bytes) for item in chunk] for chunk in chunks)
-        for chunk, prepared in zip(chunks, batches):
-            stage.advance(len(chunk))
-            for item, err in zip(chunk, prepared.errors):
-                if err is not None:
-                    failures.append(_failure(item.id, err.kind, err.message, item.uri))
-            good = [chunk[i] for i in prepared.ok_positions]
-            if good:
-                rows = {
-                    "id": [i.id for i in good],
-                    "drop": [drop_name] * len(good),
-                    "sha256": [i.sha256 for i in good],
-                    "uri": [i.uri for i in good],
-                }
-                writer.write(arrow.tensor_table(rows, prepared.tensors, schema))
-                written += len(good)
-                embedded.update(i.id for i in good)
-        later = [(f["id"], f["uri"], f["error_kind"]) for f in failures]
-        kept = _kept_previous(manifest_failures + later, previous, embedded)
+        if previous.get(item.id, ("", ""))[0] == item.sha256:
+            reused.append(item.id)
+        else:
+            todo.append(item.as_row())
+    shards = shard_count(len(todo), shard_items or settings.dagster.shard_items)
+    attempt = arrow.new_attempt(files.preprocessed)
+    plan = {
+        "model": model,
+        "started": time.time(),
+        "shards": _split(todo, shards),
+        "reused": reused,
+        "manifest_failures": manifest_failures,
+        "previous": previous,
+    }
+    arrow.write_plan(files.preprocessed, attempt, plan)
+    return StagePlan(attempt, shards)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ShardSummary(StageSummary):
+    """What one shard of a stage did (the commit adds the shards up)."""
+
+    shard: int
+    rows: int
+    batches: int
+    bytes: int
+    seconds: float
+    failures: list[dict[str, str]] = field(default_factory=list)
+    tensor: str = ""  # preprocess: the tensor written
+    model: str = ""  # embed: the model label, its vectors' size and the time spent waiting for them
+    dimension: int = 0
+    inference_seconds: float = 0.0
+
+
+def preprocess_shard(
+    settings: Settings, drop_name: str, attempt: str, shard: int, model_input: tuple[str, Sequence[int]]
+) -> ShardSummary:
+    """Decode shard ``shard`` of the planned attempt into tensor batches (files of this shard only)."""
+    started = time.perf_counter()
+    with drop_lock(settings.paths.locks, drop_name, shared=True):
+        files = drop_files(settings, drop_name)
+        plan = arrow.read_plan(files.preprocessed, attempt)
+        items = [Item(**row) for row in plan["shards"][shard]]
+        prep = for_model(settings, model_input[0], model_input[1])
+        spec = prep.spec
+        schema = arrow.tensor_schema(spec.shape, spec.dtype, {"drop": drop_name, "layout": spec.layout})
+        failures: list[dict[str, str]] = []
+        written = 0
+        chunks = [items[i : i + prep.batch_size] for i in range(0, len(items), prep.batch_size)]
+        roots = _drop_roots(settings, drop_name)
+        max_bytes = settings.sources.max_image_bytes
+        stage = progress.Stage("preprocess", len(items))
+        with arrow.open_writer(files.preprocessed, attempt=attempt, shard=shard) as writer:
+            sources = ([_reader(item, roots, files.blobs, max_bytes) for item in chunk] for chunk in chunks)
+            for chunk, prepared in zip(chunks, prep.stream(sources)):
+                stage.advance(len(chunk))
+                for item, err in zip(chunk, prepared.errors):
+                    if err is not None:
+                        failures.append(_failure(item.id, err.kind, err.message, item.uri))
+                good = [chunk[i] for i in prepared.ok_positions]
+                if good:
+                    rows = {
+                        "id": [i.id for i in good],
+                        "drop": [drop_name] * len(good),
+                        "sha256": [i.sha256 for i in good],
+                        "uri": [i.uri for i in good],
+                    }
+                    writer.write(arrow.tensor_table(rows, prepared.tensors, schema))
+                    written += len(good)
+    return ShardSummary(
+        shard=shard,
+        rows=written,
+        batches=len(writer.files),
+        bytes=writer.bytes,
+        seconds=round(time.perf_counter() - started, 3),
+        failures=failures,
+        tensor=spec.describe(),
+    )
+
+
+@_under_drop_lock
+def commit_preprocess(
+    settings: Settings, drop_name: str, attempt: str, shards: Sequence[ShardSummary]
+) -> PreprocessSummary:
+    """Put the shards' batches in place as the drop's tensor batches, with the side files the embed stage reads
+    (``failures.json``, ``reused.json``, ``kept.json``): one atomic commit for the whole stage."""
+    files = drop_files(settings, drop_name)
+    plan = arrow.read_plan(files.preprocessed, attempt)
+    if sorted(s.shard for s in shards) != list(range(len(plan["shards"]))):
+        raise RuntimeError(f"preprocess attempt {attempt} of drop {drop_name!r}: not every shard finished")
+    failures = [f for s in sorted(shards, key=lambda s: s.shard) for f in s.failures]
+    failed_ids = {f["id"] for f in failures}
+    previous = {k: tuple(v) for k, v in plan["previous"].items()}
+    embedded = set(plan["reused"]) | {
+        row["id"] for part in plan["shards"] for row in part if row["id"] not in failed_ids
+    }
+    later = [(f["id"], f["uri"], f["error_kind"]) for f in failures]
+    kept = _kept_previous([tuple(f) for f in plan["manifest_failures"]] + later, previous, embedded)
+    with arrow.open_writer(files.preprocessed, attempt=attempt) as writer:
         writer.add_json("failures.json", failures)
-        writer.add_json("reused.json", [i.id for i in reused])
+        writer.add_json("reused.json", plan["reused"])
         writer.add_json("kept.json", kept)
         writer.commit()
-    elapsed = time.perf_counter() - started
+    elapsed = max(time.time() - plan["started"], 1e-9)
+    written = sum(s.rows for s in shards)
     return PreprocessSummary(
         images=written,
-        reused=len(reused),
+        reused=len(plan["reused"]),
         kept_previous=sum(len(ids) for ids in kept.values()),
         failed=len(failures),
         batches=len(writer.files),
         bytes=writer.bytes,
-        tensor=spec.describe(),
+        tensor=shards[0].tensor if shards else "",
         seconds=round(elapsed, 3),
-        images_per_s=round(written / elapsed, 1) if elapsed else 0.0,
+        images_per_s=round(written / elapsed, 1),
+        shards=len(shards),
         **_failure_summary(failures),
     )
+
+
+def preprocess_drop(
+    settings: Settings,
+    drop_name: str,
+    model_input: tuple[str, Sequence[int]],
+    model: str = "",
+    shard_items: int | None = None,
+) -> PreprocessSummary:
+    """Decode the drop's good items into exactly the model's input, one Arrow file per batch: the plan, every shard
+    in turn, and the commit, in this process (the Dagster asset runs the shards as parallel steps instead).
+
+    ``model_input`` is the model's (datatype, shape) from Triton. Items whose id and sha256 already have an
+    embedding from ``model`` in the drop's current embeddings are not recomputed: they are listed in
+    ``reused.json`` and carried over by :func:`embed_drop`.
+    """
+    plan = plan_preprocess(settings, drop_name, model, shard_items)
+    done = [preprocess_shard(settings, drop_name, plan.attempt, k, model_input) for k in range(plan.shards)]
+    return commit_preprocess(settings, drop_name, plan.attempt, done)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -353,57 +463,107 @@ class EmbedSummary(StageSummary):
     seconds: float
     inference_seconds: float
     images_per_s: float
+    shards: int = 1
 
 
 @_under_drop_lock
-def embed_drop(settings: Settings, drop_name: str, embedder: Embedder) -> EmbedSummary:
-    """Send every tensor batch through the model and store the vectors with their lineage and model version.
-
-    Vectors of items the preprocess stage marked as reused are copied from the drop's previous embeddings
-    (same id, sha256 and model), with the item's current metadata; rows kept for items that failed transiently are
-    copied as they were.
-    """
-    started = time.perf_counter()
+def plan_embed(settings: Settings, drop_name: str, shard_items: int | None = None) -> StagePlan:
+    """Split the drop's tensor batches into shards of about ``shard_items`` images (whole batch files each)."""
     files = drop_files(settings, drop_name)
+    arrow.discard_attempts(files.embeddings)
+    counts = [t.num_rows for t in arrow.read_batches(files.preprocessed, columns=["id"])]
+    shards = min(max(1, len(counts)), shard_count(sum(counts), shard_items or settings.dagster.shard_items))
+    attempt = arrow.new_attempt(files.embeddings)
+    plan = {"started": time.time(), "shards": _split(list(range(len(counts))), shards), "rows": counts}
+    arrow.write_plan(files.embeddings, attempt, plan)
+    return StagePlan(attempt, shards)
+
+
+def embed_shard(settings: Settings, drop_name: str, attempt: str, shard: int, embedder: Embedder) -> ShardSummary:
+    """Send the tensor batches of shard ``shard`` through the model; store the vectors with lineage and model."""
+    started = time.perf_counter()
+    with drop_lock(settings.paths.locks, drop_name, shared=True):
+        files = drop_files(settings, drop_name)
+        plan = arrow.read_plan(files.embeddings, attempt)
+        mine = plan["shards"][shard]
+        sources = arrow.batch_files(files.preprocessed)
+        if len(sources) != len(plan["rows"]):
+            raise RuntimeError(f"drop {drop_name!r}: its tensor batches changed since the embed stage was planned")
+        metadata = {
+            i.id: json.dumps(i.metadata, sort_keys=True, default=str) for i in read_manifest(settings, drop_name)
+        }
+        model = embedder.model_version_label()
+        count, dim, infer_s = 0, 0, 0.0
+        tables: deque = deque()
+
+        def tensor_batches():
+            # Pulled by the embedder's stream, so the next file is read while earlier batches are being inferred.
+            for index in mine:
+                table = arrow.read_batch(sources[index])
+                tables.append(table)
+                yield arrow.tensors_of(table)
+
+        stage = progress.Stage("embed", sum(plan["rows"][i] for i in mine))
+        stream = getattr(embedder, "embed_stream", None)  # an embedder without one is called batch by batch
+        results = stream(tensor_batches()) if stream else map(embedder.embed, tensor_batches())
+        with arrow.open_writer(files.embeddings, attempt=attempt, shard=shard) as writer:
+            try:
+                while True:
+                    t0 = time.perf_counter()
+                    vectors = next(results, None)
+                    infer_s += time.perf_counter() - t0
+                    if vectors is None:
+                        break
+                    table = tables.popleft()  # results come in order, one per table
+                    if settings.quality.unit_norm:
+                        vectors = unit_normalised(vectors)
+                    dim = int(vectors.shape[1])
+                    rows = table.select(["id", "drop", "sha256", "uri"]).to_pydict()
+                    rows["model"] = [model] * table.num_rows
+                    rows["metadata"] = [metadata.get(i, "{}") for i in rows["id"]]
+                    writer.write(arrow.embedding_table(rows, vectors, arrow.embedding_schema(dim, {"model": model})))
+                    count += table.num_rows
+                    stage.advance(table.num_rows)
+            finally:
+                getattr(results, "close", lambda: None)()  # cancels batches still queued if writing failed
+    return ShardSummary(
+        shard=shard,
+        rows=count,
+        batches=len(writer.files),
+        bytes=writer.bytes,
+        seconds=round(time.perf_counter() - started, 3),
+        model=model,
+        dimension=dim,
+        inference_seconds=round(infer_s, 3),
+    )
+
+
+@_under_drop_lock
+def commit_embed(
+    settings: Settings, drop_name: str, attempt: str, shards: Sequence[ShardSummary], model: str
+) -> EmbedSummary:
+    """Put the shards' vectors in place as the drop's embeddings, with the rows carried over from its previous
+    embeddings: vectors of items the preprocess stage marked as reused (same id, sha256 and model; with the item's
+    current metadata) and rows kept for items that failed transiently (as they were). One atomic commit."""
+    files = drop_files(settings, drop_name)
+    plan = arrow.read_plan(files.embeddings, attempt)
+    if sorted(s.shard for s in shards) != list(range(len(plan["shards"]))):
+        raise RuntimeError(f"embed attempt {attempt} of drop {drop_name!r}: not every shard finished")
+    models = {s.model for s in shards if s.rows}
+    if models - {model}:
+        raise RuntimeError(f"the model changed while drop {drop_name!r} was embedded ({sorted(models)}); re-run it")
+    dims = {s.dimension for s in shards if s.rows}
+    if len(dims) > 1:
+        raise RuntimeError(f"shards of drop {drop_name!r} returned vectors of different sizes {sorted(dims)}; re-run")
+    dim = dims.pop() if dims else None
     metadata = {i.id: json.dumps(i.metadata, sort_keys=True, default=str) for i in read_manifest(settings, drop_name)}
-    model = embedder.model_version_label()
     reused = set(arrow.read_json(files.preprocessed, "reused.json", []))
     kept = {i for ids in arrow.read_json(files.preprocessed, "kept.json", {}).values() for i in ids}
     carry = reused | kept
-    count, carried, dim, infer_s = 0, 0, None, 0.0
-    tables: deque = deque()
-
-    def tensor_batches():
-        # Pulled by the embedder's stream, so the next file is read while earlier batches are being inferred.
-        for table in arrow.read_batches(files.preprocessed):
-            tables.append(table)
-            yield arrow.tensors_of(table)
-
-    stage = progress.Stage("embed", sum(t.num_rows for t in arrow.read_batches(files.preprocessed, columns=["id"])))
-    stream = getattr(embedder, "embed_stream", None)  # an embedder without one is called batch by batch
-    results = stream(tensor_batches()) if stream else map(embedder.embed, tensor_batches())
-    with arrow.open_writer(files.embeddings) as writer:
-        try:
-            while True:
-                t0 = time.perf_counter()
-                vectors = next(results, None)
-                infer_s += time.perf_counter() - t0
-                if vectors is None:
-                    break
-                table = tables.popleft()  # results come in order, one per table
-                if settings.quality.unit_norm:
-                    vectors = unit_normalised(vectors)
-                dim = int(vectors.shape[1])
-                rows = table.select(["id", "drop", "sha256", "uri"]).to_pydict()
-                rows["model"] = [model] * table.num_rows
-                rows["metadata"] = [metadata.get(i, "{}") for i in rows["id"]]
-                writer.write(arrow.embedding_table(rows, vectors, arrow.embedding_schema(dim, {"model": model})))
-                count += table.num_rows
-                stage.advance(table.num_rows)
-        finally:
-            getattr(results, "close", lambda: None)()  # cancels batches still queued if writing failed
+    carried = 0
+    with arrow.open_writer(files.embeddings, attempt=attempt) as writer:
         if carry:
-            # The old folder is still in place: the writer swaps it out only at commit.
+            # The old embeddings are still in place: the writer swaps them out only at commit.
             for table in arrow.read_batches(files.embeddings):
                 keep = [k for k, i in enumerate(table.column("id").to_pylist()) if i in carry]
                 if not keep:
@@ -427,7 +587,9 @@ def embed_drop(settings: Settings, drop_name: str, embedder: Embedder) -> EmbedS
                     "during this run); re-run the drop"
                 )
         writer.commit()
-    elapsed = time.perf_counter() - started
+    elapsed = max(time.time() - plan["started"], 1e-9)
+    count = sum(s.rows for s in shards)
+    infer_s = sum(s.inference_seconds for s in shards)
     return EmbedSummary(
         embeddings=count + carried,
         computed=count,
@@ -439,7 +601,21 @@ def embed_drop(settings: Settings, drop_name: str, embedder: Embedder) -> EmbedS
         seconds=round(elapsed, 3),
         inference_seconds=round(infer_s, 3),
         images_per_s=round(count / infer_s, 1) if infer_s else 0.0,
+        shards=len(shards),
     )
+
+
+def embed_drop(settings: Settings, drop_name: str, embedder: Embedder, shard_items: int | None = None) -> EmbedSummary:
+    """Send every tensor batch through the model and store the vectors with their lineage and model version: the
+    plan, every shard in turn, and the commit, in this process (the Dagster asset runs shards as parallel steps).
+
+    Vectors of items the preprocess stage marked as reused are copied from the drop's previous embeddings
+    (same id, sha256 and model), with the item's current metadata; rows kept for items that failed transiently are
+    copied as they were.
+    """
+    plan = plan_embed(settings, drop_name, shard_items)
+    done = [embed_shard(settings, drop_name, plan.attempt, k, embedder) for k in range(plan.shards)]
+    return commit_embed(settings, drop_name, plan.attempt, done, embedder.model_version_label())
 
 
 def embeddings_version(settings: Settings, drop_name: str, model: str) -> str:

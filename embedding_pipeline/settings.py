@@ -313,6 +313,15 @@ class DagsterSettings(_Section):
     step_retry_delay_s: float = Field(
         2.0, ge=0, description="Delay before a step's first retry; doubles per retry, with jitter."
     )
+    shard_items: int = Field(
+        20000,
+        ge=1,
+        description="A drop with more items than this is split into shards of about this size; the preprocess and "
+        "embed stages run one step per shard (in parallel in the ingest_drop_sharded job).",
+    )
+    shard_parallelism: int = Field(
+        2, ge=1, le=64, description="Steps the ingest_drop_sharded job runs at once (one process each)."
+    )
     rescan_cron: str = Field(
         "0 3 * * *", description="When the rescan_drops schedule (off until started) re-ingests changed drops."
     )

@@ -1,18 +1,29 @@
 """The ingest chain for one drop: manifest → tensor batches → embeddings → Milvus rows."""
 
 from contextlib import contextmanager
+from dataclasses import asdict
 from typing import Any, Iterator, Mapping
 
 from dagster import (
     AssetExecutionContext,
+    AssetIn,
     AssetKey,
     Backoff,
     DataVersion,
+    DynamicOut,
+    DynamicOutput,
+    In,
     Jitter,
     MaterializeResult,
     MetadataValue,
+    Nothing,
+    OpExecutionContext,
+    Out,
+    Output,
     RetryPolicy,
     asset,
+    graph_asset,
+    op,
 )
 
 from embedding_pipeline import ingest
@@ -52,7 +63,7 @@ PROGRESS_LOG_EVERY_S = 5.0
 
 
 @contextmanager
-def _logged_progress(context: AssetExecutionContext) -> Iterator[None]:
+def _logged_progress(context: AssetExecutionContext | OpExecutionContext) -> Iterator[None]:
     """Log the running stage's progress (:mod:`embedding_pipeline.runtime.progress`) every few seconds."""
     with progress.listening(progress.Throttled(lambda update: context.log.info(update.line()), PROGRESS_LOG_EVERY_S)):
         yield
@@ -95,60 +106,165 @@ def raw_image_manifest(context: AssetExecutionContext) -> MaterializeResult:
     return MaterializeResult(metadata={**_metadata(shown), **extra})
 
 
-@asset(
-    partitions_def=drops_partitions,
-    group_name=GROUP,
-    deps=[raw_image_manifest],
-    owners=OWNERS,
-    kinds={"jax", "arrow"},
-    tags={"stage": "preprocess"},
-    code_version="1",
-    retry_policy=RETRY,
-)
-def preprocessed_batches(context: AssetExecutionContext, triton: TritonResource) -> MaterializeResult:
-    """The drop's images decoded with Pillow and resized / centre-cropped by a JAX `jit`+`vmap` kernel into
-    exactly the model's input (read from Triton's model metadata), stored as Arrow IPC files, one per batch.
+# Big drops: the preprocess and embed stages are each a plan step, one step per shard of at most
+# `dagster.shard_items` items (parallel in the ingest_drop_sharded job, in turn in ingest_drop), and a commit step
+# that puts every shard's files in place at once. The index stage stays one step per drop.
 
-    Images that fail to decode (truncated, too many pixels, corrupt) are recorded per item; images already
-    embedded by the same model with the same sha256 are not recomputed."""
+
+def _shard_key(shard: int) -> str:
+    return f"shard_{shard:04d}"
+
+
+def _attempt_of(shards: list[dict]) -> str:
+    """The one write attempt every shard of a stage worked on (the plan always makes at least one shard)."""
+    attempts = {s["attempt"] for s in shards}
+    if len(attempts) != 1:
+        raise RuntimeError(f"the shards worked on {len(attempts)} write attempts, not one: {sorted(attempts)}")
+    return attempts.pop()
+
+
+def _shard(done: dict) -> ingest.ShardSummary:
+    return ingest.ShardSummary(**{k: v for k, v in done.items() if k != "attempt"})
+
+
+@op(
+    ins={"after": In(Nothing)},
+    out=DynamicOut(dict),
+    tags={"stage": "preprocess"},
+    retry_policy=RETRY,
+    description="Reads the drop's manifest and the model's input from Triton, decides which items to decode and "
+    "splits them into shards.",
+)
+def plan_preprocessing(context: OpExecutionContext, triton: TritonResource) -> Iterator[DynamicOutput[dict]]:
     settings = step_settings(triton)
     with triton.embedder(settings) as embedder:
         model_input = embedder.input_spec()
         model = embedder.model_version_label()
+    plan = ingest.plan_preprocess(settings, context.partition_key, model)
+    context.log.info(f"preprocess attempt {plan.attempt}: {plan.shards} shard(s)")
+    task = {"attempt": plan.attempt, "datatype": model_input.datatype, "shape": list(model_input.shape)}
+    for shard in range(plan.shards):
+        yield DynamicOutput({**task, "shard": shard}, mapping_key=_shard_key(shard))
+
+
+@op(
+    out=Out(dict),
+    tags={"stage": "preprocess"},
+    retry_policy=RETRY,
+    description="Decodes one shard's images into exactly the model's input (Pillow + a JAX jit+vmap kernel).",
+)
+def preprocess_shard(context: OpExecutionContext, triton: TritonResource, task: dict) -> dict:
+    settings = step_settings(triton)
     with _logged_progress(context):
-        summary = ingest.preprocess_drop(
-            settings, context.partition_key, (model_input.datatype, tuple(model_input.shape)), model
+        done = ingest.preprocess_shard(
+            settings, context.partition_key, task["attempt"], task["shard"], (task["datatype"], task["shape"])
         )
+    return {**asdict(done), "attempt": task["attempt"]}
+
+
+@op(
+    out=Out(Nothing),
+    tags={"stage": "preprocess"},
+    retry_policy=RETRY,
+    description="Puts every shard's tensor batches in place as the drop's, in one atomic commit.",
+)
+def commit_preprocessing(context: OpExecutionContext, triton: TritonResource, shards: list[dict]):
+    settings = step_settings(triton)
+    summary = ingest.commit_preprocess(
+        settings, context.partition_key, _attempt_of(shards), [_shard(s) for s in shards]
+    )
     if summary.failed:
         context.log.warning(f"{summary.failed} image(s) could not be decoded: {summary.failure_examples}")
     files = layout.drop_files(settings, context.partition_key)
     extra = {ui.ROW_COUNT_KEY: summary.images, **ui.output_schema_metadata(files.preprocessed)}
-    return MaterializeResult(metadata={**_metadata(summary.as_dict()), **extra})
+    yield Output(None, metadata={**_metadata(summary.as_dict()), **extra})
 
 
-@asset(
+@graph_asset(
+    partitions_def=drops_partitions,
+    group_name=GROUP,
+    ins={"raw_image_manifest": AssetIn(key=AssetKey("raw_image_manifest"), dagster_type=Nothing)},
+    owners=OWNERS,
+    kinds={"jax", "arrow"},
+    tags={"stage": "preprocess"},
+    code_version="1",
+)
+def preprocessed_batches(raw_image_manifest):
+    """The drop's images decoded with Pillow and resized / centre-cropped by a JAX `jit`+`vmap` kernel into
+    exactly the model's input (read from Triton's model metadata), stored as Arrow IPC files, one per batch.
+
+    Images that fail to decode (truncated, too many pixels, corrupt) are recorded per item; images already
+    embedded by the same model with the same sha256 are not recomputed. A big drop is decoded in shards."""
+    return commit_preprocessing(plan_preprocessing(after=raw_image_manifest).map(preprocess_shard).collect())
+
+
+@op(
+    ins={"after": In(Nothing)},
+    out=DynamicOut(dict),
+    tags={"stage": "embed"},
+    retry_policy=RETRY,
+    description="Splits the drop's tensor batches into shards for the model.",
+)
+def plan_embedding(context: OpExecutionContext, triton: TritonResource) -> Iterator[DynamicOutput[dict]]:
+    settings = step_settings(triton)
+    plan = ingest.plan_embed(settings, context.partition_key)
+    context.log.info(f"embed attempt {plan.attempt}: {plan.shards} shard(s)")
+    for shard in range(plan.shards):
+        yield DynamicOutput({"attempt": plan.attempt, "shard": shard}, mapping_key=_shard_key(shard))
+
+
+@op(
+    out=Out(dict),
+    tags={"stage": "embed"},
+    pool=TRITON_POOL,
+    retry_policy=RETRY,
+    description="Sends one shard's tensor batches through the model served by Triton.",
+)
+def embed_shard(context: OpExecutionContext, triton: TritonResource, task: dict) -> dict:
+    settings = step_settings(triton)
+    with triton.embedder(settings) as embedder:
+        with _logged_progress(context):
+            done = ingest.embed_shard(settings, context.partition_key, task["attempt"], task["shard"], embedder)
+    return {**asdict(done), "attempt": task["attempt"]}
+
+
+@op(
+    out=Out(Nothing),
+    tags={"stage": "embed"},
+    retry_policy=RETRY,
+    description="Puts every shard's vectors (and the rows carried over) in place as the drop's embeddings.",
+)
+def commit_embedding(context: OpExecutionContext, triton: TritonResource, shards: list[dict]):
+    settings = step_settings(triton)
+    with triton.embedder(settings) as embedder:
+        model = embedder.model_version_label()
+    summary = ingest.commit_embed(
+        settings, context.partition_key, _attempt_of(shards), [_shard(s) for s in shards], model
+    )
+    version = ingest.embeddings_version(settings, context.partition_key, summary.model)
+    files = layout.drop_files(settings, context.partition_key)
+    extra = {ui.ROW_COUNT_KEY: summary.embeddings, **ui.output_schema_metadata(files.embeddings)}
+    yield Output(None, metadata={**_metadata(summary.as_dict()), **extra}, data_version=DataVersion(version))
+
+
+@graph_asset(
     partitions_def=drops_partitions,
     group_name=GROUP,
     # The served model (an observable source, defs/models.py): a new model makes every embedded drop stale.
-    deps=[preprocessed_batches, AssetKey("embedding_model")],
+    ins={
+        "preprocessed_batches": AssetIn(key=AssetKey("preprocessed_batches"), dagster_type=Nothing),
+        "embedding_model": AssetIn(key=AssetKey("embedding_model"), dagster_type=Nothing),
+    },
     owners=OWNERS,
     kinds={"triton", "arrow"},
     tags={"stage": "embed"},
     code_version="1",
-    pool=TRITON_POOL,
-    retry_policy=RETRY,
 )
-def image_embeddings(context: AssetExecutionContext, triton: TritonResource) -> MaterializeResult:
+def image_embeddings(preprocessed_batches, embedding_model):
     """One L2-normalised vector per image from the model served by Triton, stored as Arrow with the item's
-    lineage (drop, sha256, URI) and the model name and version."""
-    settings = step_settings(triton)
-    with triton.embedder(settings) as embedder:
-        with _logged_progress(context):
-            summary = ingest.embed_drop(settings, context.partition_key, embedder)
-    version = ingest.embeddings_version(settings, context.partition_key, summary.model)
-    files = layout.drop_files(settings, context.partition_key)
-    extra = {ui.ROW_COUNT_KEY: summary.embeddings, **ui.output_schema_metadata(files.embeddings)}
-    return MaterializeResult(metadata={**_metadata(summary.as_dict()), **extra}, data_version=DataVersion(version))
+    lineage (drop, sha256, URI) and the model name and version. A big drop is embedded in shards (the Triton
+    pool still lets one shard at a time talk to the server unless raised)."""
+    return commit_embedding(plan_embedding(after=[preprocessed_batches, embedding_model]).map(embed_shard).collect())
 
 
 @asset(

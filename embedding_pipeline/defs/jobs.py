@@ -12,20 +12,33 @@ from dagster import (
     define_asset_job,
     in_process_executor,
     job,
+    multiprocess_executor,
     op,
 )
 from pydantic import Field
 
 from embedding_pipeline.defs.assets import GROUP
 from embedding_pipeline.defs.resources import MilvusResource, TritonResource, step_settings
-from embedding_pipeline.orchestration.names import INGEST_JOB
+from embedding_pipeline.orchestration.names import INGEST_JOB, INGEST_SHARDED_JOB
+from embedding_pipeline.settings import load_settings
 
-# In-process: the four steps share one process, so JAX and the clients initialise once per run.
+# In-process: the steps share one process, so JAX and the clients initialise once per run.
 ingest_drop_job = define_asset_job(
     INGEST_JOB,
     selection=AssetSelection.groups(GROUP),
     executor_def=in_process_executor,
     description="Ingest one drop (partition): manifest → tensor batches → embeddings → Milvus.",
+)
+# One process per step, `dagster.shard_parallelism` at once: the shards of a big drop decode and embed in parallel
+# (the Triton and Milvus pools still bound how many steps talk to each server). Each step starts its own process,
+# which costs seconds: small drops run in ingest_drop.
+ingest_drop_sharded_job = define_asset_job(
+    INGEST_SHARDED_JOB,
+    selection=AssetSelection.groups(GROUP),
+    executor_def=multiprocess_executor.configured(
+        {"max_concurrent": load_settings().dagster.shard_parallelism}, name="shard_executor"
+    ),
+    description="Ingest one big drop (partition) with its shards in parallel processes.",
 )
 
 

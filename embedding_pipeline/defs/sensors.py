@@ -10,22 +10,39 @@ meanwhile. On top, Dagster never creates a second run for one run key (drop name
 
 from dagster import DefaultSensorStatus, RunRequest, SensorEvaluationContext, SensorResult, SkipReason, sensor
 
-from embedding_pipeline.defs.jobs import ingest_drop_job
+from embedding_pipeline.defs.jobs import ingest_drop_job, ingest_drop_sharded_job
 from embedding_pipeline.defs.partitions import drops_partitions
-from embedding_pipeline.orchestration.names import DROP_TAG, DROPS_PARTITION, TRIGGER_TAG
-from embedding_pipeline.settings import load_settings
-from embedding_pipeline.sources.drops import complete_drops, drop_signature, scan
+from embedding_pipeline.orchestration.names import (
+    DROP_TAG,
+    DROPS_PARTITION,
+    INGEST_JOB,
+    INGEST_SHARDED_JOB,
+    TRIGGER_TAG,
+)
+from embedding_pipeline.runtime.objects import ObjectError
+from embedding_pipeline.settings import Settings, load_settings
+from embedding_pipeline.sources.drops import Drop, complete_drops, drop_signature, estimate_items, scan
 
 _interval = load_settings().dagster.sensor_interval_s
 
 
+def ingest_job_for(drop: Drop, settings: Settings) -> str:
+    """The job for a new drop: the sharded one (parallel processes) when it holds more than one shard's items."""
+    try:
+        big = estimate_items(drop) > settings.dagster.shard_items
+    except (OSError, ObjectError):  # unreadable now: the in-process job reports it per item or fails the run
+        big = False
+    return INGEST_SHARDED_JOB if big else INGEST_JOB
+
+
 @sensor(
-    job=ingest_drop_job,
+    jobs=[ingest_drop_job, ingest_drop_sharded_job],
     minimum_interval_seconds=_interval,
     default_status=DefaultSensorStatus.RUNNING,
     description="Watches the drop directory; a drop counts as complete when it holds a _READY file or has not "
     "changed for `drop_settle_s` seconds. Each new complete drop is added as a partition and ingested once. "
-    "Changed drops and failed runs are picked up by the `rescan_drops` schedule.",
+    "Changed drops and failed runs are picked up by the `rescan_drops` schedule. A drop of more than "
+    "`dagster.shard_items` items runs in `ingest_drop_sharded` (its shards in parallel processes).",
 )
 def drop_sensor(context: SensorEvaluationContext):
     settings = load_settings()
@@ -44,6 +61,7 @@ def drop_sensor(context: SensorEvaluationContext):
             RunRequest(
                 run_key=f"{d.name}:{drop_signature(d)}",
                 partition_key=d.name,
+                job_name=ingest_job_for(d, settings),
                 tags={DROP_TAG: d.name, TRIGGER_TAG: "sensor"},
             )
             for d in new

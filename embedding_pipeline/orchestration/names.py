@@ -20,6 +20,9 @@ TRIGGER_TAG = "trigger"
 REEMBED_TAG = "reembed"
 
 INGEST_JOB = "ingest_drop"
+# The same assets with one process per step: a big drop's shards run in parallel (the sensor and the schedule pick
+# it for drops of more than `dagster.shard_items` items).
+INGEST_SHARDED_JOB = "ingest_drop_sharded"
 # The assets of INGEST_JOB, partitioned by drop, in the order a drop passes them.
 INGEST_ASSETS = ("raw_image_manifest", "preprocessed_batches", "image_embeddings", "milvus_collection")
 # The on-demand near-duplicate groups of a drop, downstream of the ingest assets.

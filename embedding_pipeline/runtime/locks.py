@@ -16,11 +16,12 @@ from typing import Iterator
 
 
 @contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """Exclusive advisory lock on ``path`` across processes (created with its folder when missing)."""
+def file_lock(path: Path, shared: bool = False) -> Iterator[None]:
+    """Exclusive (or, with ``shared``, shared) advisory lock on ``path`` across processes (created with its folder
+    when missing). Shared holders exclude exclusive ones, not each other."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        fcntl.flock(handle, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
         try:
             yield
         finally:
@@ -33,12 +34,15 @@ def membership_lock(locks_dir: Path):  # noqa: ANN201 - a context manager
     return file_lock(locks_dir / "membership.lock")
 
 
-def drop_lock(locks_dir: Path, drop: str):  # noqa: ANN201 - a context manager
+def drop_lock(locks_dir: Path, drop: str, shared: bool = False):  # noqa: ANN201 - a context manager
     """Held by every ingest stage of ``drop`` while it reads and writes the drop's files and rows, and by retention
     while it deletes the drop: a deletion never interleaves with a stage of the same drop, whether the stage runs
     in a Dagster run, the CLI or a test.
 
     The lock file is named by a hash of the drop's name: it holds nothing of the drop and outlives its deletion
-    (removing a lock file that others may be waiting on would let two holders in)."""
+    (removing a lock file that others may be waiting on would let two holders in).
+
+    ``shared``: the shards of one stage, running in parallel processes, hold it together; retention (exclusive)
+    still waits for all of them."""
     digest = hashlib.sha256(drop.encode()).hexdigest()[:24]
-    return file_lock(locks_dir / "drops" / f"{digest}.lock")
+    return file_lock(locks_dir / "drops" / f"{digest}.lock", shared)

@@ -117,7 +117,8 @@ class ObjectStore:
             s3={"addressing_style": style},
             max_pool_connections=32,
         )
-        region = c.region or session.region_name or "us-east-1"
+        # botocore itself reads AWS_DEFAULT_REGION and the profile; AWS_REGION is what the SDKs and users set.
+        region = c.region or os.environ.get("AWS_REGION") or session.region_name or "us-east-1"
         return session.client("s3", endpoint_url=endpoint or None, region_name=region, config=config)
 
     def path(self, uri: str) -> "ObjectPath":
@@ -204,9 +205,10 @@ class ObjectStore:
                 )
         return len(keys)
 
-    def delete_prefix(self, bucket: str, prefix: str) -> int:
-        """Delete every object under ``prefix``; a prefix must end in "/" so that "cats/" never takes "cats.b/"."""
-        if not prefix.endswith("/"):
+    def delete_prefix(self, bucket: str, prefix: str, folder: bool = True) -> int:
+        """Delete every object under ``prefix``; a folder prefix must end in "/" so that "cats/" never takes
+        "cats.b/" (``folder=False`` deletes by a key's beginning, e.g. one shard's "s0003-batch-" files)."""
+        if folder and not prefix.endswith("/"):
             raise ValueError(f"delete_prefix needs a prefix ending in '/', not {prefix!r}")
         return self.delete(bucket, [o.key for o in self.list_objects(bucket, prefix)])
 

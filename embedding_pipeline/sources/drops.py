@@ -139,7 +139,7 @@ def _scan_objects(location: ObjectPath) -> tuple[list[Drop], list[str]]:
     names = [(p[len(location.prefix) :].rstrip("/"), False) for p in prefixes]
     names += [(o.key[len(location.prefix) :], True) for o in objects]
     for name, is_object in sorted(names):
-        if ignored(name):
+        if not name or ignored(name):  # "": the prefix's own folder marker ("drops/", as consoles create folders)
             continue
         if is_object and not name.lower().endswith(MANIFEST_SUFFIXES):
             invalid.append(name)
@@ -214,6 +214,22 @@ def drop_signature(drop: Drop) -> str:
         size, mtime = (stat.st_size, stat.st_mtime_ns) if stat else (-1, -1)
         digest.update(f"{relative}\0{size}\0{mtime}\0{target}\n".encode())
     return digest.hexdigest()[:16]
+
+
+def estimate_items(drop: Drop) -> int:
+    """About how many items the drop holds, without reading them: its files (or objects), or the lines of its
+    manifest. Used to pick the job that runs a big drop's shards in parallel."""
+    if drop.is_manifest:
+        data = drop.path.read_bytes()
+        return data.count(b"\n") + (0 if data.endswith(b"\n") else 1)
+    if isinstance(drop.path, ObjectPath):
+        prefix = drop.path.prefix
+        return sum(1 for o in drop.path.files() if not ignored_key(o.key[len(prefix) :]))
+    count = 0
+    for _dirpath, dirnames, filenames in os.walk(drop.path, followlinks=False):
+        dirnames[:] = [d for d in dirnames if not ignored(d)]
+        count += sum(1 for name in filenames if not ignored(name) and name != READY_MARKER)
+    return count
 
 
 def checked_name(name: str) -> str:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 import uuid
@@ -34,6 +35,7 @@ from embedding_pipeline.runtime.objects import ObjectPath
 
 Location = Path | ObjectPath
 COMMIT = "_COMMIT.json"
+PLAN = "_plan.json"
 
 LINEAGE = [("id", pa.string()), ("drop", pa.string()), ("sha256", pa.string()), ("uri", pa.string())]
 
@@ -93,23 +95,44 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def new_attempt(folder: Location) -> str:
+    """A fresh write attempt's name: 8 hex digits on disk (the staging folder ``.<drop>.<attempt>.staging``), a
+    time-ordered name in a bucket (so a listing shows attempts oldest first)."""
+    if isinstance(folder, ObjectPath):
+        return f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
+    return uuid.uuid4().hex[:8]
+
+
+def _batch_name(shard: int | None, n: int) -> str:
+    # Shards of one attempt write side by side: "s0003-batch-00012.arrow"; the committing writer's own files
+    # (rows carried over) are "batch-00000.arrow".
+    return f"{'' if shard is None else f's{shard:04d}-'}batch-{n:05d}.arrow"
+
+
 class DropWriter:
     """Writes a drop's batch files into a staging folder; :meth:`commit` swaps it in atomically.
 
     Every file is fsynced before the swap and the parent folder after it, so a crash leaves the old outputs or
-    the new ones, never a renamed folder of half-written files."""
+    the new ones, never a renamed folder of half-written files.
 
-    def __init__(self, folder: Path, durable: bool = True):
+    Shards: writers given the same ``attempt`` and each its own ``shard`` write into one staging folder (from
+    parallel processes); they never commit. A writer of that attempt without a shard commits all their files."""
+
+    def __init__(self, folder: Path, durable: bool = True, attempt: str | None = None, shard: int | None = None):
         """``durable=False`` leaves the files in the page cache (only the benchmark that measures fsync uses it)."""
         self.folder = folder
         self._sync = _fsync if durable else (lambda path: None)
-        self.staging = folder.parent / f".{folder.name}.{uuid.uuid4().hex[:8]}.staging"
-        self.staging.mkdir(parents=True)
+        self.staging = folder.parent / f".{folder.name}.{attempt or new_attempt(folder)}.staging"
+        self.staging.mkdir(parents=True, exist_ok=attempt is not None)
+        self.shard = shard
         self.files: list[Path] = []
         self.bytes = 0
+        if shard is not None:  # a retried shard starts over
+            for stale in self.staging.glob(_batch_name(shard, 0).replace("00000", "*")):
+                stale.unlink()
 
     def write(self, table: pa.Table) -> Path:
-        path = self.staging / f"batch-{len(self.files):05d}.arrow"
+        path = self.staging / _batch_name(self.shard, len(self.files))
         with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
             writer.write_table(table)
         self._sync(path)
@@ -123,6 +146,12 @@ class DropWriter:
         self._sync(self.staging / name)
 
     def commit(self) -> list[Path]:
+        if self.shard is not None:
+            raise RuntimeError("a shard's writer does not commit; the attempt's writer without a shard does")
+        (self.staging / PLAN).unlink(missing_ok=True)
+        names = sorted(p.name for p in self.staging.glob("*batch-*.arrow"))
+        self.files = [self.folder / name for name in names]
+        self.bytes = sum((self.staging / name).stat().st_size for name in names)
         old = self.folder.parent / f".{self.folder.name}.{uuid.uuid4().hex[:8]}.old"
         self._sync(self.staging)
         if self.folder.exists():
@@ -133,6 +162,10 @@ class DropWriter:
         return self.files
 
     def abort(self) -> None:
+        if self.shard is not None:  # the other shards' files stay
+            for path in self.files:
+                (self.staging / path.name).unlink(missing_ok=True)
+            return
         shutil.rmtree(self.staging, ignore_errors=True)
 
     def __enter__(self) -> "DropWriter":
@@ -159,20 +192,22 @@ def _read_commit(folder: ObjectPath) -> dict[str, Any] | None:
 
 class ObjectDropWriter:
     """:class:`DropWriter` for a folder in a bucket: files under ``<folder>/<attempt>/``, then the commit object
-    (see the module's docstring)."""
+    (see the module's docstring). Shards work as for :class:`DropWriter`."""
 
-    def __init__(self, folder: ObjectPath):
+    def __init__(self, folder: ObjectPath, attempt: str | None = None, shard: int | None = None):
         self.folder = folder
-        # Time-ordered, so a listing shows attempts oldest first; the random part keeps two writers apart.
-        self.attempt = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
+        self.attempt = attempt or new_attempt(folder)
         self.staging = folder / self.attempt
+        self.shard = shard
         self.files: list[ObjectPath] = []
         self.side: list[str] = []
         self.bytes = 0
+        if shard is not None:  # a retried shard starts over
+            folder.store.delete_prefix(folder.bucket, f"{self.staging.prefix}s{shard:04d}-batch-", folder=False)
 
     def write(self, table: pa.Table) -> ObjectPath:
         data = _ipc_bytes(table)
-        path = self.staging / f"batch-{len(self.files):05d}.arrow"
+        path = self.staging / _batch_name(self.shard, len(self.files))
         path.write_bytes(data)
         self.files.append(path)
         self.bytes += len(data)
@@ -183,10 +218,19 @@ class ObjectDropWriter:
         self.side.append(name)
 
     def commit(self) -> list[ObjectPath]:
+        if self.shard is not None:
+            raise RuntimeError("a shard's writer does not commit; the attempt's writer without a shard does")
+        listed = {
+            o.key[len(self.staging.prefix) :]: o.size
+            for o in self.folder.store.list_objects(self.folder.bucket, self.staging.prefix)
+        }
+        names = sorted(n for n in listed if "/" not in n and n.endswith(".arrow") and "batch-" in n)
+        self.files = [self.staging / name for name in names]
+        self.bytes = sum(listed[n] for n in names)
         previous = _read_commit(self.folder)
         record = {
             "attempt": self.attempt,
-            "files": [p.name for p in self.files],
+            "files": names,
             "side": self.side,
             "bytes": self.bytes,
             "previous": previous["attempt"] if previous else None,
@@ -202,6 +246,9 @@ class ObjectDropWriter:
 
     def abort(self) -> None:
         try:
+            if self.shard is not None:  # the other shards' files stay
+                self.folder.store.delete(self.folder.bucket, [p.key for p in self.files])
+                return
             self.folder.store.delete_prefix(self.folder.bucket, self.staging.prefix)
         except Exception:  # noqa: BLE001 - best effort: an uncommitted attempt is never read and goes at the next commit
             pass
@@ -214,29 +261,68 @@ class ObjectDropWriter:
             self.abort()
 
 
-def open_writer(folder: Location, durable: bool = True) -> DropWriter | ObjectDropWriter:
-    """The writer of a drop's batch folder, on disk or in a bucket."""
+def open_writer(
+    folder: Location, durable: bool = True, attempt: str | None = None, shard: int | None = None
+) -> DropWriter | ObjectDropWriter:
+    """The writer of a drop's batch folder, on disk or in a bucket (``attempt``/``shard``: see DropWriter)."""
     if isinstance(folder, ObjectPath):
-        return ObjectDropWriter(folder)
-    return DropWriter(folder, durable)
+        return ObjectDropWriter(folder, attempt, shard)
+    return DropWriter(folder, durable, attempt, shard)
+
+
+def discard_attempts(folder: Location) -> None:
+    """Remove the uncommitted attempts a failed run left of ``folder`` on disk (one run per drop at a time, so none
+    is in progress); in a bucket the next commit removes them."""
+    if isinstance(folder, ObjectPath):
+        return
+    for stale in folder.parent.glob(f".{folder.name}.*.staging"):
+        if re.fullmatch(rf"\.{re.escape(folder.name)}\.[0-9a-f]{{8}}\.staging", stale.name):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def staging_of(folder: Location, attempt: str) -> Location:
+    """Where attempt ``attempt`` of ``folder`` is written before its commit."""
+    if isinstance(folder, ObjectPath):
+        return folder / attempt
+    return folder.parent / f".{folder.name}.{attempt}.staging"
+
+
+def write_plan(folder: Location, attempt: str, plan: Any) -> None:
+    """A stage's plan (JSON, never pickle: the bucket is not trusted with code), kept with the attempt so that
+    its shards, in other processes, read the same plan; removed at the commit."""
+    path = staging_of(folder, attempt) / PLAN
+    if isinstance(path, Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, plan)
+
+
+def read_plan(folder: Location, attempt: str) -> Any:
+    plan = read_json_file(staging_of(folder, attempt) / PLAN)
+    if plan is None:
+        raise FileNotFoundError(f"no plan for write attempt {attempt} of {folder} (its run was replaced?)")
+    return plan
 
 
 def batch_files(folder: Location) -> list[Any]:
     if isinstance(folder, ObjectPath):
         commit = _read_commit(folder)
         return [folder / commit["attempt"] / name for name in commit["files"]] if commit else []
-    return sorted(folder.glob("batch-*.arrow")) if folder.is_dir() else []
+    return sorted(folder.glob("*batch-*.arrow")) if folder.is_dir() else []
+
+
+def read_batch(path: Location) -> pa.Table:
+    """One batch file: memory-mapped on disk, fetched whole from a bucket."""
+    if isinstance(path, ObjectPath):
+        return pa.ipc.open_file(pa.py_buffer(path.read_bytes())).read_all()
+    with pa.memory_map(str(path)) as source:
+        return pa.ipc.open_file(source).read_all()
 
 
 def read_batches(folder: Location, columns: Sequence[str] | None = None) -> Iterator[pa.Table]:
     """One table per batch file, memory-mapped: a drop is never held whole. ``columns`` reads only those.
     In a bucket, one object at a time is fetched."""
     for path in batch_files(folder):
-        if isinstance(path, ObjectPath):
-            table = pa.ipc.open_file(pa.py_buffer(path.read_bytes())).read_all()
-        else:
-            with pa.memory_map(str(path)) as source:
-                table = pa.ipc.open_file(source).read_all()
+        table = read_batch(path)
         yield table.select(list(columns)) if columns else table
 
 

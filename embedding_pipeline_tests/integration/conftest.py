@@ -18,6 +18,7 @@ from embedding_pipeline.runtime.processes import free_ports
 from embedding_pipeline.runtime.state import CACHE_ENV, HOME_ENV
 from embedding_pipeline.settings import CONFIG_ENV, Settings, load_settings
 from embedding_pipeline_tests.integration.milvus_servers import milvus_lite, standalone_milvus  # noqa: F401 - fixtures
+from embedding_pipeline_tests.integration.s3_server import seaweedfs  # noqa: F401 - fixture
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

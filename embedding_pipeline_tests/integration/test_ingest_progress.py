@@ -42,10 +42,15 @@ def test_plain_progress_lines_and_json_summary_without_dagster_events(stack, tmp
     assert "STEP_START" not in err + out and "DEBUG" not in err + out
     # The console was quiet, the instance was not: the run's events are all recorded.
     events = DagsterInstance.get().all_logs(summary["run_id"], of_type=DagsterEventType.STEP_SUCCESS)
+    # The preprocess and embed stages are a plan, a step per shard (one for a small drop) and a commit.
     assert {e.step_key for e in events} >= {
         "raw_image_manifest",
-        "preprocessed_batches",
-        "image_embeddings",
+        "preprocessed_batches.plan_preprocessing",
+        "preprocessed_batches.preprocess_shard[shard_0000]",
+        "preprocessed_batches.commit_preprocessing",
+        "image_embeddings.plan_embedding",
+        "image_embeddings.embed_shard[shard_0000]",
+        "image_embeddings.commit_embedding",
         "milvus_collection",
     }
     # The step logs carry the progress lines too (what the UI shows while a long step runs).

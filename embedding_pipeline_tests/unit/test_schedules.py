@@ -8,6 +8,7 @@ the runs that produced them.
 import os
 import time
 import uuid
+from types import SimpleNamespace
 
 import pytest
 from dagster import (
@@ -225,18 +226,39 @@ def test_server_facing_assets_retry_with_exponential_backoff_and_use_pools():
 
     from embedding_pipeline.defs.assets import RETRY
 
+    # The sharded stages are graphs: their steps are the plan, one step per shard, and the commit.
     ops = {
-        name: defs.get_assets_def(AssetKey(name)).op
-        for name in ("raw_image_manifest", "preprocessed_batches", "image_embeddings", "milvus_collection")
+        node.name if node_name == node.name else f"{node_name}.{node.name}": node.definition
+        for node_name in ("raw_image_manifest", "preprocessed_batches", "image_embeddings", "milvus_collection")
+        for node in _nodes(defs.get_assets_def(AssetKey(node_name)))
     }
-    assert ops["raw_image_manifest"].retry_policy is None  # reads local files only: nothing transient to wait out
-    for name in ("preprocessed_batches", "image_embeddings", "milvus_collection"):
+    assert ops["raw_image_manifest"].retry_policy is None  # reads its sources once: nothing transient to wait out
+    server_facing = [name for name in ops if name != "raw_image_manifest"]
+    assert sorted(server_facing) == [
+        "image_embeddings.commit_embedding",
+        "image_embeddings.embed_shard",
+        "image_embeddings.plan_embedding",
+        "milvus_collection",
+        "preprocessed_batches.commit_preprocessing",
+        "preprocessed_batches.plan_preprocessing",
+        "preprocessed_batches.preprocess_shard",
+    ]
+    for name in server_facing:
         # The policy is fixed when the code location loads (from the settings of that moment: see the test above).
         assert ops[name].retry_policy == RETRY, name
         assert RETRY.max_retries >= 1 and RETRY.backoff == Backoff.EXPONENTIAL
-    assert {name: op.pool for name, op in ops.items()} == {
-        "raw_image_manifest": None,
-        "preprocessed_batches": None,
-        "image_embeddings": "triton",
+    # One step at a time talks to each server: the embedding shards share the Triton pool, the index the Milvus one.
+    assert {name: op.pool for name, op in ops.items() if op.pool} == {
+        "image_embeddings.embed_shard": "triton",
         "milvus_collection": "milvus",
     }
+
+
+def _nodes(assets_def):
+    """The op nodes of an asset: itself, or the nodes of its graph."""
+    from dagster import GraphDefinition
+
+    node_def = assets_def.node_def
+    if isinstance(node_def, GraphDefinition):
+        return [SimpleNamespace(name=n.name, definition=n.definition) for n in node_def.nodes]
+    return [SimpleNamespace(name=assets_def.key.path[-1], definition=node_def)]

@@ -103,6 +103,7 @@ def test_stage_summaries_keep_their_keys_in_order(settings):  # noqa: F811
         "tensor",
         "seconds",
         "images_per_s",
+        "shards",
         *FAILURES,
     ]
     assert pre.as_dict()["tensor"] == pre.tensor == "HWC uint8 [16, 16, 3]"
@@ -119,6 +120,7 @@ def test_stage_summaries_keep_their_keys_in_order(settings):  # noqa: F811
         "seconds",
         "inference_seconds",
         "images_per_s",
+        "shards",
     ]
 
     report = ingest.report_summary(ingest.item_report(settings, "d1"))
