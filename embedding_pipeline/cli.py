@@ -323,7 +323,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     else:
         from embedding_pipeline.bench import ingest as bench_ingest
 
-        result = bench_ingest.run(settings, images=args.images or 5000, baseline_images=args.baseline_images)
+        result = bench_ingest.run(
+            settings,
+            images=args.images or 5000,
+            baseline_images=args.baseline_images,
+            drops_uri=args.drops_uri,
+            shard_items=args.shard_items,
+        )
         render = bench_ingest.render
     print(json.dumps(result, indent=2) if args.json else render(result))
     return 0
@@ -579,6 +585,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     be.add_argument("--images", type=int, help="photos to embed / images to process (default 3000 / 512 / 5000)")
     be.add_argument("--baseline-images", type=int, default=500, help="ingest: the small drop compared against")
+    be.add_argument(
+        "--drops-uri",
+        help="ingest: also ingest the large drop from this s3://bucket/prefix (outputs there too), against local",
+    )
+    be.add_argument(
+        "--shard-items",
+        type=int,
+        help="ingest: also ingest the large drop in shards of this many items (parallel steps), against unsharded",
+    )
     be.add_argument(
         "--sizes",
         type=lambda v: _csv(int, v),

@@ -507,6 +507,7 @@ ENV_VARS: dict[str, tuple[str | None, str]] = {
     "PREPROCESS_BATCH_SIZE": ("preprocess", "batch_size"),
     "PREPROCESS_RESIZE_POLICY": ("preprocess", "resize_policy"),
     "DAGSTER_WEBSERVER_PORT": ("dagster", "webserver_port"),
+    "EMBEDDING_PIPELINE_SHARD_ITEMS": ("dagster", "shard_items"),
     "API_PORT": ("api", "port"),
 }
 

@@ -12,7 +12,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from dagster import DagsterInstance
+from dagster import DagsterInstance, JobDefinition, execute_job, reconstructable
 
 from embedding_pipeline import ingest as stages
 from embedding_pipeline.defs import defs
@@ -23,14 +23,16 @@ from embedding_pipeline.orchestration.names import (
     DELETE_DROP_JOB,
     DROP_TAG,
     INGEST_JOB,
+    INGEST_SHARDED_JOB,
     OBSERVE_MODEL_JOB,
+    PARTITION_TAG,
     SWITCH_JOB,
 )
 from embedding_pipeline.retention import DropBusyError
 from embedding_pipeline.runtime.locks import drop_lock
-from embedding_pipeline.runtime.objects import ObjectPath, is_object_uri
+from embedding_pipeline.runtime.objects import ObjectError, ObjectPath, is_object_uri
 from embedding_pipeline.settings import Settings, object_store
-from embedding_pipeline.sources.drops import checked_name, place_drop
+from embedding_pipeline.sources.drops import checked_name, estimate_items, find_drop, place_drop
 from embedding_pipeline.sources.statuses import ItemStatus
 
 
@@ -72,11 +74,22 @@ def ingest(
     if console_log_level is not None:
         console = {"loggers": {"console": {"config": {"log_level": console_log_level}}}}
         run_config = {**(run_config or {}), **console}
-    job = defs.resolve_job_def(INGEST_JOB)
-    result = job.execute_in_process(
-        run_config=run_config, instance=instance, partition_key=drop, tags={DROP_TAG: drop}, raise_on_error=False
-    )
-    summary: dict[str, Any] = {"drop": drop, "run_id": result.run_id, "success": result.success}
+    if _is_big(settings, drop):
+        # Shards in parallel processes (dagster.shard_parallelism at once); the steps' progress stays in their logs.
+        job_name = INGEST_SHARDED_JOB
+        result: Any = execute_job(
+            reconstructable(sharded_ingest_job),
+            instance=instance,
+            run_config=run_config,
+            tags={DROP_TAG: drop, PARTITION_TAG: drop},
+            raise_on_error=False,
+        )
+    else:
+        job_name = INGEST_JOB
+        result = defs.resolve_job_def(INGEST_JOB).execute_in_process(
+            run_config=run_config, instance=instance, partition_key=drop, tags={DROP_TAG: drop}, raise_on_error=False
+        )
+    summary: dict[str, Any] = {"drop": drop, "run_id": result.run_id, "success": result.success, "job": job_name}
     if not result.success:
         summary["errors"] = step_errors(result.all_events)
     try:
@@ -96,6 +109,19 @@ def ingest(
         if r["status"] != ItemStatus.OK
     ]
     return summary
+
+
+def sharded_ingest_job() -> JobDefinition:
+    """The sharded ingest job, rebuilt by name in each step's process (``dagster.reconstructable`` target)."""
+    return defs.resolve_job_def(INGEST_SHARDED_JOB)
+
+
+def _is_big(settings: Settings, drop: str) -> bool:
+    """More items than one shard holds: the drop runs its shards in parallel processes."""
+    try:
+        return estimate_items(find_drop(settings.drops_location, drop)) > settings.dagster.shard_items
+    except (OSError, ObjectError):
+        return False
 
 
 def execute_delete_drop(settings: Settings, drop: str, dry_run: bool = True) -> dict[str, Any]:

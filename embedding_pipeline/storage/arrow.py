@@ -128,7 +128,7 @@ class DropWriter:
         self.files: list[Path] = []
         self.bytes = 0
         if shard is not None:  # a retried shard starts over
-            for stale in self.staging.glob(_batch_name(shard, 0).replace("00000", "*")):
+            for stale in self.staging.glob(f"s{shard:04d}-batch-*.arrow"):
                 stale.unlink()
 
     def write(self, table: pa.Table) -> Path:
