@@ -412,7 +412,7 @@ def commit_preprocess(
         writer.add_json("failures.json", failures)
         writer.add_json("reused.json", plan["reused"])
         writer.add_json("kept.json", kept)
-        writer.commit()
+        writer.commit(shard_files=sum(s.batches for s in shards))
     elapsed = max(time.time() - plan["started"], 1e-9)
     written = sum(s.rows for s in shards)
     return PreprocessSummary(
@@ -586,7 +586,7 @@ def commit_embed(
                     f"{len(carry) - carried} embedding(s) to keep were not found (the drop's embeddings changed "
                     "during this run); re-run the drop"
                 )
-        writer.commit()
+        writer.commit(shard_files=sum(s.batches for s in shards))
     elapsed = max(time.time() - plan["started"], 1e-9)
     count = sum(s.rows for s in shards)
     infer_s = sum(s.inference_seconds for s in shards)

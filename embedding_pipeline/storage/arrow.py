@@ -145,11 +145,14 @@ class DropWriter:
         (self.staging / name).write_text(json.dumps(value))
         self._sync(self.staging / name)
 
-    def commit(self) -> list[Path]:
+    def commit(self, shard_files: int = 0) -> list[Path]:
+        """Swap the attempt in. ``shard_files``: how many files the attempt's shards reported; a different count
+        (files gone under a concurrent writer's clean-up) refuses the commit instead of publishing a partial set."""
         if self.shard is not None:
             raise RuntimeError("a shard's writer does not commit; the attempt's writer without a shard does")
         (self.staging / PLAN).unlink(missing_ok=True)
         names = sorted(p.name for p in self.staging.glob("*batch-*.arrow"))
+        _check_count(self.folder, len(names), shard_files + len(self.files))
         self.files = [self.folder / name for name in names]
         self.bytes = sum((self.staging / name).stat().st_size for name in names)
         old = self.folder.parent / f".{self.folder.name}.{uuid.uuid4().hex[:8]}.old"
@@ -217,7 +220,8 @@ class ObjectDropWriter:
         (self.staging / name).write_bytes(json.dumps(value).encode())
         self.side.append(name)
 
-    def commit(self) -> list[ObjectPath]:
+    def commit(self, shard_files: int = 0) -> list[ObjectPath]:
+        """Publish the attempt (see :meth:`DropWriter.commit` for ``shard_files``)."""
         if self.shard is not None:
             raise RuntimeError("a shard's writer does not commit; the attempt's writer without a shard does")
         listed = {
@@ -225,6 +229,7 @@ class ObjectDropWriter:
             for o in self.folder.store.list_objects(self.folder.bucket, self.staging.prefix)
         }
         names = sorted(n for n in listed if "/" not in n and n.endswith(".arrow") and "batch-" in n)
+        _check_count(self.folder, len(names), shard_files + len(self.files))
         self.files = [self.staging / name for name in names]
         self.bytes = sum(listed[n] for n in names)
         previous = _read_commit(self.folder)
@@ -259,6 +264,14 @@ class ObjectDropWriter:
     def __exit__(self, exc_type, *rest: object) -> None:
         if exc_type is not None:
             self.abort()
+
+
+def _check_count(folder: Location, found: int, expected: int) -> None:
+    if found != expected:
+        raise RuntimeError(
+            f"{folder}: the attempt holds {found} batch file(s), its writers wrote {expected}; another write of "
+            "this output ran meanwhile, so nothing is committed (re-run the drop)"
+        )
 
 
 def open_writer(
