@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -46,7 +47,6 @@ def cmd_services(args: argparse.Namespace) -> int:
 def cmd_up(args: argparse.Namespace) -> int:
     from embedding_pipeline import services
     from embedding_pipeline.runtime import processes
-    from embedding_pipeline.sources.samples import write_sample_drop
 
     settings = _settings(args)
     stopping = False
@@ -67,11 +67,11 @@ def cmd_up(args: argparse.Namespace) -> int:
         print("starting the HTTP API...", flush=True)
         services.start_api(settings)
         if not args.no_sample:
-            folder = write_sample_drop(settings.drops)
+            folder = _sample_drop(settings)
             print(f"sample drop: {folder} (the sensor ingests it within seconds)")
         print(
             f"\nDagster UI: {services.webserver_url(settings)}\nHTTP API: {services.api_url(settings)} "
-            f"(docs: {services.api_url(settings)}/docs)\ndrop folder: {settings.drops}"
+            f"(docs: {services.api_url(settings)}/docs)\ndrop folder: {settings.drops_location}"
         )
         print("Ctrl-C or `embedding-pipeline down` stops everything.", flush=True)
         while not stopping:
@@ -121,6 +121,23 @@ def cmd_serve_api(args: argparse.Namespace) -> int:
     print(f"HTTP API on http://{host}:{port} (docs: /docs)", flush=True)
     uvicorn.run(create_app(settings), host=host, port=port, log_level=args.log_level)
     return 0
+
+
+def _sample_drop(settings: Any) -> str:
+    """The sample photos as a drop: written in the local drop folder, or uploaded to the drops prefix."""
+    from embedding_pipeline.runtime.objects import ObjectPath
+    from embedding_pipeline.sources.drops import place_drop
+    from embedding_pipeline.sources.samples import write_sample_drop
+
+    location = settings.drops_location
+    if not isinstance(location, ObjectPath):
+        return str(write_sample_drop(location))
+    name = "sample-photos"
+    if (location / name).is_dir():
+        return str(location / name)
+    with tempfile.TemporaryDirectory() as work:
+        place_drop(location, write_sample_drop(Path(work)), name)
+    return str(location / name)
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:

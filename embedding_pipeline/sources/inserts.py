@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from embedding_pipeline.runtime.objects import ObjectError, ObjectPath, is_object_uri
 from embedding_pipeline.settings import Settings
 from embedding_pipeline.sources.manifest import MAX_METADATA_BYTES, is_url, looks_like_url
 
@@ -42,8 +43,26 @@ def allowed_roots(settings: Settings) -> list[Path]:
 
 
 def check_input(settings: Settings, uri: str, where: str) -> None:
-    """Raise :class:`InputRefused` unless ``uri`` is an http(s) URL or an absolute path inside the allowed roots."""
+    """Raise :class:`InputRefused` unless ``uri`` is an http(s) URL, an absolute path inside the allowed roots, or
+    an ``s3://`` object under the drops prefix (when drops live in a bucket) or ``sources.allowed_prefixes``."""
     if is_url(uri):
+        return
+    if is_object_uri(uri):
+        from embedding_pipeline.sources.items import object_allowed, object_prefixes
+
+        location = settings.drops_location
+        prefixes = object_prefixes(location if isinstance(location, ObjectPath) else None, settings.sources)
+        try:
+            allowed = object_allowed(uri, prefixes)
+        except ObjectError as exc:
+            raise InputRefused("bad_input", f"{where}: {exc}") from None
+        if not allowed:
+            raise InputRefused(
+                "outside_roots",
+                f"{where}: object outside the allowed prefixes ({', '.join(prefixes) or 'none'}): {uri} "
+                "(add its prefix to sources.allowed_prefixes)",
+                {"input": uri, "allowed_prefixes": prefixes},
+            )
         return
     if looks_like_url(uri):
         scheme = uri.split("://", 1)[0]
