@@ -12,9 +12,10 @@ import itertools
 import json
 import time
 from collections import Counter, defaultdict, deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import Field, dataclass, field, fields, replace
 from pathlib import Path
-from typing import AbstractSet, Any, Callable, ClassVar, Protocol, Sequence, TypeVar
+from typing import AbstractSet, Any, Callable, ClassVar, Iterator, Protocol, Sequence, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -252,6 +253,28 @@ def _reader(item: Item, roots: _Roots, blobs: Path, max_bytes: int) -> Callable[
     return read
 
 
+def _prefetched(
+    readers: list[list[Callable[[], bytes]]], remote: list[list[bool]], pool: ThreadPoolExecutor, ahead: int = 2
+) -> Iterator[list[Callable[[], bytes]]]:
+    """The readers chunk by chunk, with the reads of objects in a bucket started ``ahead`` chunks early on
+    ``pool``: a request's latency is spent while earlier chunks decode, not on a decode thread. Local files are read
+    where they are decoded, as before. A failed read raises when its chunk calls it, like a direct read."""
+    started: deque = deque()
+
+    def start(k: int) -> list[Callable[[], bytes]]:
+        out: list[Callable[[], bytes]] = []
+        for read, is_remote in zip(readers[k], remote[k]):
+            out.append(pool.submit(read).result if is_remote else read)
+        return out
+
+    for k in range(min(ahead, len(readers))):
+        started.append(start(k))
+    for k in range(len(readers)):
+        if k + ahead < len(readers):
+            started.append(start(k + ahead))
+        yield started.popleft()
+
+
 @dataclass(frozen=True, kw_only=True)
 class PreprocessSummary(StageSummary):
     """Images decoded into model inputs; ``reused`` and ``kept_previous`` count rows carried from earlier runs."""
@@ -342,6 +365,7 @@ class ShardSummary(StageSummary):
     model: str = ""  # embed: the model label, its vectors' size and the time spent waiting for them
     dimension: int = 0
     inference_seconds: float = 0.0
+    file_rows: list[int] = field(default_factory=list)  # rows per file written, in order
 
 
 def preprocess_shard(
@@ -358,12 +382,18 @@ def preprocess_shard(
         schema = arrow.tensor_schema(spec.shape, spec.dtype, {"drop": drop_name, "layout": spec.layout})
         failures: list[dict[str, str]] = []
         written = 0
+        file_rows: list[int] = []
         chunks = [items[i : i + prep.batch_size] for i in range(0, len(items), prep.batch_size)]
         roots = _drop_roots(settings, drop_name)
         max_bytes = settings.sources.max_image_bytes
         stage = progress.Stage("preprocess", len(items))
-        with arrow.open_writer(files.preprocessed, attempt=attempt, shard=shard) as writer:
-            sources = ([_reader(item, roots, files.blobs, max_bytes) for item in chunk] for chunk in chunks)
+        readers = [[_reader(item, roots, files.blobs, max_bytes) for item in chunk] for chunk in chunks]
+        remote = [[is_object_uri(item.source) for item in chunk] for chunk in chunks]
+        with (
+            arrow.open_writer(files.preprocessed, attempt=attempt, shard=shard) as writer,
+            ThreadPoolExecutor(settings.sources.fetch_workers * 2) as fetches,
+        ):
+            sources = _prefetched(readers, remote, fetches)
             for chunk, prepared in zip(chunks, prep.stream(sources)):
                 stage.advance(len(chunk))
                 for item, err in zip(chunk, prepared.errors):
@@ -379,6 +409,7 @@ def preprocess_shard(
                     }
                     writer.write(arrow.tensor_table(rows, prepared.tensors, schema))
                     written += len(good)
+                    file_rows.append(len(good))
     return ShardSummary(
         shard=shard,
         rows=written,
@@ -387,6 +418,7 @@ def preprocess_shard(
         seconds=round(time.perf_counter() - started, 3),
         failures=failures,
         tensor=spec.describe(),
+        file_rows=file_rows,
     )
 
 
@@ -412,7 +444,8 @@ def commit_preprocess(
         writer.add_json("failures.json", failures)
         writer.add_json("reused.json", plan["reused"])
         writer.add_json("kept.json", kept)
-        writer.commit(shard_files=sum(s.batches for s in shards))
+        ordered = sorted(shards, key=lambda s: s.shard)
+        writer.commit(shard_files=sum(s.batches for s in shards), rows=[n for s in ordered for n in s.file_rows])
     elapsed = max(time.time() - plan["started"], 1e-9)
     written = sum(s.rows for s in shards)
     return PreprocessSummary(
@@ -471,7 +504,7 @@ def plan_embed(settings: Settings, drop_name: str, shard_items: int | None = Non
     """Split the drop's tensor batches into shards of about ``shard_items`` images (whole batch files each)."""
     files = drop_files(settings, drop_name)
     arrow.discard_attempts(files.embeddings)
-    counts = [t.num_rows for t in arrow.read_batches(files.preprocessed, columns=["id"])]
+    counts = arrow.batch_rows(files.preprocessed)
     shards = min(max(1, len(counts)), shard_count(sum(counts), shard_items or settings.dagster.shard_items))
     attempt = arrow.new_attempt(files.embeddings)
     plan = {"started": time.time(), "shards": _split(list(range(len(counts))), shards), "rows": counts}

@@ -165,6 +165,10 @@ class ObjectStore:
         """The object's bytes. ``max_bytes`` refuses a larger object (checked on the response's length and while
         reading, so a store that lies about it still cannot make us hold more); ``etag`` refuses any other version
         of the object than the one listed (``source_changed``)."""
+        return self.fetch(bucket, key, max_bytes, etag)[0]
+
+    def fetch(self, bucket: str, key: str, max_bytes: int | None = None, etag: str | None = None) -> tuple[bytes, str]:
+        """:meth:`get`, with the ETag of the version read (one request: no HEAD first)."""
         uri = f"s3://{bucket}/{key}"
         kwargs: dict[str, Any] = {"Bucket": bucket, "Key": key}
         if etag:
@@ -180,7 +184,7 @@ class ObjectStore:
                 data = body.read(limit) if limit is not None else body.read()
                 if max_bytes is not None and len(data) > max_bytes:
                     raise ObjectError(TOO_LARGE, f"{uri} is over the limit of {max_bytes} bytes")
-                return data
+                return data, str(response.get("ETag", "")).strip('"')
             finally:
                 body.close()
 

@@ -27,6 +27,7 @@ import re
 import shutil
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import AbstractSet
@@ -34,6 +35,7 @@ from typing import AbstractSet
 from embedding_pipeline.runtime.objects import ObjectError, ObjectPath
 
 READY_MARKER = "_READY"
+COPY_WORKERS = 8  # objects copied at once when a drop is placed in a bucket
 # Metadata key of the raw_image_manifest materialization that records what the drop held when it was read.
 DROP_SIGNATURE_KEY = "drop_signature"
 MANIFEST_SUFFIXES = (".jsonl", ".csv")
@@ -319,8 +321,10 @@ def _place_objects(drops: Path | ObjectPath, source: Path | ObjectPath, name: st
             shutil.rmtree(staging, ignore_errors=True)
             raise
         return name
-    for item, relative in pairs:
-        _copy_one(item, target / relative)
+    # Copies in parallel (each is one request); the marker only after every one of them succeeded.
+    with ThreadPoolExecutor(COPY_WORKERS) as pool:
+        for done in [pool.submit(_copy_one, item, target / relative) for item, relative in pairs]:
+            done.result()
     (target / READY_MARKER).write_bytes(b"")
     return name
 

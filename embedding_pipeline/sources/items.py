@@ -173,12 +173,7 @@ def read_object(store: ObjectStore, uri: str, prefixes: list[str], max_bytes: in
                 f"{uri} is outside the drop's prefix and sources.allowed_prefixes",
             )
         bucket, key = split_uri(uri)
-        if etag is None:
-            info = store.head(bucket, key)
-            if info is None:
-                raise FetchError(ErrorKind.NOT_FOUND, f"no such object: {uri}")
-            etag = info.etag
-        return store.get(bucket, key, max_bytes, etag=etag or None), etag
+        return store.fetch(bucket, key, max_bytes, etag=etag or None)
     except ObjectError as exc:
         raise FetchError(exc.kind, str(exc)) from None
 

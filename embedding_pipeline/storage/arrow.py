@@ -25,6 +25,8 @@ import re
 import shutil
 import time
 import uuid
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -145,9 +147,10 @@ class DropWriter:
         (self.staging / name).write_text(json.dumps(value))
         self._sync(self.staging / name)
 
-    def commit(self, shard_files: int = 0) -> list[Path]:
+    def commit(self, shard_files: int = 0, rows: Sequence[int] | None = None) -> list[Path]:
         """Swap the attempt in. ``shard_files``: how many files the attempt's shards reported; a different count
-        (files gone under a concurrent writer's clean-up) refuses the commit instead of publishing a partial set."""
+        (files gone under a concurrent writer's clean-up) refuses the commit instead of publishing a partial set.
+        ``rows`` (the shards' rows per file) is for the bucket's commit record; on disk a file's footer is cheap."""
         if self.shard is not None:
             raise RuntimeError("a shard's writer does not commit; the attempt's writer without a shard does")
         (self.staging / PLAN).unlink(missing_ok=True)
@@ -195,7 +198,13 @@ def _read_commit(folder: ObjectPath) -> dict[str, Any] | None:
 
 class ObjectDropWriter:
     """:class:`DropWriter` for a folder in a bucket: files under ``<folder>/<attempt>/``, then the commit object
-    (see the module's docstring). Shards work as for :class:`DropWriter`."""
+    (see the module's docstring). Shards work as for :class:`DropWriter`.
+
+    Batches upload in the background (``UPLOADS_IN_FLIGHT`` at most, so memory stays bounded) while the caller
+    makes the next one; :meth:`flush` (at :meth:`commit` and at the end of a ``with`` block) waits for them and
+    raises the first upload error."""
+
+    UPLOADS_IN_FLIGHT = 2
 
     def __init__(self, folder: ObjectPath, attempt: str | None = None, shard: int | None = None):
         self.folder = folder
@@ -205,31 +214,48 @@ class ObjectDropWriter:
         self.files: list[ObjectPath] = []
         self.side: list[str] = []
         self.bytes = 0
+        self.rows: list[int] = []  # per file this writer wrote
+        self._uploads = ThreadPoolExecutor(self.UPLOADS_IN_FLIGHT, thread_name_prefix="upload")
+        self._pending: deque[Future] = deque()
         if shard is not None:  # a retried shard starts over
             folder.store.delete_prefix(folder.bucket, f"{self.staging.prefix}s{shard:04d}-batch-", folder=False)
 
     def write(self, table: pa.Table) -> ObjectPath:
         data = _ipc_bytes(table)
         path = self.staging / _batch_name(self.shard, len(self.files))
-        path.write_bytes(data)
+        self._wait(self.UPLOADS_IN_FLIGHT - 1)
+        self._pending.append(self._uploads.submit(path.write_bytes, data))
         self.files.append(path)
+        self.rows.append(table.num_rows)
         self.bytes += len(data)
         return path
+
+    def _wait(self, keep: int) -> None:
+        while len(self._pending) > keep:
+            self._pending.popleft().result()
+
+    def flush(self) -> None:
+        """Wait for every upload so far; raises the first that failed."""
+        self._wait(0)
 
     def add_json(self, name: str, value: Any) -> None:
         (self.staging / name).write_bytes(json.dumps(value).encode())
         self.side.append(name)
 
-    def commit(self, shard_files: int = 0) -> list[ObjectPath]:
-        """Publish the attempt (see :meth:`DropWriter.commit` for ``shard_files``)."""
+    def commit(self, shard_files: int = 0, rows: Sequence[int] | None = None) -> list[ObjectPath]:
+        """Publish the attempt (see :meth:`DropWriter.commit`). With ``rows`` for every shard file, the record also
+        holds each file's rows (in file order), so a reader plans without fetching the files."""
         if self.shard is not None:
             raise RuntimeError("a shard's writer does not commit; the attempt's writer without a shard does")
+        self.flush()
         listed = {
             o.key[len(self.staging.prefix) :]: o.size
             for o in self.folder.store.list_objects(self.folder.bucket, self.staging.prefix)
         }
         names = sorted(n for n in listed if "/" not in n and n.endswith(".arrow") and "batch-" in n)
         _check_count(self.folder, len(names), shard_files + len(self.files))
+        # Sorted names put this writer's own "batch-*" files before the shards' "s0000-*" ones.
+        all_rows = [*self.rows, *rows] if rows is not None and len(rows) == shard_files else None
         self.files = [self.staging / name for name in names]
         self.bytes = sum(listed[n] for n in names)
         previous = _read_commit(self.folder)
@@ -239,6 +265,7 @@ class ObjectDropWriter:
             "side": self.side,
             "bytes": self.bytes,
             "previous": previous["attempt"] if previous else None,
+            **({"rows": all_rows} if all_rows is not None else {}),
         }
         (self.folder / COMMIT).write_bytes(json.dumps(record).encode())
         keep = {self.attempt, record["previous"]}
@@ -250,6 +277,15 @@ class ObjectDropWriter:
         return self.files
 
     def abort(self) -> None:
+        for upload in self._pending:  # started uploads finish (or fail) before their objects are removed
+            upload.cancel()
+        for upload in self._pending:
+            if not upload.cancelled():
+                try:
+                    upload.result()
+                except Exception:  # noqa: BLE001 - the write is being abandoned anyway
+                    pass
+        self._pending.clear()
         try:
             if self.shard is not None:  # the other shards' files stay
                 self.folder.store.delete(self.folder.bucket, [p.key for p in self.files])
@@ -262,8 +298,13 @@ class ObjectDropWriter:
         return self
 
     def __exit__(self, exc_type, *rest: object) -> None:
-        if exc_type is not None:
-            self.abort()
+        try:
+            if exc_type is not None:
+                self.abort()
+            else:
+                self.flush()
+        finally:
+            self._uploads.shutdown(wait=True)
 
 
 def _check_count(folder: Location, found: int, expected: int) -> None:
@@ -337,6 +378,16 @@ def read_batches(folder: Location, columns: Sequence[str] | None = None) -> Iter
     for path in batch_files(folder):
         table = read_batch(path)
         yield table.select(list(columns)) if columns else table
+
+
+def batch_rows(folder: Location) -> list[int]:
+    """Rows per batch file, in :func:`batch_files` order: from a bucket's commit record when it has them (no file
+    fetched), else from each file (on disk only its footer and one column are touched)."""
+    if isinstance(folder, ObjectPath):
+        commit = _read_commit(folder)
+        if commit and len(commit.get("rows", [])) == len(commit["files"]):
+            return [int(n) for n in commit["rows"]]
+    return [t.num_rows for t in read_batches(folder, columns=["id"])]
 
 
 def read_json(folder: Location, name: str, default: Any = None) -> Any:
