@@ -325,6 +325,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         result = bench_export.run(settings, rows=args.rows, dim=args.dim or bench_export.DIM)
         render = bench_export.render
+    elif args.what == "quality":
+        from embedding_pipeline.bench import copy_detection
+
+        result = copy_detection.run(settings, limit=args.images)
+        render = copy_detection.render
     elif args.what == "api":
         from embedding_pipeline.bench import api as bench_api
 
@@ -593,14 +598,18 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument(
         "what",
         nargs="?",
-        choices=["preprocess", "ingest", "api", "integrity", "duplicates", "export"],
+        choices=["preprocess", "ingest", "api", "integrity", "duplicates", "export", "quality"],
         help="preprocess: decode + JAX vs Pillow; ingest: memory of a whole drop; api: search latency "
         "through the HTTP API under concurrent load; integrity: the guarded reader and fsync against "
         "plain reads and page-cache writes; duplicates: the near-duplicate threshold from altered photos, "
-        "and group search vs brute force; export: Parquet export throughput and peak memory (default: none of "
-        "these)",
+        "and group search vs brute force; export: Parquet export throughput and peak memory; quality: finding the "
+        "original of altered copies per descriptor recipe (default: none of these)",
     )
-    be.add_argument("--images", type=int, help="photos to embed / images to process (default 3000 / 512 / 5000)")
+    be.add_argument(
+        "--images",
+        type=int,
+        help="photos to embed / images to process (default 3000 / 512 / 5000); quality: originals used (default all)",
+    )
     be.add_argument("--baseline-images", type=int, default=500, help="ingest: the small drop compared against")
     be.add_argument(
         "--drops-uri",

@@ -31,6 +31,28 @@ def test_bench_ingest_reports_peak_memory_of_both_drops(stack, capsys):
         assert not index.exists()  # the benchmark cleans up after itself
 
 
+def test_bench_quality_finds_originals_of_altered_copies_through_the_pipeline(stack):
+    from embedding_pipeline.bench import copy_detection
+
+    result = copy_detection.run(stack, limit=12, alterations=("mirror", "jpeg", "crop"))
+    assert (result["images"], result["queries"]) == (12, 36)
+    assert list(result["recipes"]) == ["crop", "pad"]  # the baseline first
+    base = result["recipes"]["crop"]
+    assert set(base["per_alteration"]) == {"mirror", "jpeg", "crop"}
+    assert base["ingest_cost_vs_baseline"] == base["query_p50_vs_baseline"] == 1.0
+    # A mirrored copy among twelve originals is found at rank 1 (measured 1.00 on the full set).
+    assert base["per_alteration"]["mirror"]["rank1"] >= 0.9
+    for recipe in result["recipes"].values():
+        overall = recipe["overall"]
+        assert overall["queries"] == 36 and 0 <= overall["rank1"] <= overall["recall5"] <= 1
+        assert overall["rank1"] <= overall["map"] <= 1
+    text = copy_detection.render(result)
+    assert "rank-1" in text and "targets" in text
+    for recipe in ("crop", "pad"):
+        with ImageIndex(stack.milvus.model_copy(update={"collection": f"{copy_detection.COLLECTION}_{recipe}"})) as i:
+            assert not i.exists()  # the benchmark cleans up after itself
+
+
 def test_bench_runs_every_section_on_both_stores_and_leaves_nothing_running(tmp_path, monkeypatch, capsys):
     """The full benchmark at small sizes, through the CLI, on fresh servers in a temporary home of its own."""
     import json

@@ -29,10 +29,10 @@ IMAGES = 2000
 SHARD_ITEMS = 500  # four shards per stage
 
 
-def _drop(folder: Path, count: int) -> Path:
-    """``count`` distinct small JPEG images (random noise, a different seed each), ids of their own."""
+def _drop(folder: Path, count: int, seed: int = 7) -> Path:
+    """``count`` distinct small JPEG images (random noise), ids from their content."""
     folder.mkdir(parents=True)
-    rng = np.random.default_rng(7)
+    rng = np.random.default_rng(seed)
     for n in range(count):
         pixels = rng.integers(0, 256, size=(24, 24, 3), dtype=np.uint8)
         buffer = io.BytesIO()
@@ -111,3 +111,30 @@ def test_a_big_drop_runs_in_parallel_shards_and_indexes_each_image_once(stack, t
         if e.dagster_event.event_specific_data.materialization.asset_key.to_user_string() == "image_embeddings"
     ]
     assert (embedded["computed"].value, embedded["reused"].value) == (0, IMAGES)
+
+
+def test_a_sharded_drop_in_a_bucket_writes_its_outputs_there_and_each_row_once(stack, seaweedfs, tmp_path, monkeypatch):
+    """The same on object storage: drop and outputs in SeaweedFS, four shards, one row per image."""
+    images, shard_items = 600, 150
+    bucket = seaweedfs.make_bucket("shards")
+    for key, value in seaweedfs.env().items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("EMBEDDING_PIPELINE_SHARD_ITEMS", str(shard_items))
+    monkeypatch.setenv("EMBEDDING_PIPELINE_DROPS", f"s3://{bucket}/drops")
+    monkeypatch.setenv("EMBEDDING_PIPELINE_OUTPUTS", f"s3://{bucket}/outputs")
+    settings = load_settings()
+    drop = "sharded-bucket"
+    summary = runs.ingest(settings, _drop(tmp_path / drop, images, seed=11), drop)
+    assert summary["success"], summary.get("errors")
+    assert (summary["job"], summary["ok"]) == (INGEST_SHARDED_JOB, images)
+    assert len(_step_windows(summary["run_id"], "image_embeddings.embed_shard[")) == images // shard_items
+
+    files = layout.drop_files(settings, drop)
+    assert str(files.embeddings).startswith(f"s3://{bucket}/outputs/")
+    ids = [i for t in arrow.read_batches(files.embeddings, columns=["id"]) for i in t.column("id").to_pylist()]
+    assert len(ids) == len(set(ids)) == images
+    # The commit record names every shard's files with their rows; nothing of the run was written locally.
+    assert sum(arrow.batch_rows(files.preprocessed)) == images
+    assert not (settings.paths.data / "preprocessed").exists() and not (settings.paths.data / "embeddings").exists()
+    stored = _stored_ids(settings, drop)
+    assert len(stored) == len(set(stored)) == images and set(stored) == set(ids)
