@@ -245,6 +245,10 @@ def worker_pid(instance: DagsterInstance, run_id: str) -> int:
     raise AssertionError(f"run {run_id} reported no step process")
 
 
+# The step of a one-shard drop that holds the Triton pool's slot (the embed stage's shard step).
+EMBED_STEP = "image_embeddings.embed_shard[shard_0000]"
+
+
 def triton_slots(instance: DagsterInstance) -> list[tuple[str, str]]:
     info = instance.event_log_storage.get_concurrency_info("triton")
     return [(slot.run_id, slot.step_key) for slot in info.claimed_slots]
@@ -282,16 +286,16 @@ def test_a_dead_run_holding_the_triton_slot_is_canceled_and_frees_the_pool(dagst
         place_drop(settings, "waiting", photo="rocket")
         held = launch_ingest(settings, "held", gate.url)
         assert gate.inference_seen.wait(180), "the run never reached image_embeddings"
-        assert triton_slots(instance) == [(held, "image_embeddings")]
+        assert triton_slots(instance) == [(held, EMBED_STEP)]
 
         # A second run, straight to Triton: it gets through preprocessing, then queues for the slot.
         waiting = launch_ingest(settings, "waiting", settings.triton.url)
         wait_until(
-            lambda: waiting_for_triton(instance) == [(waiting, "image_embeddings")],
+            lambda: waiting_for_triton(instance) == [(waiting, EMBED_STEP)],
             180,
             "the second run never queued for the triton slot",
         )
-        assert triton_slots(instance) == [(held, "image_embeddings")]
+        assert triton_slots(instance) == [(held, EMBED_STEP)]
 
         # Cancel the first run in the instance (as "mark as canceled" does, without asking the worker to stop),
         # then kill its worker: a canceled run whose dead process still holds the slot and can never release it.
@@ -313,7 +317,7 @@ def test_a_dead_run_holding_the_triton_slot_is_canceled_and_frees_the_pool(dagst
         run = wait_for_status(instance, waiting, FINISHED)
         assert run.status == DagsterRunStatus.SUCCESS
         assert instance.get_run_by_id(held).status == DagsterRunStatus.CANCELED
-        got_slot_after = step_intervals(instance, waiting, "image_embeddings")[0] - ended
+        got_slot_after = step_intervals(instance, waiting, EMBED_STEP)[0] - ended
         assert got_slot_after >= FREE_SLOTS_AFTER_S - 0.5, got_slot_after  # freed by run monitoring, not the run
         print(f"the waiting run got the triton slot {got_slot_after:.1f} s after the canceled run ended")
         assert triton_slots(instance) == [] and waiting_for_triton(instance) == []
