@@ -253,25 +253,44 @@ def _reader(item: Item, roots: _Roots, blobs: Path, max_bytes: int) -> Callable[
     return read
 
 
+# Bytes of objects read ahead of decoding at most (besides the batch being decoded): 50 MiB images must not pile up.
+PREFETCH_BYTES = 256 * 1024 * 1024
+
+
 def _prefetched(
-    readers: list[list[Callable[[], bytes]]], remote: list[list[bool]], pool: ThreadPoolExecutor, ahead: int = 2
+    readers: list[list[Callable[[], bytes]]],
+    remote: list[list[bool]],
+    sizes: list[list[int]],
+    pool: ThreadPoolExecutor,
+    ahead: int = 2,
+    max_bytes: int = PREFETCH_BYTES,
 ) -> Iterator[list[Callable[[], bytes]]]:
-    """The readers chunk by chunk, with the reads of objects in a bucket started ``ahead`` chunks early on
-    ``pool``: a request's latency is spent while earlier chunks decode, not on a decode thread. Local files are read
-    where they are decoded, as before. A failed read raises when its chunk calls it, like a direct read."""
+    """The readers chunk by chunk, with the reads of objects in a bucket started up to ``ahead`` chunks early on
+    ``pool`` (and no more than ``max_bytes`` of them by their listed sizes): a request's latency is spent while
+    earlier chunks decode, not on a decode thread. Local files are read where they are decoded, as before. A failed
+    read raises when its chunk calls it, like a direct read."""
     started: deque = deque()
+    held: deque = deque()
+    following = 0
 
-    def start(k: int) -> list[Callable[[], bytes]]:
+    def remote_bytes(k: int) -> int:
+        return sum(size for size, is_remote in zip(sizes[k], remote[k]) if is_remote)
+
+    def start_next() -> None:
+        nonlocal following
         out: list[Callable[[], bytes]] = []
-        for read, is_remote in zip(readers[k], remote[k]):
+        for read, is_remote in zip(readers[following], remote[following]):
             out.append(pool.submit(read).result if is_remote else read)
-        return out
+        started.append(out)
+        held.append(remote_bytes(following))
+        following += 1
 
-    for k in range(min(ahead, len(readers))):
-        started.append(start(k))
-    for k in range(len(readers)):
-        if k + ahead < len(readers):
-            started.append(start(k + ahead))
+    for _ in range(len(readers)):
+        if not started:
+            start_next()
+        while following < len(readers) and len(started) <= ahead and sum(held) + remote_bytes(following) <= max_bytes:
+            start_next()
+        held.popleft()
         yield started.popleft()
 
 
@@ -389,11 +408,12 @@ def preprocess_shard(
         stage = progress.Stage("preprocess", len(items))
         readers = [[_reader(item, roots, files.blobs, max_bytes) for item in chunk] for chunk in chunks]
         remote = [[is_object_uri(item.source) for item in chunk] for chunk in chunks]
+        sizes = [[item.size for item in chunk] for chunk in chunks]
         with (
             arrow.open_writer(files.preprocessed, attempt=attempt, shard=shard) as writer,
             ThreadPoolExecutor(settings.sources.fetch_workers * 2) as fetches,
         ):
-            sources = _prefetched(readers, remote, fetches)
+            sources = _prefetched(readers, remote, sizes, fetches)
             for chunk, prepared in zip(chunks, prep.stream(sources)):
                 stage.advance(len(chunk))
                 for item, err in zip(chunk, prepared.errors):
@@ -499,6 +519,16 @@ class EmbedSummary(StageSummary):
     shards: int = 1
 
 
+def _same_source(preprocessed: Path | ObjectPath, plan: dict[str, Any], drop_name: str) -> None:
+    """Refuse to embed (or commit) other tensor batches than the plan was made for: a shard of an old run
+    re-executed after another run re-committed the drop's batches would mix two item lists."""
+    if arrow.commit_id(preprocessed) != plan.get("source"):
+        raise RuntimeError(
+            f"drop {drop_name!r}: its tensor batches were committed again since this embed stage was planned; "
+            "re-run the drop"
+        )
+
+
 @_under_drop_lock
 def plan_embed(settings: Settings, drop_name: str, shard_items: int | None = None) -> StagePlan:
     """Split the drop's tensor batches into shards of about ``shard_items`` images (whole batch files each)."""
@@ -507,7 +537,13 @@ def plan_embed(settings: Settings, drop_name: str, shard_items: int | None = Non
     counts = arrow.batch_rows(files.preprocessed)
     shards = min(max(1, len(counts)), shard_count(sum(counts), shard_items or settings.dagster.shard_items))
     attempt = arrow.new_attempt(files.embeddings)
-    plan = {"started": time.time(), "shards": _split(list(range(len(counts))), shards), "rows": counts}
+    plan = {
+        "started": time.time(),
+        "shards": _split(list(range(len(counts))), shards),
+        "rows": counts,
+        # The tensor batches this plan is for: every shard and the commit check they still read these.
+        "source": arrow.commit_id(files.preprocessed),
+    }
     arrow.write_plan(files.embeddings, attempt, plan)
     return StagePlan(attempt, shards)
 
@@ -519,6 +555,7 @@ def embed_shard(settings: Settings, drop_name: str, attempt: str, shard: int, em
         files = drop_files(settings, drop_name)
         plan = arrow.read_plan(files.embeddings, attempt)
         mine = plan["shards"][shard]
+        _same_source(files.preprocessed, plan, drop_name)
         sources = arrow.batch_files(files.preprocessed)
         if len(sources) != len(plan["rows"]):
             raise RuntimeError(f"drop {drop_name!r}: its tensor batches changed since the embed stage was planned")
@@ -585,6 +622,12 @@ def commit_embed(
     models = {s.model for s in shards if s.rows}
     if models - {model}:
         raise RuntimeError(f"the model changed while drop {drop_name!r} was embedded ({sorted(models)}); re-run it")
+    _same_source(files.preprocessed, plan, drop_name)
+    if sum(s.rows for s in shards) != sum(plan["rows"]):
+        raise RuntimeError(
+            f"embed attempt {attempt} of drop {drop_name!r}: the shards embedded {sum(s.rows for s in shards)} "
+            f"images, the plan has {sum(plan['rows'])}; re-run the drop"
+        )
     dims = {s.dimension for s in shards if s.rows}
     if len(dims) > 1:
         raise RuntimeError(f"shards of drop {drop_name!r} returned vectors of different sizes {sorted(dims)}; re-run")

@@ -275,6 +275,9 @@ class ObjectStoreSettings(_Section):
         parts = urlsplit(value)
         if value and (parts.scheme not in ("http", "https") or not parts.hostname):
             raise ValueError(f"s3.endpoint_url must be an http:// or https:// URL with a host, not {value!r}")
+        if parts.username or parts.password:
+            # It would be repeated in every per-item error; credentials come from the AWS variables or a profile.
+            raise ValueError("s3.endpoint_url must not hold credentials; use AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY")
         return value
 
     def config(self) -> StoreConfig:
@@ -449,6 +452,18 @@ class Settings(_Section):
                 f"outputs_uri must be an s3://bucket/prefix (local outputs live under <home>/data): {value!r}"
             )
         return value
+
+    @model_validator(mode="after")
+    def _outputs_apart_from_drops(self) -> "Settings":
+        # Outputs inside the drops prefix would be scanned as a drop (and deleting that "drop" would delete every
+        # drop's outputs); drops inside the outputs prefix would be written over by the stages.
+        if self.drops_dir and self.outputs_uri and is_object_uri(self.drops_dir):
+            drops, outputs = (f"{v.rstrip('/')}/".lower()[len("s3://") :] for v in (self.drops_dir, self.outputs_uri))
+            if drops.startswith(outputs) or outputs.startswith(drops):
+                raise ValueError(
+                    f"outputs_uri ({self.outputs_uri}) and drops_dir ({self.drops_dir}) must not contain each other"
+                )
+        return self
 
     @property
     def drops(self) -> Path:

@@ -20,8 +20,8 @@ TRIGGER_TAG = "trigger"
 REEMBED_TAG = "reembed"
 
 INGEST_JOB = "ingest_drop"
-# The same assets with one process per step: a big drop's shards run in parallel (the sensor and the schedule pick
-# it for drops of more than `dagster.shard_items` items).
+# The same assets with one process per step: a big drop's shards run in parallel (the drop sensor and the CLI's
+# ingest pick it for drops of more than `dagster.shard_items` items; the rescan schedule targets INGEST_JOB).
 INGEST_SHARDED_JOB = "ingest_drop_sharded"
 # The assets of INGEST_JOB, partitioned by drop, in the order a drop passes them.
 INGEST_ASSETS = ("raw_image_manifest", "preprocessed_batches", "image_embeddings", "milvus_collection")

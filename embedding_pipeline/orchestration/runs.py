@@ -94,7 +94,7 @@ def ingest(
         summary["errors"] = step_errors(result.all_events)
     try:
         report = stages.item_report(settings, drop)
-    except OSError:
+    except (OSError, ObjectError):  # no manifest yet (the run failed first): the step errors say why
         report = []
     counts = Counter(r["status"] for r in report)
     summary.update(

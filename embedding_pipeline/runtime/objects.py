@@ -262,6 +262,8 @@ class _translated:
             if code in ("PreconditionFailed", "412") or status == 412:
                 raise ObjectError(SOURCE_CHANGED, f"{self.uri} changed since it was listed") from None
             raise ObjectError(UNAVAILABLE, f"{self.uri}: {code or status} {error.get('Message', '')}".strip()) from None
+        if isinstance(exc, bx.ParamValidationError):
+            raise ObjectError(BAD_URI, f"{self.uri}: {exc}") from None
         if isinstance(exc, (bx.ConnectTimeoutError, bx.ReadTimeoutError)):
             raise ObjectError(TIMEOUT, f"{self.uri}: {exc}") from None
         if isinstance(exc, (bx.EndpointConnectionError, bx.ConnectionError)):

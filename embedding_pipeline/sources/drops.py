@@ -35,7 +35,10 @@ from typing import AbstractSet
 from embedding_pipeline.runtime.objects import ObjectError, ObjectPath
 
 READY_MARKER = "_READY"
-COPY_WORKERS = 8  # objects copied at once when a drop is placed in a bucket
+COPY_WORKERS = 8
+# estimate_items reads at most this much of a manifest; a larger one counts as this many items (surely big).
+ESTIMATE_BYTES = 64 * 1024 * 1024
+ESTIMATE_BIG = 10**9  # objects copied at once when a drop is placed in a bucket
 # Metadata key of the raw_image_manifest materialization that records what the drop held when it was read.
 DROP_SIGNATURE_KEY = "drop_signature"
 MANIFEST_SUFFIXES = (".jsonl", ".csv")
@@ -222,8 +225,19 @@ def estimate_items(drop: Drop) -> int:
     """About how many items the drop holds, without reading them: its files (or objects), or the lines of its
     manifest. Used to pick the job that runs a big drop's shards in parallel."""
     if drop.is_manifest:
-        data = drop.path.read_bytes()
-        return data.count(b"\n") + (0 if data.endswith(b"\n") else 1)
+        # At most ESTIMATE_BYTES are read (the sensor calls this every tick for a new drop): a bigger manifest
+        # counts as big.
+        if isinstance(drop.path, ObjectPath):
+            info = drop.path.stat()
+            if info is None or info.size > ESTIMATE_BYTES:
+                return ESTIMATE_BIG
+            data = drop.path.read_bytes(ESTIMATE_BYTES)
+        else:
+            with open(drop.path, "rb") as handle:
+                data = handle.read(ESTIMATE_BYTES + 1)
+            if len(data) > ESTIMATE_BYTES:
+                return ESTIMATE_BIG
+        return data.count(b"\n") + (0 if data.endswith(b"\n") or not data else 1)
     if isinstance(drop.path, ObjectPath):
         prefix = drop.path.prefix
         return sum(1 for o in drop.path.files() if not ignored_key(o.key[len(prefix) :]))

@@ -20,6 +20,7 @@ commit just before can still finish).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -38,6 +39,7 @@ from embedding_pipeline.runtime.objects import ObjectPath
 Location = Path | ObjectPath
 COMMIT = "_COMMIT.json"
 PLAN = "_plan.json"
+ATTEMPT = "_ATTEMPT"  # on disk: the committed attempt's name, inside the folder
 
 LINEAGE = [("id", pa.string()), ("drop", pa.string()), ("sha256", pa.string()), ("uri", pa.string())]
 
@@ -124,10 +126,16 @@ class DropWriter:
         """``durable=False`` leaves the files in the page cache (only the benchmark that measures fsync uses it)."""
         self.folder = folder
         self._sync = _fsync if durable else (lambda path: None)
-        self.staging = folder.parent / f".{folder.name}.{attempt or new_attempt(folder)}.staging"
+        self.attempt = attempt or new_attempt(folder)
+        self.staging = folder.parent / f".{folder.name}.{self.attempt}.staging"
         self.staging.mkdir(parents=True, exist_ok=attempt is not None)
+        # An attempt named by the caller is shared (a plan, shards): aborting removes this writer's files only, so a
+        # retried commit still finds the plan and every shard's files.
+        self.shared = attempt is not None
         self.shard = shard
         self.files: list[Path] = []
+        self._own: list[Path] = []  # the files this writer wrote in the staging folder
+        self.published = False
         self.bytes = 0
         if shard is not None:  # a retried shard starts over
             for stale in self.staging.glob(f"s{shard:04d}-batch-*.arrow"):
@@ -139,6 +147,7 @@ class DropWriter:
             writer.write_table(table)
         self._sync(path)
         self.files.append(self.folder / path.name)
+        self._own.append(path)
         self.bytes += path.stat().st_size
         return path
 
@@ -146,6 +155,7 @@ class DropWriter:
         """A small side file (failures, reused ids) committed together with the batches."""
         (self.staging / name).write_text(json.dumps(value))
         self._sync(self.staging / name)
+        self._own.append(self.staging / name)
 
     def commit(self, shard_files: int = 0, rows: Sequence[int] | None = None) -> list[Path]:
         """Swap the attempt in. ``shard_files``: how many files the attempt's shards reported; a different count
@@ -153,24 +163,29 @@ class DropWriter:
         ``rows`` (the shards' rows per file) is for the bucket's commit record; on disk a file's footer is cheap."""
         if self.shard is not None:
             raise RuntimeError("a shard's writer does not commit; the attempt's writer without a shard does")
-        (self.staging / PLAN).unlink(missing_ok=True)
         names = sorted(p.name for p in self.staging.glob("*batch-*.arrow"))
         _check_count(self.folder, len(names), shard_files + len(self.files))
+        (self.staging / PLAN).unlink(missing_ok=True)
         self.files = [self.folder / name for name in names]
         self.bytes = sum((self.staging / name).stat().st_size for name in names)
+        (self.staging / ATTEMPT).write_text(self.attempt)  # what this commit is: see commit_id()
+        self._sync(self.staging / ATTEMPT)
         old = self.folder.parent / f".{self.folder.name}.{uuid.uuid4().hex[:8]}.old"
         self._sync(self.staging)
         if self.folder.exists():
             self.folder.rename(old)
         self.staging.rename(self.folder)
+        self.published = True
         self._sync(self.folder.parent)
         shutil.rmtree(old, ignore_errors=True)
         return self.files
 
     def abort(self) -> None:
-        if self.shard is not None:  # the other shards' files stay
-            for path in self.files:
-                (self.staging / path.name).unlink(missing_ok=True)
+        if self.published:  # in place already: nothing of it may be removed
+            return
+        if self.shard is not None or self.shared:  # the plan and the other writers' files stay
+            for path in self._own:
+                path.unlink(missing_ok=True)
             return
         shutil.rmtree(self.staging, ignore_errors=True)
 
@@ -210,8 +225,11 @@ class ObjectDropWriter:
         self.folder = folder
         self.attempt = attempt or new_attempt(folder)
         self.staging = folder / self.attempt
+        self.shared = attempt is not None  # see DropWriter
         self.shard = shard
         self.files: list[ObjectPath] = []
+        self._own: list[ObjectPath] = []
+        self.published = False
         self.side: list[str] = []
         self.bytes = 0
         self.rows: list[int] = []  # per file this writer wrote
@@ -226,6 +244,7 @@ class ObjectDropWriter:
         self._wait(self.UPLOADS_IN_FLIGHT - 1)
         self._pending.append(self._uploads.submit(path.write_bytes, data))
         self.files.append(path)
+        self._own.append(path)
         self.rows.append(table.num_rows)
         self.bytes += len(data)
         return path
@@ -240,6 +259,7 @@ class ObjectDropWriter:
 
     def add_json(self, name: str, value: Any) -> None:
         (self.staging / name).write_bytes(json.dumps(value).encode())
+        self._own.append(self.staging / name)
         self.side.append(name)
 
     def commit(self, shard_files: int = 0, rows: Sequence[int] | None = None) -> list[ObjectPath]:
@@ -268,15 +288,21 @@ class ObjectDropWriter:
             **({"rows": all_rows} if all_rows is not None else {}),
         }
         (self.folder / COMMIT).write_bytes(json.dumps(record).encode())
+        self.published = True
         keep = {self.attempt, record["previous"]}
         store = self.folder.store
-        _, attempts = store.list_level(self.folder.bucket, self.folder.prefix)
-        for prefix in attempts:
-            if prefix[len(self.folder.prefix) :].rstrip("/") not in keep:
-                store.delete_prefix(self.folder.bucket, prefix)
+        try:
+            _, attempts = store.list_level(self.folder.bucket, self.folder.prefix)
+            for prefix in attempts:
+                if prefix[len(self.folder.prefix) :].rstrip("/") not in keep:
+                    store.delete_prefix(self.folder.bucket, prefix)
+        except Exception as exc:  # noqa: BLE001 - published already: old attempts go at the next commit
+            logging.getLogger(__name__).warning(f"{self.folder}: old attempts left for the next commit: {exc}")
         return self.files
 
     def abort(self) -> None:
+        if self.published:  # in place already: nothing of it may be removed
+            return
         for upload in self._pending:  # started uploads finish (or fail) before their objects are removed
             upload.cancel()
         for upload in self._pending:
@@ -287,8 +313,8 @@ class ObjectDropWriter:
                     pass
         self._pending.clear()
         try:
-            if self.shard is not None:  # the other shards' files stay
-                self.folder.store.delete(self.folder.bucket, [p.key for p in self.files])
+            if self.shard is not None or self.shared:  # the plan and the other writers' files stay
+                self.folder.store.delete(self.folder.bucket, [p.key for p in self._own])
                 return
             self.folder.store.delete_prefix(self.folder.bucket, self.staging.prefix)
         except Exception:  # noqa: BLE001 - best effort: an uncommitted attempt is never read and goes at the next commit
@@ -398,6 +424,16 @@ def read_json(folder: Location, name: str, default: Any = None) -> Any:
         return json.loads((folder / commit["attempt"] / name).read_bytes())
     path = folder / name
     return json.loads(path.read_text()) if path.is_file() else default
+
+
+def commit_id(folder: Location) -> str | None:
+    """The name of the attempt whose outputs ``folder`` holds now (None: none, or written before names were kept):
+    a stage planned on one commit checks that it still reads that one."""
+    if isinstance(folder, ObjectPath):
+        commit = _read_commit(folder)
+        return str(commit["attempt"]) if commit else None
+    marker = folder / ATTEMPT
+    return marker.read_text().strip() if marker.is_file() else None
 
 
 def folder_exists(folder: Location) -> bool:

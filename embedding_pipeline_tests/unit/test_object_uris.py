@@ -5,6 +5,8 @@ The store itself is exercised against a real SeaweedFS server in integration/tes
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -82,6 +84,13 @@ def test_settings_take_bucket_locations_and_refuse_bad_ones(tmp_path):
         Settings(home=tmp_path, sources={"allowed_prefixes": ["s3://Bad_Bucket/x"]})
     with pytest.raises(ValueError, match="endpoint_url"):
         Settings(home=tmp_path, s3={"endpoint_url": "ftp://host"})
+    with pytest.raises(ValueError, match="credentials"):
+        Settings(home=tmp_path, s3={"endpoint_url": "http://user:secret@127.0.0.1:9000"})
+    # Outputs inside the drops prefix would be scanned as a drop (and the other way round, written over).
+    for drops, outputs in (("s3://media/ingest", "s3://media/ingest/pipeline"), ("s3://media/a/drops", "s3://media/a")):
+        with pytest.raises(ValueError, match="must not contain each other"):
+            Settings(home=tmp_path, drops_dir=drops, outputs_uri=outputs)
+    assert Settings(home=tmp_path, drops_dir="s3://media/ingest", outputs_uri="s3://media/ingest-out").outputs_uri
 
 
 def test_the_api_takes_objects_under_the_allowed_prefixes_only(tmp_path):
@@ -102,3 +111,43 @@ def test_the_api_takes_objects_under_the_allowed_prefixes_only(tmp_path):
     # With local drops, only the listed prefixes are open.
     with pytest.raises(InputRefused):
         check_input(Settings(home=tmp_path), "s3://images/drops/cats/a.jpg", "inputs[0]")
+
+
+class FakePool:
+    """Records which reads were submitted, and runs each when its result is asked for."""
+
+    def __init__(self):
+        self.submitted: list[tuple[int, int]] = []
+
+    def submit(self, read):
+        self.submitted.append(read.key)
+        return SimpleNamespace(result=read)
+
+
+@given(
+    st.lists(st.lists(st.tuples(st.integers(0, 120), st.booleans()), min_size=1, max_size=4), max_size=7),
+    st.integers(0, 3),
+    st.integers(0, 300),
+)
+def test_object_reads_ahead_of_decoding_are_bounded_and_in_order(chunks, ahead, max_bytes):
+    from embedding_pipeline.ingest import _prefetched
+
+    def reader(key):
+        def read():
+            return key
+
+        read.key = key
+        return read
+
+    readers = [[reader((k, i)) for i in range(len(chunk))] for k, chunk in enumerate(chunks)]
+    remote = [[is_remote for _, is_remote in chunk] for chunk in chunks]
+    sizes = [[size for size, _ in chunk] for chunk in chunks]
+    pool = FakePool()
+    for k, got in enumerate(_prefetched(readers, remote, sizes, pool, ahead, max_bytes)):
+        assert [read() for read in got] == [(k, i) for i in range(len(chunks[k]))]
+        # Reads started for later chunks: at most `ahead` chunks and `max_bytes` of objects.
+        later = {key[0] for key in pool.submitted if key[0] > k}
+        assert all(j <= k + ahead for j in later)
+        assert sum(sizes[j][i] for j, i in pool.submitted if j > k) <= max_bytes
+    # Every object was read through the pool exactly once; local files never were.
+    assert sorted(pool.submitted) == [(k, i) for k, c in enumerate(chunks) for i, (_, r) in enumerate(c) if r]

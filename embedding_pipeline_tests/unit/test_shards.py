@@ -397,3 +397,46 @@ def test_a_failed_embed_shard_removes_only_its_own_files_and_its_retry_completes
     emb = ingest.commit_embed(sharded, DROP, plan.attempt, [retry, other], "fake:1")
     assert (emb.embeddings, emb.computed, emb.shards) == (GOOD, GOOD, 2)
     assert len(_embedded(sharded)) == GOOD
+
+
+# --- failures around a commit ----------------------------------------------------------------------------------
+
+
+def test_a_failure_after_the_swap_keeps_the_committed_outputs(sharded):
+    """The writer's block fails after its commit swapped the files in: nothing of the published output goes."""
+    _run(sharded, None)
+    folder = _files(sharded).embeddings
+    before = _embedded(sharded)
+    with pytest.raises(RuntimeError, match="after the commit"):
+        with arrow.open_writer(folder, attempt=arrow.new_attempt(folder)) as writer:
+            for table in arrow.read_batches(folder):
+                writer.write(table)
+            writer.commit()
+            raise RuntimeError("failed after the commit")
+    # The new attempt is what the folder holds now, whole (the same rows, in this writer's file names).
+    assert arrow.commit_id(folder) == writer.attempt
+    assert sorted(p.name for p in arrow.batch_files(folder)) == [p.name for p in writer.files]
+    assert _embedded(sharded) == before and len(before) == GOOD
+
+
+def test_a_failed_commit_keeps_its_plan_and_shards_so_a_retry_commits(sharded):
+    plan = ingest.plan_preprocess(sharded, DROP, "", shard_items=2)
+    done = [ingest.preprocess_shard(sharded, DROP, plan.attempt, k, MODEL_INPUT) for k in range(plan.shards)]
+    # The commit refuses (one shard reported a file it does not have): the attempt stays as it was.
+    broken = [*done[:-1], ingest.ShardSummary(**{**done[-1].as_dict(), "batches": done[-1].batches + 1})]
+    with pytest.raises(RuntimeError, match="batch file"):
+        ingest.commit_preprocess(sharded, DROP, plan.attempt, broken)
+    summary = ingest.commit_preprocess(sharded, DROP, plan.attempt, done)  # the retried commit
+    assert summary.images == TODO - 1 and summary.shards == plan.shards
+
+
+def test_embed_shards_refuse_tensor_batches_committed_after_their_plan(sharded):
+    ingest.preprocess_drop(sharded, DROP, MODEL_INPUT, "", 2)
+    plan = ingest.plan_embed(sharded, DROP, shard_items=2)
+    first = ingest.embed_shard(sharded, DROP, plan.attempt, 0, FakeEmbedder())
+    ingest.preprocess_drop(sharded, DROP, MODEL_INPUT, "", 2)  # another run re-commits the drop's batches
+    with pytest.raises(RuntimeError, match="committed again"):
+        ingest.embed_shard(sharded, DROP, plan.attempt, 1, FakeEmbedder())
+    with pytest.raises(RuntimeError, match="committed again"):
+        every = [ingest.ShardSummary(**{**first.as_dict(), "shard": k}) for k in range(plan.shards)]
+        ingest.commit_embed(sharded, DROP, plan.attempt, every, FakeEmbedder().model_version_label())
