@@ -58,8 +58,8 @@ def _ingest_in_child(
         TRITON_URL=settings.triton.url,
         MILVUS_URI=settings.milvus.uri,
         MILVUS_COLLECTION=COLLECTION,
-        **(extra_env or {}),
     )
+    env.update(extra_env or {})  # overrides (another collection, a resize policy, drops in a bucket)
     code = f"from embedding_pipeline.bench.ingest import _child; _child({str(folder)!r}, {drop!r})"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     if out.returncode != 0:

@@ -135,6 +135,8 @@ def test_a_sharded_drop_in_a_bucket_writes_its_outputs_there_and_each_row_once(s
     assert len(ids) == len(set(ids)) == images
     # The commit record names every shard's files with their rows; nothing of the run was written locally.
     assert sum(arrow.batch_rows(files.preprocessed)) == images
-    assert not (settings.paths.data / "preprocessed").exists() and not (settings.paths.data / "embeddings").exists()
+    local = settings.paths.data
+    assert not any((local / kind / drop).exists() for kind in ("preprocessed", "embeddings"))
+    assert not (local / "manifests" / f"{drop}.arrow").exists() and not (settings.paths.drops / drop).exists()
     stored = _stored_ids(settings, drop)
     assert len(stored) == len(set(stored)) == images and set(stored) == set(ids)
