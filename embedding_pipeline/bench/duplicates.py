@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import io
 import sys
 import time
 from typing import Any
@@ -23,24 +22,12 @@ import numpy as np
 from PIL import Image, ImageEnhance
 
 from embedding_pipeline import duplicates
+from embedding_pipeline.bench import copy_set
 from embedding_pipeline.bench.servers import BenchHome
 from embedding_pipeline.settings import Settings
 from embedding_pipeline.sources.samples import load_photo, photo_names
 
-# scikit-image data bundled in its wheel, beyond the sample photos (``cat`` is ``chelsea`` again: left out).
-EXTRA_IMAGES = (
-    "brick",
-    "cell",
-    "clock",
-    "grass",
-    "gravel",
-    "moon",
-    "page",
-    "text",
-    "colorwheel",
-    "logo",
-    "checkerboard",
-)
+EXTRA_IMAGES = copy_set.SKIMAGE_EXTRA  # scikit-image data in its wheel, beyond the sample photos
 ALTERATIONS = ("rescaled", "jpeg_q20", "crop_10", "colour", "flip")
 SYNTHETIC_VECTORS = 10_000
 PLANTED_GROUPS = 300  # groups of 2-4 near-copies among the synthetic vectors
@@ -51,29 +38,15 @@ def _progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _rgb(array: np.ndarray) -> np.ndarray:
-    if array.dtype != np.uint8:
-        array = (255 * (array.astype(np.float64) - array.min()) / max(float(np.ptp(array)), 1e-9)).astype(np.uint8)
-    if array.ndim == 2:
-        array = np.stack([array] * 3, axis=-1)
-    return np.ascontiguousarray(array[..., :3])
-
-
-def _jpeg(image: Image.Image, quality: int = 92) -> bytes:
-    buf = io.BytesIO()
-    image.convert("RGB").save(buf, "JPEG", quality=quality)
-    return buf.getvalue()
-
-
 def distinct_images() -> dict[str, tuple[np.ndarray, bool]]:
     """name -> (RGB uint8 image, whether altered copies are made of it)."""
     import skimage.data
 
-    out: dict[str, tuple[np.ndarray, bool]] = {name: (_rgb(load_photo(name)), True) for name in photo_names()}
+    out: dict[str, tuple[np.ndarray, bool]] = {name: (copy_set.rgb(load_photo(name)), True) for name in photo_names()}
     for name in EXTRA_IMAGES:
-        out[name] = (_rgb(getattr(skimage.data, name)()), True)
+        out[name] = (copy_set.rgb(getattr(skimage.data, name)()), True)
     for k, face in enumerate(skimage.data.lfw_subset()):
-        small = Image.fromarray(_rgb(face)).resize((100, 100), Image.Resampling.BICUBIC)
+        small = Image.fromarray(copy_set.rgb(face)).resize((100, 100), Image.Resampling.BICUBIC)
         out[f"lfw-{k:03d}"] = (np.asarray(small), False)
     return out
 
@@ -85,11 +58,11 @@ def altered(array: np.ndarray) -> dict[str, bytes]:
     dx, dy = int(w * 0.05), int(h * 0.05)
     colour = ImageEnhance.Color(ImageEnhance.Brightness(image).enhance(1.08)).enhance(0.85)
     return {
-        "rescaled": _jpeg(image.resize((max(w // 2, 1), max(h // 2, 1)), Image.Resampling.BILINEAR)),
-        "jpeg_q20": _jpeg(image, quality=20),
-        "crop_10": _jpeg(image.crop((dx, dy, w - dx, h - dy))),
-        "colour": _jpeg(colour),
-        "flip": _jpeg(image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)),
+        "rescaled": copy_set.encode(image.resize((max(w // 2, 1), max(h // 2, 1)), Image.Resampling.BILINEAR)),
+        "jpeg_q20": copy_set.encode(image, quality=20),
+        "crop_10": copy_set.encode(image.crop((dx, dy, w - dx, h - dy))),
+        "colour": copy_set.encode(colour),
+        "flip": copy_set.encode(image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)),
     }
 
 
@@ -134,7 +107,7 @@ def separating_threshold(same: np.ndarray, distinct: np.ndarray) -> dict[str, An
 def measure_threshold(settings: Settings) -> dict[str, Any]:
     images = distinct_images()
     names = list(images)
-    originals = [_jpeg(Image.fromarray(array)) for array, _ in images.values()]
+    originals = [copy_set.encode(Image.fromarray(array)) for array, _ in images.values()]
     copies: list[tuple[int, str, bytes]] = []
     for i, (array, alter) in enumerate(images.values()):
         if alter:

@@ -23,7 +23,6 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from embedding_pipeline import ingest, retention
 from embedding_pipeline import settings as settings_module
-from embedding_pipeline.index.collections import matching_collections
 from embedding_pipeline.runtime.objects import ObjectPath, ObjectStore
 from embedding_pipeline.settings import ObjectStoreSettings, PreprocessSettings, Settings, SourceSettings, object_store
 from embedding_pipeline.sources import drops
@@ -32,6 +31,7 @@ from embedding_pipeline.storage import arrow
 from embedding_pipeline.storage.layout import MANIFEST_SCHEMA, drop_files
 from embedding_pipeline_tests.images import encode
 from embedding_pipeline_tests.integration.s3_server import S3Server
+from embedding_pipeline_tests.unit.test_retention import FakeDropRows
 
 pytestmark = pytest.mark.integration
 
@@ -572,27 +572,6 @@ def test_object_writer_model(aws, bucket, tmp_path):
 
 
 # -- retention -----------------------------------------------------------------------------------------------------
-
-
-class FakeDropRows:
-    """A fake vector store: collection -> drop -> row count, in memory. Records what it was asked to delete."""
-
-    def __init__(self, counts: dict[str, dict[str, int]]):
-        self.counts = counts
-        self.deleted: list[tuple[str, str]] = []
-
-    def collections(self) -> list[str]:
-        return matching_collections(self.counts, "image_embeddings")
-
-    def count(self, collection: str, drop: str) -> int:
-        return self.counts[collection].get(drop, 0)
-
-    def delete(self, collection: str, drop: str) -> int:
-        self.deleted.append((collection, drop))
-        return self.counts[collection].pop(drop, 0)
-
-    def close(self) -> None:
-        pass
 
 
 class FakeRegistry:
